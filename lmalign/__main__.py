@@ -1,0 +1,3 @@
+from lmalign.cli import main
+
+main()

@@ -1,0 +1,197 @@
+"""`python -m lmalign` / `lmalign`: Hydra composes, lmalign validates, then the stage runs.
+
+Hydra prints its own composition errors and exits 1. We let its exceptions through instead
+(HYDRA_FULL_ERROR=1) and, when composition fails, diagnose every override so the user sees all
+problems at once, one `error:` line each, exit 2 (DESIGN, Errors and exit codes).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lmalign.errors import EXIT_USER_ERROR, UserError, report
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_NAME = "config"
+
+_task_started = False
+# Jobs that stopped on a user error; reported once Hydra returns (Hydra would add its own line).
+_user_errors: list[UserError] = []
+
+
+def _run_dir(root: str, run_name: str | None, timestamped: str) -> str:
+    return f"{root}/{run_name}" if run_name else timestamped
+
+
+def _record_subdir(stage: str) -> str:
+    # Training writes `.hydra/`; a later eval of the same run keeps its own record beside it.
+    return ".hydra" if stage in ("train_eval", "train") else f".hydra/{stage}"
+
+
+def register_resolvers() -> None:
+    for name, fn in (("lmalign_run_dir", _run_dir), ("lmalign_record_subdir", _record_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+@hydra.main(config_path=CONF_DIR, config_name=CONFIG_NAME, version_base="1.3")
+def _hydra_job(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
+    from lmalign.run import run_job
+
+    try:
+        run_job(cfg)
+    except UserError as exc:
+        _user_errors.append(exc)
+
+
+def main() -> None:
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach us; Hydra would print and exit 1
+    register_resolvers()
+    try:
+        _hydra_job()
+    except UserError as exc:
+        _user_errors.append(exc)
+    except (hydra.errors.HydraException, OmegaConfBaseException) as exc:
+        if _task_started:
+            raise
+        report(diagnose(_overrides_from_argv()) or [_message(exc)])
+        sys.exit(EXIT_USER_ERROR)
+    if _user_errors:
+        for exc in _user_errors:
+            report(exc.problems)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _message(exc: BaseException) -> str:
+    parts = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ else [])
+    return " ".join(p for p in parts if p) or type(exc).__name__
+
+
+def _overrides_from_argv() -> list[str]:
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+    return list(args.overrides or [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnosis: compose again and again, each time dropping the override that broke composition,
+# until the rest composes; then validate what remains. Each dropped override is one problem.
+
+
+def diagnose(overrides: list[str]) -> list[str]:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import MissingConfigException
+
+    from lmalign.validate import validate
+
+    parser = OverridesParser.create()
+    problems: list[str] = []
+    candidates: list[tuple[str, object]] = []  # (override text, parsed Override)
+    for text in overrides:
+        try:
+            parsed = parser.parse_overrides([text])[0]
+        except Exception as exc:  # the parser's own message says what is wrong
+            problems.append(f"could not parse override {text!r}: {exc}")
+            continue
+        if parsed.is_sweep_override():
+            # Check every value of a sweep, one at a time.
+            key = parsed.get_key_element()
+            candidates += [(f"{key}={value}", None) for value in parsed.sweep_string_iterator()]
+        else:
+            candidates.append((text, parsed))
+    candidates = [(text, parser.parse_overrides([text])[0]) for text, _ in candidates]
+
+    GlobalHydra.instance().clear()
+    unknown_keys: list[str] = []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="lmalign"):
+        loader = GlobalHydra.instance().config_loader()
+        kept = list(candidates)
+        # Sweep values of one key cannot be composed together: test later values separately.
+        seen: dict[str, int] = {}
+        for index, (_, parsed) in enumerate(kept):
+            seen.setdefault(parsed.key_or_group, index)
+        extra = [c for i, c in enumerate(kept) if seen[c[1].key_or_group] != i]
+        kept = [c for i, c in enumerate(kept) if seen[c[1].key_or_group] == i]
+
+        def culprit(exc: Exception) -> int | None:
+            if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+                group = exc.missing_cfg_file.rsplit("/", 1)[0]
+                for i, (_, parsed) in enumerate(kept):
+                    if parsed.key_or_group.lstrip("/") == group:
+                        options = exc.options or loader.get_group_options(group)
+                        visible = ", ".join(o for o in options if not o.startswith("_"))
+                        value = parsed.value()
+                        problems.append(
+                            f"{parsed.key_or_group}={value}: no such option in group "
+                            f"'{group}'; allowed: {visible}; fix: {parsed.key_or_group}="
+                            f"{_closest(str(value), options) or '<one of them>'}")
+                        return i
+            full_key = getattr(exc.__cause__, "full_key", None) or getattr(exc, "full_key", None)
+            for i, (text, parsed) in enumerate(kept):
+                key = parsed.key_or_group
+                if (full_key and key == full_key) or f"'{key}'" in str(exc):
+                    unknown_keys.append(key)
+                    problems.append(f"{text}: no such key")
+                    return i
+            return None
+
+        cfg = None
+        while True:
+            try:
+                cfg = compose(CONFIG_NAME, overrides=[t for t, _ in kept])
+                break
+            except Exception as exc:
+                index = culprit(exc)
+                if index is None:
+                    problems.append(_message(exc))
+                    return problems
+                kept.pop(index)
+        for text, parsed in extra:
+            try:
+                compose(CONFIG_NAME, overrides=[t for t, p in kept
+                                                if p.key_or_group != parsed.key_or_group] + [text])
+            except Exception as exc:
+                kept.append((text, parsed))
+                culprit(exc)
+                kept.pop()
+
+        _suggest_keys(problems, unknown_keys, cfg)
+        try:
+            validate(OmegaConf.to_container(cfg, resolve=True))
+        except UserError as exc:
+            problems += exc.problems
+    return problems
+
+
+def _closest(word: str, options: list[str]) -> str | None:
+    match = difflib.get_close_matches(word, [o for o in options if not o.startswith("_")], n=1)
+    return match[0] if match else None
+
+
+def _suggest_keys(problems: list[str], keys: list[str], cfg: DictConfig | None) -> None:
+    if cfg is None:
+        return
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig):
+            continue
+        known = [str(k) for k in node.keys() if not str(k).startswith("_")]
+        match = difflib.get_close_matches(leaf, known, n=1)
+        for i, line in enumerate(problems):
+            if line.startswith(f"{key}=") or line.startswith(f"+{key}="):
+                hint = f"did you mean {parent + '.' if parent else ''}{match[0]}?" if match \
+                    else f"use one of {', '.join(known)}"
+                problems[i] = f"{line}; allowed: the keys of {parent or 'the config'}; fix: {hint}"

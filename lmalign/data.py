@@ -1,0 +1,164 @@
+"""Datasets: the tiny synthetic task, hub datasets and a user's local files, in TRL's formats.
+
+Every source ends as a `datasets.Dataset` with exactly the canonical columns of its format:
+messages -> messages; prompt_completion -> prompt, completion; text -> text;
+preference -> prompt, chosen, rejected (the prompt is extracted when it is implicit).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from lmalign import tinytask
+from lmalign.errors import UserError, problem
+from lmalign.schema import DatasetConfig
+
+log = logging.getLogger(__name__)
+
+CANONICAL_COLUMNS = {
+    "messages": ["messages"],
+    "prompt_completion": ["prompt", "completion"],
+    "text": ["text"],
+    "preference": ["prompt", "chosen", "rejected"],
+}
+_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
+                  ".csv": "csv"}
+
+
+def load_splits(dataset: DatasetConfig):
+    """(train, eval or None), normalised to the format's canonical columns."""
+    if dataset.source == "tiny":
+        return _tiny_split(dataset, "train", dataset.max_samples), (
+            _tiny_split(dataset, "validation", dataset.max_eval_samples)
+            if dataset.eval_split else None)
+    splits = _load_raw(dataset)
+    train = _pick_split(splits, dataset.train_split, "dataset.train_split", dataset)
+    evaluation = None
+    if dataset.eval_split:
+        evaluation = _pick_split(splits, dataset.eval_split, "dataset.eval_split", dataset)
+    train = _prepare(train, dataset)
+    if evaluation is not None:
+        evaluation = _prepare(evaluation, dataset)
+    elif dataset.eval_size > 0:
+        parts = train.train_test_split(test_size=dataset.eval_size, seed=dataset.seed)
+        train, evaluation = parts["train"], parts["test"]
+    train = _cap(train, dataset.max_samples)
+    evaluation = _cap(evaluation, dataset.max_eval_samples) if evaluation is not None else None
+    return train, evaluation
+
+
+def _tiny_split(dataset: DatasetConfig, split: str, size: int | None):
+    from datasets import Dataset
+
+    records = tinytask.generate(split, size, seed=dataset.seed)
+    if dataset.format == "messages":
+        rows = [tinytask.as_messages(r) for r in records]
+    elif dataset.format == "preference":
+        rows = [tinytask.as_preference(r, dataset.seed) for r in records]
+    elif dataset.format == "prompt_completion":
+        rows = [{"prompt": r["prompt"], "completion": r["answer"]} for r in records]
+    else:
+        rows = [{"text": f"{r['prompt']} {r['answer']}"} for r in records]
+    return Dataset.from_list(rows)
+
+
+def _load_raw(dataset: DatasetConfig):
+    import datasets
+
+    if dataset.source == "hub":
+        return datasets.load_dataset(dataset.path, name=dataset.subset, revision=dataset.revision)
+    path = Path(dataset.path).expanduser()
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded if isinstance(loaded, datasets.DatasetDict) \
+                else datasets.DatasetDict({dataset.train_split: loaded})
+        return datasets.load_dataset(str(path))  # a folder of data files, laid out like a hub repo
+    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
+    builder = _LOCAL_FORMATS.get(suffixes[-1] if suffixes else "")
+    if builder is None:
+        raise UserError(problem("dataset.path", str(path), "unknown file type",
+                                ", ".join(_LOCAL_FORMATS) + " (optionally .gz), or a directory",
+                                "convert the file, or point at a save_to_disk directory"))
+    # Local files come in as one split, named after dataset.train_split.
+    return datasets.load_dataset(builder, data_files={dataset.train_split: str(path)})
+
+
+def _pick_split(splits, name: str, key: str, dataset: DatasetConfig):
+    if name not in splits:
+        raise UserError(problem(key, name, f"no such split in {dataset.path or dataset.name}",
+                                ", ".join(splits), f"{key}={next(iter(splits))}"))
+    return splits[name]
+
+
+def _cap(data, limit: int | None):
+    return data.select(range(min(limit, len(data)))) if limit is not None else data
+
+
+def _prepare(data, dataset: DatasetConfig):
+    found = list(data.column_names)
+    for column, value in dataset.where.items():
+        if column not in found:
+            raise UserError(problem(f"dataset.where.{column}", value,
+                                    f"column {column!r} not found", "columns found: "
+                                    + ", ".join(found), f"remove dataset.where.{column}"))
+    if dataset.where:
+        data = data.filter(lambda row: all(row[c] == v for c, v in dataset.where.items()))
+
+    canonical = CANONICAL_COLUMNS[dataset.format]
+    if dataset.columns:
+        mapping = dict(dataset.columns)
+        unknown = [c for c in mapping if c not in canonical]
+        if unknown:
+            raise UserError(problem(f"dataset.columns.{unknown[0]}", mapping[unknown[0]],
+                                    f"not a column of format {dataset.format}",
+                                    ", ".join(canonical), f"remove dataset.columns.{unknown[0]}"))
+    else:
+        mapping = {c: c for c in canonical if c in found}
+    required = [c for c in canonical if not (dataset.format == "preference" and c == "prompt")]
+    missing = [c for c in required if c not in mapping]
+    missing += [mapping[c] for c in mapping if mapping[c] not in found]
+    if missing:
+        raise UserError([
+            problem(f"dataset.columns.{_canonical_for(m, mapping)}", m,
+                    f"column {m!r} not found in {dataset.path or dataset.name}",
+                    "columns found: " + ", ".join(found),
+                    f"+dataset.columns.{_canonical_for(m, mapping)}=<one of the columns found>")
+            for m in missing])
+    data = data.select_columns(list(mapping.values()))
+    data = data.rename_columns({src: dst for dst, src in mapping.items() if src != dst})
+    if dataset.format == "preference" and "prompt" not in mapping:
+        data = data.map(extract_prompt, desc="extracting implicit prompts")
+    return data
+
+
+def _canonical_for(column: str, mapping: dict[str, str]) -> str:
+    return next((c for c, src in mapping.items() if src == column), column)
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_hh_dialogue(text: str) -> list[dict[str, str]] | None:
+    """HH-RLHF's "\\n\\nHuman: ...\\n\\nAssistant: ..." text as chat messages, else None."""
+    pieces = _HH_TURN.split(text)
+    if len(pieces) < 3 or pieces[0].strip():
+        return None
+    return [{"role": _HH_ROLES[role], "content": content.strip()}
+            for role, content in zip(pieces[1::2], pieces[2::2])]
+
+
+def extract_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """Split the shared opening of chosen/rejected off as the prompt (TRL's own rule)."""
+    from trl.data_utils import extract_prompt as trl_extract_prompt
+
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        as_chosen, as_rejected = parse_hh_dialogue(chosen), parse_hh_dialogue(rejected)
+        if as_chosen and as_rejected:
+            chosen, rejected = as_chosen, as_rejected
+    return trl_extract_prompt({"chosen": chosen, "rejected": rejected})

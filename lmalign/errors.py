@@ -1,0 +1,26 @@
+"""User errors: one `error:` line per problem, exit status 2, no traceback (DESIGN, Errors)."""
+
+from __future__ import annotations
+
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix (config, inputs, environment). Carries every problem found."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def problem(key: str, value: object, what: str, allowed: str, fix: str) -> str:
+    """The one shape of a problem line: key, value received, what is wrong, what is allowed, fix."""
+    return f"{key}={value!r}: {what}; allowed: {allowed}; fix: {fix}"
+
+
+def report(problems: list[str]) -> None:
+    for line in problems:
+        flat = " ".join(line.split())  # one line per problem, whatever the source message held
+        print(f"error: {flat}", file=sys.stderr)

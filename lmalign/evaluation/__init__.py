@@ -1,0 +1,1 @@
+"""Evaluation backends and the cells they write (DESIGN, Run directory)."""

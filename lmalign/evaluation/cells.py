@@ -1,0 +1,124 @@
+"""Evaluated cells: one (checkpoint, backend, task set, few-shot, settings) each, written atomically.
+
+A cell directory holds the backend's own files and `cell.json`, written last; a cell without it
+is incomplete and evaluated again. `metrics.csv` is rebuilt from the cells, never appended to.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmalign.rundir import atomic_write_json, atomic_write_text
+
+CELL_RECORD = "cell.json"
+METRICS_CSV = "metrics.csv"
+METRICS_COLUMNS = ["checkpoint", "step", "backend", "task", "metric", "num_fewshot", "eval_mode",
+                   "value", "stderr", "cell"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model to evaluate: `label` is base, final, checkpoint-<step> or a hub revision."""
+
+    label: str
+    step: int | None
+    path: str
+    revision: str | None = None
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def cell_dir(run_dir: Path, target: Target, settings: dict[str, Any]) -> Path:
+    name = f"{settings['backend']}-fs{settings['num_fewshot']}-{settings_hash(settings)}"
+    return Path(run_dir) / "eval" / target.label / name
+
+
+def is_complete(cell: Path, need_samples: bool = False) -> bool:
+    record = cell / CELL_RECORD
+    if not record.exists():
+        return False
+    return not need_samples or json.loads(record.read_text()).get("has_samples", False)
+
+
+@contextmanager
+def staging_for(cell: Path) -> Iterator[Path]:
+    """A scratch directory that becomes `cell` only when the block finishes without error."""
+    cell.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cell.name}.partial-", dir=cell.parent))
+    try:
+        yield staging
+        if cell.exists():
+            shutil.rmtree(cell)  # an older, incomplete or sample-less copy of the same cell
+        staging.rename(cell)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_record(staging: Path, target: Target, settings: dict[str, Any],
+                 rows: list[dict[str, Any]], **extra: Any) -> None:
+    atomic_write_json(staging / CELL_RECORD, {
+        "checkpoint": target.label, "step": target.step, "model": target.path,
+        "revision": target.revision, "settings": settings, "settings_hash":
+        settings_hash(settings), "rows": rows, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra})
+
+
+def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for record in sorted((Path(run_dir) / "eval").glob(f"*/*/{CELL_RECORD}")):
+        cell = json.loads(record.read_text())
+        for row in cell["rows"]:
+            rows.append({**row, "cell": str(record.parent.relative_to(run_dir))})
+    return rows
+
+
+def rebuild_metrics_csv(run_dir: Path) -> list[dict[str, Any]]:
+    rows = collect_rows(run_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(Path(run_dir) / METRICS_CSV, buffer.getvalue())
+    return rows
+
+
+def _order(label: str) -> tuple[int, int, str]:
+    if label == "base":
+        return (0, 0, label)
+    if label.startswith("checkpoint-") and label[11:].isdigit():
+        return (1, int(label[11:]), label)
+    return (2 if label == "final" else 1, 0, label)
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """task | metric | few-shot | one column per checkpoint | delta (last - first)."""
+    labels = sorted({r["checkpoint"] for r in rows}, key=_order)
+    grouped: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        key = (r["task"], r["metric"], r["eval_mode"], r["num_fewshot"])
+        grouped.setdefault(key, {})[r["checkpoint"]] = r["value"]
+    header = ["task", "metric", "fewshot", *labels] + (["delta"] if len(labels) > 1 else [])
+    lines = [header]
+    for (task, metric, mode, shots), values in sorted(grouped.items(), key=str):
+        shown = [f"{values[l]:.3f}" if l in values else "-" for l in labels]
+        row = [task, metric if mode == "none" else f"{metric} ({mode})", str(shots), *shown]
+        if len(labels) > 1:
+            first, last = values.get(labels[0]), values.get(labels[-1])
+            row.append(f"{last - first:+.3f}" if first is not None and last is not None else "-")
+        lines.append(row)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                     for line in lines)

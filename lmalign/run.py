@@ -1,0 +1,186 @@
+"""A job: validate, then train and/or evaluate in the run directory, skipping what is done."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+
+from lmalign import callbacks, loggers, models, rundir, secrets
+from lmalign.errors import UserError, problem
+from lmalign.evaluation import cells
+from lmalign.evaluation.cells import Target
+from lmalign.schema import Config
+from lmalign.validate import validate
+
+log = logging.getLogger("lmalign")
+TRAINING_KEYS = ("model", "dataset", "method", "seed")
+TRAINING_STAGES = ("train_eval", "train")
+EVAL_STAGES = ("train_eval", "eval")
+
+
+def run_job(cfg: DictConfig) -> None:
+    config = validate(OmegaConf.to_container(cfg, resolve=True))
+    secrets.export(config.secrets)
+    secrets.scrub_argv(secrets.secret_values(config.secrets))
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if config.stage in TRAINING_STAGES:
+        _refuse_changed_settings(cfg, run_dir / hydra_cfg.output_subdir)
+    explicit = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+    run(config, run_dir, explicit_keys=explicit)
+
+
+def _refuse_changed_settings(cfg: DictConfig, record_dir: Path) -> None:
+    """A run directory describes one training run: re-running it must not change what it was."""
+    before_text = callbacks.previous_record.get("config.yaml")
+    has_training = rundir.final_dir(record_dir.parent) or rundir.complete_checkpoints(
+        record_dir.parent)
+    if not before_text or not has_training:
+        return
+    before = OmegaConf.create(before_text)
+    changes = []
+    for key in TRAINING_KEYS:
+        old = OmegaConf.to_container(before, resolve=False).get(key)
+        new = OmegaConf.to_container(cfg, resolve=False).get(key)
+        if old != new:
+            changes += _differences(key, old, new)
+    if changes:
+        callbacks.restore_previous_record(record_dir)
+        raise UserError([problem(
+            key, new, f"this run directory ({record_dir.parent}) was trained with {key}={old!r}",
+            "the same training settings when re-running a run_name",
+            "use a new run_name, or stage=eval to evaluate this run") for key, old, new in changes])
+
+
+def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for sub in sorted(set(old) | set(new)):
+            found += _differences(f"{key}.{sub}", old.get(sub), new.get(sub))
+        return found
+    return [] if old == new else [(key, old, new)]
+
+
+def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) -> None:
+    import torch
+
+    if config.hardware.torch_threads:
+        torch.set_num_threads(config.hardware.torch_threads)
+    record = rundir.RunRecord(run_dir, config.stage)
+    log.info("run directory: %s", run_dir.resolve())
+    evaluating = config.stage in EVAL_STAGES and config.eval.backend != "none"
+    try:
+        if evaluating:
+            from lmalign.evaluation import harness
+
+            harness.check_tasks(config.eval.tasks)  # before training, not after it
+        base_config = _trained_from(config, run_dir)
+        base = models.resolve(base_config, config.cache_dir)
+        if config.stage in TRAINING_STAGES:
+            _train(config, run_dir, base, record)
+        if evaluating:
+            from lmalign.evaluation import harness
+
+            targets = _targets(config, run_dir, base, base_config, explicit_keys or set())
+            harness.evaluate(targets, config.eval, run_dir, base_config, config.hardware)
+            rows = cells.rebuild_metrics_csv(run_dir)
+            shown = [r for r in rows if r["checkpoint"] in {t.label for t in targets}]
+            if shown:
+                print("\n" + cells.comparison_table(shown) + "\n", flush=True)
+            log.info("metrics: %s", run_dir / cells.METRICS_CSV)
+        record.finish("done")
+    except KeyboardInterrupt:
+        record.finish("interrupted")
+        raise
+    except UserError:
+        record.finish("failed (user error)")
+        raise
+    except BaseException as exc:
+        record.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        loggers.finish(config.logger)
+
+
+def _train(config: Config, run_dir: Path, base: str, record: rundir.RunRecord) -> None:
+    if rundir.final_dir(run_dir):
+        log.info("training already finished (%s exists): skipping", run_dir / rundir.FINAL)
+        return
+    train = get_method(config.method._target_)
+    log.info("training: method=%s model=%s dataset=%s hardware=%s (global batch %d = %d per "
+             "device x %d processes x %d accumulation)", config.method.name, config.model.name,
+             config.dataset.name, config.hardware.name, config.method.global_batch_size,
+             config.hardware.per_device_batch_size, config.hardware.world_size,
+             config.method.global_batch_size // (config.hardware.per_device_batch_size
+                                                 * config.hardware.world_size))
+    record.update(train={"status": "running"})
+    summary = train(config, run_dir, base)
+    record.update(train={"status": "done", **summary})
+    if summary.get("train_tokens_per_s"):
+        log.info("trained %s steps at %.0f tokens/s", summary["global_step"],
+                 summary["train_tokens_per_s"])
+
+
+def _trained_from(config: Config, run_dir: Path):
+    """The model a run started from: its own record if it has one, else this config's model."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if config.stage == "eval" and saved.exists():
+        from pydantic import TypeAdapter
+
+        from lmalign.schema import ModelConfig
+
+        model = OmegaConf.to_container(OmegaConf.load(saved).model, resolve=True)
+        return TypeAdapter(ModelConfig).validate_python(model)
+    return config.model
+
+
+def _targets(config: Config, run_dir: Path, base: str, base_config,
+             explicit_keys: set[str]) -> list[Target]:
+    revision = base_config.revision if base_config.source == "pretrained" else None
+    checkpoints = rundir.complete_checkpoints(run_dir)
+    final = rundir.final_dir(run_dir)
+    final_step = (rundir_record(run_dir).get("train") or {}).get("global_step")
+    targets: list[Target] = []
+    problems: list[str] = []
+    for selector in config.eval.checkpoints:
+        selector = str(selector)
+        if selector == "base":
+            targets.append(Target("base", 0, base, revision))
+        elif selector == "final":
+            if final:
+                targets.append(Target("final", final_step, str(final)))
+            elif "eval.checkpoints" in explicit_keys:
+                problems.append(problem("eval.checkpoints", selector,
+                                        f"no trained model in {run_dir / rundir.FINAL}",
+                                        "base, or final once the run has trained",
+                                        "train first, or eval.checkpoints=[base]"))
+            else:
+                log.info("no trained model in %s: evaluating the base model only", run_dir)
+        elif selector in ("latest", "all"):
+            chosen = checkpoints[-1:] if selector == "latest" else checkpoints
+            targets += [Target(p.name, step, str(p)) for step, p in chosen]
+        else:
+            step = int(selector.removeprefix("checkpoint-"))
+            match = [p for s, p in checkpoints if s == step]
+            if match:
+                targets.append(Target(match[0].name, step, str(match[0])))
+            else:
+                problems.append(problem("eval.checkpoints", selector, "no such complete checkpoint",
+                                        ", ".join(p.name for _, p in checkpoints) or "none yet",
+                                        "pick one of the complete checkpoints"))
+    if problems:
+        raise UserError(problems)
+    unique = {t.label: t for t in targets}
+    return list(unique.values())
+
+
+def rundir_record(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = run_dir / rundir.RUN_RECORD
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,127 @@
+"""The run directory: atomic files, run.json, and which checkpoints are complete (DESIGN)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RUN_RECORD = "run.json"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+# The trainer writes its state file last: a checkpoint without it is incomplete.
+CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
+TRACKED_PACKAGES = ("lmalign", "torch", "transformers", "trl", "peft", "accelerate", "datasets",
+                    "lm_eval", "hydra-core", "tokenizers", "huggingface_hub")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    found = []
+    for path in (Path(run_dir) / CHECKPOINTS).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and (path / CHECKPOINT_COMPLETE_MARKER).exists():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def final_dir(run_dir: Path) -> Path | None:
+    path = Path(run_dir) / FINAL
+    return path if (path / "config.json").exists() or (path / "adapter_config.json").exists() \
+        else None
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_sha() -> str | None:
+    source = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hardware_seen() -> dict[str, Any]:
+    import torch
+
+    seen: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+    return seen
+
+
+class RunRecord:
+    """run.json: what ran, where, with which versions, how it ended. Rewritten atomically."""
+
+    def __init__(self, run_dir: Path, stage: str):
+        self.path = Path(run_dir) / RUN_RECORD
+        previous = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data: dict[str, Any] = previous
+        attempt = {"stage": stage, "argv": list(sys.argv), "started": _now(), "status": "running"}
+        self.data.update({
+            "lmalign_version": versions()["lmalign"],
+            "versions": versions(),
+            "git_sha": git_sha(),
+            "hardware_seen": hardware_seen(),
+            "status": "running",
+        })
+        self.data.setdefault("attempts", []).append(attempt)
+        self.save()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def finish(self, status: str, **fields: Any) -> None:
+        self.data["attempts"][-1].update(status=status, ended=_now())
+        self.data.update(status=status, ended=_now(), **fields)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

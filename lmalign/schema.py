@@ -1,0 +1,155 @@
+"""Typed schema of the composed config.
+
+Hydra composes YAML from `conf/`; these dataclasses say what the result may hold. Values live in
+the YAML files (one place per default); the schema holds types and fixed choices only, so a YAML
+option that forgets a key is caught here too. `validate.py` turns every violation into one
+`error:` line; library code receives these objects, never a DictConfig.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
+
+STRICT = ConfigDict(extra="forbid")
+
+Stage = Literal["train_eval", "train", "eval"]
+Precision = Literal["fp32", "bf16", "fp16"]
+DatasetFormat = Literal["messages", "prompt_completion", "preference", "text"]
+
+
+@dataclass(config=STRICT)
+class ModelConfig:
+    name: str
+    # embedded: built here from `architecture` and `seed`; pretrained: from_pretrained(name_or_path)
+    source: Literal["embedded", "pretrained"]
+    name_or_path: str
+    revision: str | None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None
+    trust_remote_code: bool
+    chat_template_path: str | None
+    eos_token: str | None
+    seed: int
+    # The published architecture numbers (config.json keys): build on the meta device offline.
+    architecture: dict[str, Any]
+    published_params: int | None
+
+
+@dataclass(config=STRICT)
+class DatasetConfig:
+    name: str
+    # tiny: the synthetic task; hub: load_dataset(path); local: a file or save_to_disk directory
+    source: Literal["tiny", "hub", "local"]
+    format: DatasetFormat
+    path: str | None
+    subset: str | None
+    revision: str | None
+    train_split: str
+    eval_split: str | None
+    # Rows for the eval split carved from the train split when the dataset has none (0 = none).
+    eval_size: int
+    # Canonical column -> column in the data, e.g. {messages: conversations}.
+    columns: dict[str, str]
+    # Keep only rows whose column equals the value, e.g. {label: true}.
+    where: dict[str, Any]
+    max_samples: int | None
+    max_eval_samples: int | None
+    seed: int
+
+
+@dataclass(config=STRICT)
+class DPOConfig:
+    beta: float
+    loss_type: str
+    precompute_ref_log_probs: bool
+
+
+@dataclass(config=STRICT)
+class MethodConfig:
+    _target_: str  # the function that trains it: build -> train -> save (lmalign/methods/)
+    name: Literal["sft", "dpo"]
+    learning_rate: float
+    lr_scheduler_type: str
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    optim: str
+    num_train_epochs: float
+    max_steps: int
+    global_batch_size: int
+    max_length: int
+    packing: bool
+    assistant_only_loss: bool
+    completion_only_loss: bool | None
+    logging_steps: int
+    save_steps: int
+    save_total_limit: int | None
+    eval_steps: int | None
+    # Preference methods only (method=dpo); null for the others.
+    dpo: DPOConfig | None
+
+    @property
+    def needs_preferences(self) -> bool:
+        return self.name == "dpo"
+
+
+@dataclass(config=STRICT)
+class HardwareConfig:
+    name: str
+    accelerator: Literal["cpu", "cuda"]
+    world_size: int
+    per_device_batch_size: int
+    precision: Precision
+    gradient_checkpointing: bool
+    distributed: Literal["none", "ddp", "fsdp", "deepspeed"]
+    dataloader_num_workers: int
+    torch_threads: int | None
+
+
+@dataclass(config=STRICT)
+class EvalConfig:
+    backend: Literal["harness", "none"]
+    tasks: list[str]
+    num_fewshot: int | list[int]
+    limit: int | float | None
+    batch_size: int
+    # base = the starting model; final = the trained model; latest / all / checkpoint-<step>
+    checkpoints: list[str]
+    apply_chat_template: bool
+    fewshot_as_multiturn: bool
+    log_samples: bool
+    gen_kwargs: dict[str, Any]
+    seed: int
+
+    @property
+    def fewshot_values(self) -> list[int]:
+        return self.num_fewshot if isinstance(self.num_fewshot, list) else [self.num_fewshot]
+
+
+@dataclass(config=STRICT)
+class LoggerConfig:
+    name: Literal["none", "wandb", "tensorboard"]
+    project: str | None
+    # auto: online when logged in to W&B, offline otherwise (always works without network)
+    mode: Literal["auto", "online", "offline"]
+
+
+@dataclass(config=STRICT)
+class Config:
+    stage: Stage
+    run_name: str | None
+    runs_root: str
+    resume: Literal["auto", "never"]
+    seed: int
+    cache_dir: str
+    # Environment variables the run needs but must never record (e.g. HF_TOKEN). Saved as ***.
+    secrets: dict[str, str]
+    model: ModelConfig
+    dataset: DatasetConfig
+    method: MethodConfig
+    hardware: HardwareConfig
+    eval: EvalConfig
+    logger: LoggerConfig

@@ -1,0 +1,39 @@
+"""Secrets (HF, W&B, OpenAI tokens) reach the run through the environment and never its records.
+
+`secrets.NAME=value` overrides are exported as environment variables for the run; every value
+that is a secret (those, and environment variables named like tokens or keys) is replaced by
+`***` in Hydra's saved config files and in the command line that run.json and loggers record.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+
+MASK = "***"
+_SECRET_NAME = re.compile(r"(^|_)(TOKEN|API_KEY|SECRET|SECRET_KEY|PASSWORD|ACCESS_KEY)(_|$)")
+_MIN_SECRET_LENGTH = 8  # shorter values ("1", "true") would mask ordinary text
+
+
+def secret_values(config_secrets: dict[str, Any] | None = None) -> list[str]:
+    values = {str(v) for v in (config_secrets or {}).values() if v}
+    values |= {v for k, v in os.environ.items() if _SECRET_NAME.search(k.upper())}
+    return sorted((v for v in values if len(v) >= _MIN_SECRET_LENGTH), key=len, reverse=True)
+
+
+def redact(text: str, values: list[str]) -> str:
+    for value in values:
+        text = text.replace(value, MASK)
+    return text
+
+
+def export(config_secrets: dict[str, str]) -> None:
+    os.environ.update({k: str(v) for k, v in config_secrets.items()})
+
+
+def scrub_argv(values: list[str]) -> None:
+    """Libraries that record the command line (W&B, run.json) see it without secrets."""
+    sys.argv[:] = [redact(arg, values) for arg in sys.argv]

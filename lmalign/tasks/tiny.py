@@ -1,0 +1,12 @@
+"""lm-eval dataset loader for the tiny synthetic task: the same held-out splits training never sees."""
+
+from datasets import Dataset, DatasetDict
+
+from lmalign import tinytask
+
+
+def load(**_: object) -> DatasetDict:
+    return DatasetDict({
+        split: Dataset.from_list(tinytask.generate(split, tinytask.HELD_OUT_SIZE))
+        for split in ("validation", "test")
+    })

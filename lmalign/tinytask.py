@@ -1,0 +1,87 @@
+"""The tiny synthetic task: pick the largest or smallest of four distinct digits.
+
+It is a rule, not a lookup, so a tiny model trained on some lists answers held-out lists it never
+saw. Every (instruction, ordered list) pair lands in exactly one split. The held-out split is
+built position by position so the correct answer sits at each of the four positions equally often,
+which keeps an untrained model at chance (25%) on the multiple-choice form.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Literal
+
+Split = Literal["train", "validation", "test"]
+OPERATIONS = ("largest", "smallest")
+LIST_LENGTH = 4
+HELD_OUT_SIZE = 400  # per held-out split; every answer position gets a quarter
+
+
+def _answer_position(op: str, digits: tuple[int, ...]) -> int:
+    pick = max(digits) if op == "largest" else min(digits)
+    return digits.index(pick)
+
+
+def reply(op: str, digit: int) -> str:
+    return f"The {op} is {digit}."
+
+
+def _record(op: str, digits: tuple[int, ...]) -> dict:
+    position = _answer_position(op, digits)
+    listed = " ".join(str(d) for d in digits)
+    choices = [reply(op, d) for d in digits]
+    return {
+        "prompt": f"Which is the {op}: {listed}?",
+        "answer": choices[position],
+        "choices": choices,
+        "label": position,
+    }
+
+
+def _all_items() -> list[tuple[str, tuple[int, ...]]]:
+    lists = itertools.permutations(range(10), LIST_LENGTH)
+    return [(op, digits) for digits in lists for op in OPERATIONS]
+
+
+def _partition() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    # Fixed whatever the training seed, so held-out items never leak into any training run.
+    items = _all_items()
+    random.Random(0).shuffle(items)
+    by_position: dict[int, list] = {p: [] for p in range(LIST_LENGTH)}
+    for item in items:
+        by_position[_answer_position(*item)].append(item)
+    per_position = HELD_OUT_SIZE // LIST_LENGTH
+    test = [by_position[p][i] for i in range(per_position) for p in range(LIST_LENGTH)]
+    validation = [by_position[p][i] for i in range(per_position, 2 * per_position)
+                  for p in range(LIST_LENGTH)]
+    held_out = set(test) | set(validation)
+    return {"train": [item for item in items if item not in held_out],
+            "validation": validation, "test": test}
+
+
+def generate(split: Split, size: int | None = None, seed: int = 0) -> list[dict]:
+    """Records `{prompt, answer, choices, label}`; `size` is capped by what the split holds.
+
+    `seed` orders the training split (which rows a smaller `size` takes); held-out splits are fixed.
+    """
+    chosen = list(_partition()[split])
+    if split == "train":
+        random.Random(seed).shuffle(chosen)
+    return [_record(op, digits) for op, digits in chosen[:size]]
+
+
+def as_messages(record: dict) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["answer"]},
+        ]
+    }
+
+
+def as_preference(record: dict, seed: int) -> dict:
+    """Chosen = the right reply; rejected = a wrong one drawn from the same list."""
+    wrong = [c for i, c in enumerate(record["choices"]) if i != record["label"]]
+    rejected = random.Random(f"{seed}:{record['prompt']}").choice(wrong)
+    return {"prompt": record["prompt"], "chosen": record["answer"], "rejected": rejected}

@@ -1,0 +1,132 @@
+"""What every method shares: the config mapped onto the trainer's arguments, resume, final save."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_callback import ProgressCallback
+
+from lmalign import rundir
+from lmalign.schema import Config
+
+log = logging.getLogger(__name__)
+
+
+def gradient_accumulation(config: Config) -> int:
+    hardware = config.hardware
+    return config.method.global_batch_size // (hardware.per_device_batch_size * hardware.world_size)
+
+
+def trainer_arguments(config: Config, run_dir: Path, report_to: list[str],
+                      has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments shared by SFTConfig and DPOConfig (both extend TrainingArguments)."""
+    method, hardware = config.method, config.hardware
+    evaluate = has_eval and method.eval_steps is not None
+    return dict(
+        output_dir=str(run_dir / rundir.CHECKPOINTS),
+        run_name=config.run_name or run_dir.name,
+        seed=config.seed,
+        data_seed=config.seed,
+        per_device_train_batch_size=hardware.per_device_batch_size,
+        per_device_eval_batch_size=hardware.per_device_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(config),
+        learning_rate=method.learning_rate,
+        lr_scheduler_type=method.lr_scheduler_type,
+        warmup_steps=method.warmup_ratio,  # transformers 5: a value below 1 is a fraction of steps
+        weight_decay=method.weight_decay,
+        max_grad_norm=method.max_grad_norm,
+        optim=method.optim,
+        num_train_epochs=method.num_train_epochs,
+        max_steps=method.max_steps,
+        # Precision and checkpointing belong to the hardware profile: TRL's defaults (bf16 and
+        # gradient checkpointing) are 28x slower on a CPU.
+        bf16=hardware.precision == "bf16",
+        fp16=hardware.precision == "fp16",
+        activation_checkpointing=hardware.gradient_checkpointing,
+        use_cpu=hardware.accelerator == "cpu",
+        dataloader_num_workers=hardware.dataloader_num_workers,
+        dataloader_pin_memory=hardware.accelerator == "cuda",
+        logging_steps=method.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=method.save_steps,
+        save_total_limit=method.save_total_limit,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=method.eval_steps if evaluate else None,
+        report_to=report_to,
+        disable_tqdm=False,
+    )
+
+
+def resume_checkpoint(config: Config, run_dir: Path) -> str | None:
+    if config.resume == "never":
+        return None
+    checkpoints = rundir.complete_checkpoints(run_dir)
+    if not checkpoints:
+        return None
+    step, path = checkpoints[-1]
+    log.info("resuming from %s (step %d)", path, step)
+    return str(path)
+
+
+class CompactProgress(ProgressCallback):
+    """The trainer's progress bar, with one short line per logging step instead of a dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        shown = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy",
+                    "rewards/margins", "num_tokens", "train_runtime"):
+            if key in shown:
+                parts.append(f"{key} {shown[key]:.4g}")
+        line = " | ".join(parts)
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        log.debug(line)
+
+
+def use_compact_progress(trainer) -> None:
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress())
+
+
+def announce_parameters(model) -> dict[str, int]:
+    from lmalign.models import count_parameters
+
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s total (%.2f%%)", f"{trainable:,}", f"{total:,}",
+             100 * trainable / max(total, 1))
+    return {"trainable_parameters": trainable, "total_parameters": total}
+
+
+def save_final(trainer, run_dir: Path) -> Path:
+    """Model (or adapter) and tokenizer into final/, which appears only once complete."""
+    final = run_dir / rundir.FINAL
+    staging = run_dir / ".final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    trainer.processing_class.save_pretrained(str(staging))
+    staging.rename(final)
+    log.info("saved %s", final)
+    return final
+
+
+def summary(trainer, result) -> dict[str, Any]:
+    metrics = dict(result.metrics)
+    history = trainer.state.log_history
+    tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
+    runtime = metrics.get("train_runtime")
+    found = {
+        "global_step": trainer.state.global_step,
+        "train_loss": metrics.get("train_loss"),
+        "train_runtime_s": runtime,
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / runtime if tokens and runtime else None,
+    }
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in found.items()}

@@ -1,0 +1,323 @@
+"""Validate a composed config before anything heavy loads, reporting every problem at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import socket
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from lmalign.errors import UserError, problem
+from lmalign.schema import Config
+
+CHECKPOINT_SELECTOR = re.compile(r"^(base|final|latest|all|checkpoint-\d+|\d+)$")
+LOADING_STAGES = ("train_eval", "train", "eval")
+
+
+def validate(container: dict[str, Any], check_environment: bool = True) -> Config:
+    """Typed Config from a resolved config dict, or UserError listing every problem."""
+    try:
+        config = TypeAdapter(Config).validate_python(container)
+    except ValidationError as exc:
+        raise UserError(describe_type_errors(exc, container)) from None
+    problems = check_combinations(config)
+    if check_environment:
+        problems += check_environment_for(config)
+    if problems:
+        raise UserError(problems)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Type errors, translated from pydantic into key / value / allowed / fix.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _walk(loc: tuple) -> tuple[list[str], Any, type | None]:
+    """Follow an error location through the schema: (dotted key parts, annotation, owning class).
+
+    Stops at pydantic's union-member tags ('int', 'list[int]'), which are not config keys.
+    """
+    parts: list[str] = []
+    annotation: Any = Config
+    owner: type | None = None
+    for element in loc:
+        cls = _dataclass_in(annotation)
+        if cls is not None and isinstance(element, str):
+            hints = _field_types(cls)
+            owner = cls
+            parts.append(element)
+            if element not in hints:
+                return parts, None, owner
+            annotation = hints[element]
+        elif isinstance(element, int) or _is_mapping(annotation):
+            parts.append(str(element))
+            annotation = _item_type(annotation)
+        else:
+            break
+    return parts, annotation, owner
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is dict
+
+
+def _item_type(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[-1] if args else Any
+
+
+def _describe_type(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        text = " or ".join(_describe_type(a) for a in members)
+        return text + (" or null" if type(None) in typing.get_args(annotation) else "")
+    if origin is list:
+        return f"a list of {_describe_type(typing.get_args(annotation)[0])}s"
+    if origin is dict:
+        return "a mapping"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(annotation))
+    return str(annotation)
+
+
+def _example(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return str(typing.get_args(annotation)[0])
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is not None and members and origin is not list and origin is not dict:
+        return _example(members[0])
+    return {int: "8", float: "0.0002", bool: "true", str: "NAME"}.get(annotation, "<value>")
+
+
+def describe_type_errors(exc: ValidationError, container: dict[str, Any]) -> list[str]:
+    problems: dict[str, str] = {}
+    for err in exc.errors():
+        parts, annotation, owner = _walk(err["loc"])
+        key = ".".join(parts)
+        if key in problems:
+            continue  # a union reports once per member; one line per key is enough
+        value = err["input"] if err["type"] != "missing_argument" else "<missing>"
+        if err["type"] == "unexpected_keyword_argument":
+            known = [f.name for f in dataclasses.fields(owner)] if owner else []
+            close = difflib.get_close_matches(parts[-1], known, n=1)
+            prefix = ".".join(parts[:-1])
+            fix = f"did you mean {prefix}.{close[0]}?" if close else f"remove {key}"
+            problems[key] = problem(
+                key, value, "unknown key", f"the keys of {prefix or 'the config'}: "
+                + ", ".join(known), fix)
+        elif err["type"] in ("missing_argument", "missing"):
+            problems[key] = problem(
+                key, value, "missing", _describe_type(annotation),
+                f"add `{parts[-1]}:` to the YAML option or pass +{key}=...")
+        else:
+            problems[key] = problem(
+                key, _lookup(container, parts, err["input"]), f"not valid ({err['msg'].lower()})",
+                _describe_type(annotation), f"{key}={_example(annotation)}")
+    return list(problems.values())
+
+
+def _lookup(container: dict, parts: list[str], fallback: Any) -> Any:
+    node: Any = container
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return fallback
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# Combinations: values that are each fine but impossible together.
+
+
+def check_combinations(config: Config) -> list[str]:
+    problems: list[str] = []
+    method, hardware, dataset, evaluation = config.method, config.hardware, config.dataset, config.eval
+
+    per_step = hardware.per_device_batch_size * hardware.world_size
+    if method.global_batch_size <= 0 or method.global_batch_size % per_step:
+        divisible = [n for n in (8, 16, 32, 64, 128, 256) if n % per_step == 0][:3]
+        problems.append(problem(
+            "method.global_batch_size", method.global_batch_size,
+            f"not a multiple of hardware.per_device_batch_size x hardware.world_size "
+            f"= {hardware.per_device_batch_size} x {hardware.world_size} = {per_step} "
+            f"(hardware={hardware.name}), so gradient accumulation would not be whole",
+            f"a positive multiple of {per_step}",
+            f"method.global_batch_size={divisible[0] if divisible else per_step}"
+            f" or hardware.per_device_batch_size=<a divisor of {method.global_batch_size}>"))
+
+    if method.needs_preferences and dataset.format != "preference":
+        problems.append(problem(
+            "dataset", dataset.name,
+            f"method={method.name} trains on preference pairs but dataset={dataset.name} has "
+            f"format {dataset.format}", "a dataset with format preference "
+            "(tiny_prefs, ultrafeedback_binarized, or local with dataset.format=preference)",
+            "dataset=tiny_prefs"))
+    if method.needs_preferences and method.dpo is None:
+        problems.append(problem("method.dpo", None, "missing the dpo block",
+                                "a mapping of beta, loss_type, precompute_ref_log_probs",
+                                "method=dpo"))
+    if not method.needs_preferences and dataset.format == "preference":
+        problems.append(problem(
+            "dataset", dataset.name,
+            f"method={method.name} trains on single responses but dataset={dataset.name} holds "
+            "preference pairs", "a dataset with format messages, prompt_completion or text",
+            "dataset=tiny_sft, or method=dpo for preference training"))
+    if method.assistant_only_loss and dataset.format != "messages":
+        problems.append(problem(
+            "method.assistant_only_loss", True,
+            f"needs conversational data but dataset={dataset.name} has format {dataset.format}",
+            "true only with dataset.format=messages",
+            "method.assistant_only_loss=false"))
+    if method.completion_only_loss and dataset.format != "prompt_completion":
+        problems.append(problem(
+            "method.completion_only_loss", True,
+            f"needs prompt/completion data but dataset={dataset.name} has format {dataset.format}",
+            "true only with dataset.format=prompt_completion",
+            "method.completion_only_loss=null"))
+    if method.max_steps <= 0 and method.num_train_epochs <= 0:
+        problems.append(problem(
+            "method.num_train_epochs", method.num_train_epochs,
+            "with method.max_steps=-1 the epoch count decides the length of training",
+            "a positive number", "method.num_train_epochs=1"))
+
+    if dataset.source in ("hub", "local") and not dataset.path:
+        problems.append(problem(
+            "dataset.path", None, f"dataset.source={dataset.source} needs a path",
+            "a hub dataset id" if dataset.source == "hub" else "a file or directory",
+            "dataset.path=/path/to/data.jsonl"))
+
+    if hardware.world_size != 1 or hardware.distributed != "none":
+        problems.append(problem(
+            "hardware.world_size", hardware.world_size,
+            f"multi-process launch (distributed={hardware.distributed}) is not available yet; "
+            "refusing rather than silently training on one process",
+            "world_size 1 with distributed none", "hardware=cpu"))
+    if hardware.accelerator == "cpu" and hardware.precision == "fp16":
+        problems.append(problem(
+            "hardware.precision", "fp16", "fp16 mixed precision needs a GPU",
+            "fp32 or bf16 on CPU", "hardware.precision=fp32"))
+
+    if evaluation.backend != "none":
+        if not evaluation.tasks:
+            problems.append(problem("eval.tasks", [], "no tasks to evaluate",
+                                    "lm-eval task or group names", "eval.tasks=[tiny_mc]"))
+        bad = [c for c in evaluation.checkpoints if not CHECKPOINT_SELECTOR.match(str(c))]
+        if bad:
+            problems.append(problem(
+                "eval.checkpoints", bad, "unknown checkpoint selector",
+                "base, final, latest, all, checkpoint-<step> or <step>",
+                "eval.checkpoints=[base,final]"))
+        if any(n < 0 for n in evaluation.fewshot_values):
+            problems.append(problem("eval.num_fewshot", evaluation.num_fewshot, "negative",
+                                    "0 or more, or a list of them", "eval.num_fewshot=0"))
+
+    if config.run_name is not None and (
+        not config.run_name or "/" in config.run_name or config.run_name.startswith(".")
+    ):
+        problems.append(problem("run_name", config.run_name, "not a plain directory name",
+                                "letters, digits, - _ . (no /)", "run_name=my_run"))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment: what must exist on this machine for the run to go ahead.
+
+
+def check_environment_for(config: Config) -> list[str]:
+    problems: list[str] = []
+    if config.stage not in LOADING_STAGES:
+        return problems
+    if config.model.source == "pretrained":
+        issue = model_availability(config.model.name_or_path, config.model.revision)
+        if issue:
+            problems.append(issue)
+    if config.dataset.source == "local" and config.dataset.path:
+        if not Path(config.dataset.path).expanduser().exists():
+            problems.append(problem(
+                "dataset.path", config.dataset.path, "no such file or directory",
+                "a .jsonl/.json/.parquet/.arrow file or a save_to_disk directory",
+                "check the path (relative paths are taken from the current directory)"))
+    if config.hardware.accelerator == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(problem(
+                "hardware", config.hardware.name, "needs a CUDA GPU but none is visible",
+                "hardware=cpu on a machine without GPUs", "hardware=cpu"))
+    return problems
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = re.sub(r"^https?://", "", endpoint).split("/")[0].split(":")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def model_availability(name_or_path: str, revision: str | None) -> str | None:
+    """None when the model can be loaded here; otherwise the problem line saying how to fix it."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if (path / "config.json").exists():
+            return None
+        return problem("model.name_or_path", name_or_path, "directory has no config.json",
+                       "a directory written by save_pretrained, or a hub model id",
+                       "point model.name_or_path at the model's directory")
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        return problem("model.name_or_path", name_or_path, "no such directory, and not a hub id",
+                       "a local model directory or a hub id like org/name",
+                       "check the path")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json", revision=revision or "main")
+    if isinstance(cached, str):
+        return None
+    if hub_offline():
+        why = "HF_HUB_OFFLINE=1"
+    elif not _hub_reachable():
+        why = "the hub cannot be reached from this machine"
+    else:
+        return None
+    rev = revision or "main"
+    return problem(
+        "model.name_or_path", name_or_path,
+        f"revision {rev} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+        f"and {why}", "a model in the local cache, or a local directory with config.json",
+        f"on a connected machine run `hf download {name_or_path} --revision {rev}` and copy "
+        "its HF_HOME here, or set model.name_or_path=/path/to/model")
