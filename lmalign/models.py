@@ -56,13 +56,17 @@ def load_model(path: str, model: ModelConfig, hardware: HardwareConfig,
 
 
 def build_on_meta(model: ModelConfig):
-    """The model with no weights, from its recorded architecture numbers: works offline."""
-    from accelerate import init_empty_weights
+    """The model with no weights, from its recorded architecture numbers: works offline.
+
+    PyTorch's meta device, not accelerate's init_empty_weights: under transformers 5 the latter
+    leaves tied embeddings untied (SmolLM2-135M then counts 162.8M parameters instead of 134.5M).
+    """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = dict(model.architecture)
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-    with init_empty_weights():
+    with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 

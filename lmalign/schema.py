@@ -82,7 +82,7 @@ class MethodConfig:
     global_batch_size: int
     max_length: int
     packing: bool
-    assistant_only_loss: bool
+    assistant_only_loss: bool | None  # null: on for chat data whose template marks replies
     completion_only_loss: bool | None
     logging_steps: int
     save_steps: int

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from lmalign import data, loggers, models, training
 from lmalign.schema import Config
+
+log = logging.getLogger(__name__)
 
 
 def train(config: Config, run_dir: Path, base_model: str) -> dict[str, Any]:
@@ -23,7 +26,7 @@ def train(config: Config, run_dir: Path, base_model: str) -> dict[str, Any]:
                                      has_eval=eval_data is not None),
         max_length=method.max_length,
         packing=method.packing,
-        assistant_only_loss=method.assistant_only_loss,
+        assistant_only_loss=_assistant_only_loss(config, tokenizer),
         completion_only_loss=method.completion_only_loss,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data,
@@ -37,3 +40,15 @@ def train(config: Config, run_dir: Path, base_model: str) -> dict[str, Any]:
     # save
     training.save_final(trainer, run_dir)
     return {**parameters, **training.summary(trainer, result)}
+
+
+def _assistant_only_loss(config: Config, tokenizer) -> bool:
+    """Explicit values stand (validated); null trains on replies only where the data and the
+    chat template allow it: TRL needs `{% generation %}` markers to find the replies."""
+    if config.method.assistant_only_loss is not None:
+        return config.method.assistant_only_loss
+    marked = "{% generation %}" in (tokenizer.chat_template or "")
+    chosen = config.dataset.format == "messages" and marked
+    log.info("assistant-only loss: %s (dataset format %s, chat template %s generation markers)",
+             "on" if chosen else "off", config.dataset.format, "with" if marked else "without")
+    return chosen

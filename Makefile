@@ -1,0 +1,35 @@
+# make demo: the main job (train the embedded tiny model, then evaluate it, on CPU)
+# make test: the test suite (includes the end-to-end runs; about 10 minutes on 2 cores)
+# Both create/refresh the virtualenv first. TORCH_SPEC picks the torch build; the default
+# matches the CPU wheel cached on our machines (elsewhere pip fetches it from PyPI).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lmalign-installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m lmalign
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sft_throughput.py
+
+clean:
+	rm -rf outputs multirun runs .pytest_cache

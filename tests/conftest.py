@@ -1,0 +1,63 @@
+"""Shared helpers: run `python -m lmalign` for real, compose configs, find ../shared data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def lmalign_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lmalign_cache")
+
+
+def lmalign(*overrides: str, cwd: Path, cache: Path, env: dict[str, str] | None = None,
+            timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m lmalign` as a user would, in `cwd` (where runs/ and outputs/ appear)."""
+    full_env = {**os.environ, "LMALIGN_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false",
+                **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "lmalign", *overrides], cwd=cwd, env=full_env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"lmalign {' '.join(overrides)} exited {result.returncode}:\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: ../shared (real third-party data) is beside the repo in "
+                    "CI and on the team's machines, not in a fresh clone")
+    return path
+
+
+def compose(*overrides: str):
+    """The composed DictConfig for these overrides, as the entrypoint would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmalign.cli import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def typed_config(*overrides: str, check_environment: bool = False):
+    from omegaconf import OmegaConf
+
+    from lmalign.validate import validate
+
+    return validate(OmegaConf.to_container(compose(*overrides), resolve=True),
+                    check_environment=check_environment)

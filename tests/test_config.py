@@ -1,0 +1,59 @@
+"""Every option of every config group composes and validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import typed_config
+from lmalign.cli import CONF_DIR
+
+GROUPS = ["model", "dataset", "method", "hardware", "eval", "logger"]
+# Options that only make sense with a partner choice.
+PARTNERS = {
+    ("method", "dpo"): ["dataset=tiny_prefs"],
+    ("dataset", "tiny_prefs"): ["method=dpo"],
+    ("dataset", "ultrafeedback_binarized"): ["method=dpo"],
+    ("dataset", "local"): ["dataset.path=data.jsonl"],
+}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")
+                  if not p.stem.startswith("_"))
+
+
+ALL_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"conf/{group}/ has no options"
+    assert {"tiny", "smollm2_135m", "smollm2_360m", "smollm2_1.7b", "qwen3_0.6b_base",
+            "qwen3_1.7b_base", "llama3.2_3b"} <= set(options("model"))
+    assert {"tiny_sft", "tiny_prefs", "tulu3_sft_mixture", "dolci_instruct_sft",
+            "ultrafeedback_binarized", "local"} <= set(options("dataset"))
+
+
+@pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_option_composes_and_validates(group, option):
+    config = typed_config(f"{group}={option}", *PARTNERS.get((group, option), []))
+    chosen = getattr(config, group)
+    assert getattr(chosen, "name", None) in (option, None) or group == "eval"
+
+
+def test_each_option_file_opens_with_the_command_that_uses_it():
+    for path in sorted(Path(CONF_DIR).rglob("*.yaml")):
+        first = [l for l in path.read_text().splitlines() if l.strip()][0:2]
+        assert any("python -m lmalign" in l for l in first), f"{path} lacks a usage comment"
+
+
+def test_defaults_are_the_tiny_demo():
+    config = typed_config()
+    assert (config.model.name, config.dataset.name, config.method.name, config.hardware.name,
+            config.eval.backend, config.logger.name, config.stage) == (
+        "tiny", "tiny_sft", "sft", "cpu", "harness", "none", "train_eval")
+    # The tiny specialisation applies to the tiny model only: real models keep sft.yaml's rate.
+    assert config.method.learning_rate == pytest.approx(2e-3)
+    assert typed_config("model=smollm2_135m").method.learning_rate == pytest.approx(2e-5)

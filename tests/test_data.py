@@ -1,0 +1,99 @@
+"""Datasets reach the trainers in TRL's canonical formats, from every source."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import FIXTURES, shared_path, typed_config
+from lmalign.data import load_splits
+from lmalign.errors import UserError
+
+HUB_FIXTURES = FIXTURES / "hub_datasets"
+
+
+def splits(*overrides):
+    return load_splits(typed_config(*overrides).dataset)
+
+
+def test_tiny_sft_is_chat_messages_with_a_held_out_split():
+    train, evaluation = splits()
+    assert train.column_names == ["messages"] and len(train) == 8000 and len(evaluation) == 400
+    assert [m["role"] for m in train[0]["messages"]] == ["user", "assistant"]
+
+
+def test_tiny_prefs_pairs_a_right_and_a_wrong_reply():
+    train, _ = splits("dataset=tiny_prefs", "method=dpo")
+    row = train[0]
+    assert sorted(train.column_names) == ["chosen", "prompt", "rejected"]
+    assert row["chosen"] != row["rejected"] and row["chosen"].split()[:3] == row["rejected"].split()[:3]
+
+
+@pytest.mark.parametrize("name", ["tulu3_sft_mixture", "dolci_instruct_sft"])
+def test_hub_sft_datasets_load_in_their_real_schema(name):
+    train, evaluation = splits(f"dataset={name}", f"dataset.path={HUB_FIXTURES / name}",
+                               "dataset.eval_size=1")
+    assert train.column_names == ["messages"]  # id and source are dropped
+    assert len(train) == 4 and len(evaluation) == 1
+    assert train[0]["messages"][-1]["role"] == "assistant"
+
+
+def test_ultrafeedback_prompt_is_extracted_from_the_conversations():
+    train, evaluation = splits("dataset=ultrafeedback_binarized", "method=dpo",
+                               f"dataset.path={HUB_FIXTURES / 'ultrafeedback_binarized'}")
+    assert len(train) == 5 and len(evaluation) == 2
+    row = train[0]
+    assert [m["role"] for m in row["prompt"]] == ["user"]
+    assert [m["role"] for m in row["chosen"]] == ["assistant"] == [m["role"] for m in row["rejected"]]
+    assert row["chosen"] != row["rejected"]
+
+
+def test_local_json_array_of_messages_with_a_filter():
+    path = shared_path("data", "chat-sft-messages", "kto_en_demo.json")
+    train, evaluation = splits("dataset=local", f"dataset.path={path}", "+dataset.where.label=true",
+                               "dataset.eval_size=10")
+    assert train.column_names == ["messages"]
+    assert len(train) + len(evaluation) == 150  # the 150 desirable replies of 300
+    assert evaluation is not None and len(evaluation) == 10
+
+
+def test_local_hh_rlhf_pairs_get_their_implicit_prompt_extracted():
+    path = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    train, _ = splits("dataset=local", f"dataset.path={path}", "dataset.format=preference",
+                      "method=dpo", "dataset.max_samples=50")
+    assert len(train) == 50
+    for row in train:
+        assert row["prompt"] and row["prompt"][-1]["role"] == "user"
+        assert row["chosen"][0]["role"] == "assistant" and row["rejected"][0]["role"] == "assistant"
+        assert row["chosen"] != row["rejected"]
+
+
+def test_missing_column_names_the_column_and_the_columns_found(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"conversation": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(UserError, match=r"column 'messages' not found .*columns found: conversation"):
+        splits("dataset=local", f"dataset.path={path}")
+    train, _ = splits("dataset=local", f"dataset.path={path}",
+                      "+dataset.columns.messages=conversation")
+    assert train.column_names == ["messages"]
+
+
+def test_local_parquet_arrow_and_save_to_disk(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(6)]
+    data = Dataset.from_list(rows)
+    data.to_parquet(str(tmp_path / "d.parquet"))
+    data.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    for path in (tmp_path / "d.parquet", arrow, tmp_path / "saved"):
+        train, _ = splits("dataset=local", f"dataset.path={path}",
+                          "dataset.format=prompt_completion")
+        assert train.column_names == ["prompt", "completion"] and len(train) == 6, path
+
+
+def test_unknown_split_lists_the_splits():
+    with pytest.raises(UserError, match=r"dataset.train_split='train'.*allowed: train_prefs, test_prefs"):
+        splits("dataset=ultrafeedback_binarized", "method=dpo", "dataset.train_split=train",
+               f"dataset.path={HUB_FIXTURES / 'ultrafeedback_binarized'}")

@@ -1,0 +1,54 @@
+"""Hub models build offline from their recorded architecture numbers; the tiny one from a seed."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from conftest import typed_config
+from test_config import options
+
+HUB_MODELS = [m for m in options("model") if m != "tiny"]
+
+
+@pytest.mark.parametrize("name", HUB_MODELS)
+def test_hub_model_parameter_count_matches_the_published_size(name):
+    from lmalign.models import build_on_meta, count_parameters
+
+    model_config = typed_config(f"model={name}").model
+    model = build_on_meta(model_config)
+    assert next(model.parameters()).device.type == "meta"  # no weights were allocated
+    _, total = count_parameters(model)
+    published = model_config.published_params
+    assert abs(total - published) / published < 0.02, f"{name}: {total:,} vs {published:,}"
+
+
+def _weights_digest(path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_embedded_model_is_deterministic_and_cached(tmp_path):
+    from lmalign import embedded
+
+    arch = typed_config().model.architecture
+    first = embedded.materialize("tiny", arch, 0, tmp_path / "a")
+    again = embedded.materialize("tiny", arch, 0, tmp_path / "b")
+    other_seed = embedded.materialize("tiny", arch, 1, tmp_path / "a")
+    assert _weights_digest(first) == _weights_digest(again)
+    assert _weights_digest(first) != _weights_digest(other_seed)
+    assert embedded.materialize("tiny", arch, 0, tmp_path / "a") == first  # built once
+
+
+def test_embedded_tokenizer_round_trips_and_keeps_pad_apart_from_eos():
+    from lmalign import embedded
+
+    tokenizer = embedded.build_tokenizer()
+    text = "Grüße, 世界! 3 < 5"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    encoded = tokenizer.apply_chat_template(messages, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    trained = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
+    assert tokenizer.decode(trained) == "hello" + embedded.EOS  # the reply and its EOS

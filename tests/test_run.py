@@ -1,0 +1,159 @@
+"""The default run, end to end: `python -m lmalign` trains the tiny model and evaluates it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import lmalign
+
+pytestmark = pytest.mark.slow
+DESIGN_COLUMNS = ["checkpoint", "step", "backend", "task", "metric", "num_fewshot", "eval_mode",
+                  "value", "stderr"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, lmalign_cache):
+    workdir = tmp_path_factory.mktemp("demo")
+    result = lmalign("run_name=demo", cwd=workdir, cache=lmalign_cache, check=True)
+    return result, workdir / "runs" / "demo", workdir
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _value(rows, checkpoint, task, metric, shots="0"):
+    (row,) = [r for r in rows if (r["checkpoint"], r["task"], r["metric"], r["num_fewshot"])
+              == (checkpoint, task, metric, shots)]
+    return float(row["value"])
+
+
+def test_training_beats_the_untrained_model_by_30_points(demo):
+    result, run_dir, _ = demo
+    rows = _metrics(run_dir)
+    base, final = _value(rows, "base", "tiny_mc", "acc"), _value(rows, "final", "tiny_mc", "acc")
+    assert abs(base - 0.25) <= 0.10, f"untrained model should be near chance, got {base}"
+    assert final - base >= 0.30, (base, final)
+    assert _value(rows, "final", "tiny_gen", "exact_match") > _value(rows, "base", "tiny_gen",
+                                                                     "exact_match") + 0.30
+    table = result.stdout
+    assert "task" in table and "base" in table and "final" in table and "delta" in table
+    assert any(line.startswith("tiny_mc") and "+0." in line for line in table.splitlines())
+
+
+def test_run_directory_holds_the_documented_files(demo):
+    _, run_dir, _ = demo
+    for relative in (".hydra/config.yaml", "run.json", "metrics.csv", "final/config.json",
+                     "final/model.safetensors", "final/tokenizer.json",
+                     "checkpoints/checkpoint-250/trainer_state.json",
+                     "checkpoints/checkpoint-500/trainer_state.json"):
+        assert (run_dir / relative).exists(), relative
+    for checkpoint in ("base", "final"):
+        (cell,) = (run_dir / "eval" / checkpoint).iterdir()
+        assert (cell / "cell.json").exists() and list(cell.glob("results_*.json"))
+    with open(run_dir / "metrics.csv") as handle:
+        assert next(csv.reader(handle))[:len(DESIGN_COLUMNS)] == DESIGN_COLUMNS
+    for row in _metrics(run_dir):
+        assert 0.0 <= float(row["value"]) <= 1.0
+    assert {r["step"] for r in _metrics(run_dir)} == {"0", "500"}
+
+
+def test_run_record(demo):
+    _, run_dir, _ = demo
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "done"
+    for package in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "lm_eval"):
+        assert record["versions"][package]
+    assert record["hardware_seen"]["cpu_count"] >= 1
+    attempt = record["attempts"][0]
+    assert attempt["argv"][-1] == "run_name=demo" and attempt["started"] and attempt["ended"]
+    assert record["train"]["train_tokens_per_s"] > 0 and record["train"]["global_step"] == 500
+    assert record["train"]["trainable_parameters"] == record["train"]["total_parameters"] > 0
+
+
+def test_parameters_changed(demo, lmalign_cache):
+    from safetensors.torch import load_file
+
+    _, run_dir, _ = demo
+    (base_dir,) = (lmalign_cache / "embedded").glob("tiny-*")
+    before, after = load_file(base_dir / "model.safetensors"), load_file(
+        run_dir / "final" / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not (before[k] == after[k]).all()]
+    assert len(changed) == len(before)
+
+
+def _eos_rate(model_dir: Path) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmalign import tinytask
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    records = tinytask.generate("test", 200)
+    longest_answer = max(len(tokenizer(r["answer"])["input_ids"]) for r in records)
+    stopped = 0
+    for start in range(0, len(records), 50):
+        batch = records[start:start + 50]
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                                 tokenize=False, add_generation_prompt=True)
+                   for r in batch]
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**encoded, do_sample=False, max_new_tokens=4 * longest_answer,
+                                 pad_token_id=tokenizer.pad_token_id)
+        generated = out[:, encoded["input_ids"].shape[1]:]
+        stopped += int((generated == tokenizer.eos_token_id).any(dim=1).sum())
+    return stopped / len(records)
+
+
+def test_trained_model_learns_to_stop(demo, lmalign_cache):
+    _, run_dir, _ = demo
+    (base_dir,) = (lmalign_cache / "embedded").glob("tiny-*")
+    assert _eos_rate(run_dir / "final") >= 0.90
+    assert _eos_rate(base_dir) < 0.10
+
+
+def test_rerunning_the_same_command_skips_finished_work(demo, lmalign_cache):
+    _, run_dir, workdir = demo
+    before = (run_dir / "metrics.csv").read_text()
+    result = lmalign("run_name=demo", cwd=workdir, cache=lmalign_cache, check=True)
+    log = result.stdout + result.stderr
+    assert "training already finished" in log
+    assert "eval base: all cells done, skipping" in log and "eval final: all cells done" in log
+    assert (run_dir / "metrics.csv").read_text() == before
+    assert len(json.loads((run_dir / "run.json").read_text())["attempts"]) >= 2
+
+
+def test_stage_eval_on_the_run_adds_only_the_missing_cells(demo, lmalign_cache):
+    _, run_dir, workdir = demo
+    training_record = (run_dir / ".hydra" / "config.yaml").read_text()
+    result = lmalign("stage=eval", "run_name=demo", "eval.tasks=[tiny_mc]", "eval.limit=40",
+                     "eval.num_fewshot=[0,2]", "eval.checkpoints=[checkpoint-250,final]",
+                     "eval.log_samples=true", cwd=workdir, cache=lmalign_cache, check=True)
+    rows = _metrics(run_dir)
+    assert _value(rows, "checkpoint-250", "tiny_mc", "acc", "2") >= 0
+    assert {r["num_fewshot"] for r in rows if r["checkpoint"] == "final"} == {"0", "2"}
+    assert [r for r in rows if r["checkpoint"] == "base"]  # earlier cells are kept
+    (samples_cell,) = [c for c in (run_dir / "eval" / "final").iterdir()
+                       if "fs2" in c.name]
+    assert list(samples_cell.glob("samples_tiny_mc_*.jsonl"))
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == training_record
+    assert (run_dir / ".hydra" / "eval" / "config.yaml").exists()
+    assert "training" not in result.stderr.split("run directory")[-1].split("eval ")[0]
+
+
+def test_changing_training_settings_of_an_existing_run_is_refused(demo, lmalign_cache):
+    _, run_dir, workdir = demo
+    record = (run_dir / ".hydra" / "config.yaml").read_text()
+    result = lmalign("run_name=demo", "method.learning_rate=0.1", cwd=workdir,
+                     cache=lmalign_cache)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: method.learning_rate=0.1" in result.stderr and "new run_name" in result.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == record
