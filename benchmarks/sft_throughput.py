@@ -92,7 +92,7 @@ def run_hand_loop(config, base, train) -> tuple[float, float]:
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(method.warmup_ratio * method.max_steps), method.max_steps)
     tokens, losses, started = 0, [], time.perf_counter()
-    for step in range(method.max_steps):
+    for step in range(len(encoded) // (PER_DEVICE * ACCUMULATION)):
         micro = [order[(step * ACCUMULATION + a) * PER_DEVICE:][:PER_DEVICE]
                  for a in range(ACCUMULATION)]
         batches = [_collate([encoded[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
