@@ -98,20 +98,19 @@ def diagnose(overrides: list[str]) -> list[str]:
 
     parser = OverridesParser.create()
     problems: list[str] = []
-    candidates: list[tuple[str, object]] = []  # (override text, parsed Override)
+    texts: list[str] = []
     for text in overrides:
         try:
             parsed = parser.parse_overrides([text])[0]
         except Exception as exc:  # the parser's own message says what is wrong
             problems.append(f"could not parse override {text!r}: {exc}")
             continue
-        if parsed.is_sweep_override():
-            # Check every value of a sweep, one at a time.
+        if parsed.is_sweep_override():  # check every value of a sweep, one at a time
             key = parsed.get_key_element()
-            candidates += [(f"{key}={value}", None) for value in parsed.sweep_string_iterator()]
+            texts += [f"{key}={value}" for value in parsed.sweep_string_iterator()]
         else:
-            candidates.append((text, parsed))
-    candidates = [(text, parser.parse_overrides([text])[0]) for text, _ in candidates]
+            texts.append(text)
+    candidates = [(text, parser.parse_overrides([text])[0]) for text in texts]
 
     GlobalHydra.instance().clear()
     unknown_keys: list[str] = []
