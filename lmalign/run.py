@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmalign import callbacks, loggers, models, rundir, secrets
 from lmalign.errors import UserError, problem
-from lmalign.evaluation import cells
+from lmalign.evaluation import cells, harness
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config
 from lmalign.validate import validate
@@ -76,16 +76,12 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
     evaluating = config.stage in EVAL_STAGES and config.eval.backend != "none"
     try:
         if evaluating:
-            from lmalign.evaluation import harness
-
             harness.check_tasks(config.eval.tasks)  # before training, not after it
         base_config = _trained_from(config, run_dir)
         base = models.resolve(base_config, config.cache_dir)
         if config.stage in TRAINING_STAGES:
             _train(config, run_dir, base, record)
         if evaluating:
-            from lmalign.evaluation import harness
-
             targets = _targets(config, run_dir, base, base_config, explicit_keys or set())
             harness.evaluate(targets, config.eval, run_dir, base_config, config.hardware)
             rows = cells.rebuild_metrics_csv(run_dir)
@@ -144,7 +140,7 @@ def _targets(config: Config, run_dir: Path, base: str, base_config,
     revision = base_config.revision if base_config.source == "pretrained" else None
     checkpoints = rundir.complete_checkpoints(run_dir)
     final = rundir.final_dir(run_dir)
-    final_step = (rundir_record(run_dir).get("train") or {}).get("global_step")
+    final_step = (rundir.read_record(run_dir).get("train") or {}).get("global_step")
     targets: list[Target] = []
     problems: list[str] = []
     for selector in config.eval.checkpoints:
@@ -178,9 +174,3 @@ def _targets(config: Config, run_dir: Path, base: str, base_config,
     unique = {t.label: t for t in targets}
     return list(unique.values())
 
-
-def rundir_record(run_dir: Path) -> dict[str, Any]:
-    import json
-
-    path = run_dir / rundir.RUN_RECORD
-    return json.loads(path.read_text()) if path.exists() else {}

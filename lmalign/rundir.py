@@ -92,17 +92,22 @@ def hardware_seen() -> dict[str, Any]:
     return seen
 
 
+def read_record(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_RECORD
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 class RunRecord:
     """run.json: what ran, where, with which versions, how it ended. Rewritten atomically."""
 
     def __init__(self, run_dir: Path, stage: str):
         self.path = Path(run_dir) / RUN_RECORD
-        previous = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.data: dict[str, Any] = previous
+        self.data: dict[str, Any] = read_record(run_dir)
         attempt = {"stage": stage, "argv": list(sys.argv), "started": _now(), "status": "running"}
+        found = versions()
         self.data.update({
-            "lmalign_version": versions()["lmalign"],
-            "versions": versions(),
+            "lmalign_version": found["lmalign"],
+            "versions": found,
             "git_sha": git_sha(),
             "hardware_seen": hardware_seen(),
             "status": "running",

@@ -7,6 +7,7 @@ import difflib
 import os
 import re
 import socket
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,6 @@ def validate(container: dict[str, Any], check_environment: bool = True) -> Confi
 # Type errors, translated from pydantic into key / value / allowed / fix.
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _walk(loc: tuple) -> tuple[list[str], Any, type | None]:
     """Follow an error location through the schema: (dotted key parts, annotation, owning class).
 
@@ -53,7 +50,7 @@ def _walk(loc: tuple) -> tuple[list[str], Any, type | None]:
     for element in loc:
         cls = _dataclass_in(annotation)
         if cls is not None and isinstance(element, str):
-            hints = _field_types(cls)
+            hints = typing.get_type_hints(cls)
             owner = cls
             parts.append(element)
             if element not in hints:
@@ -89,7 +86,7 @@ def _describe_type(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return "one of " + ", ".join(str(a) for a in typing.get_args(annotation))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
         text = " or ".join(_describe_type(a) for a in members)
         return text + (" or null" if type(None) in typing.get_args(annotation) else "")
