@@ -124,10 +124,11 @@ def diagnose(overrides: list[str]) -> list[str]:
         extra = [c for i, c in enumerate(kept) if seen[c[1].key_or_group] != i]
         kept = [c for i, c in enumerate(kept) if seen[c[1].key_or_group] == i]
 
-        def culprit(exc: Exception) -> int | None:
+        def culprit(exc: Exception, among: list) -> int | None:
+            """Index in `among` (the overrides just composed) of the one that broke it."""
             if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
                 group = exc.missing_cfg_file.rsplit("/", 1)[0]
-                for i, (_, parsed) in enumerate(kept):
+                for i, (_, parsed) in enumerate(among):
                     if parsed.key_or_group.lstrip("/") == group:
                         options = exc.options or loader.get_group_options(group)
                         visible = ", ".join(o for o in options if not o.startswith("_"))
@@ -138,7 +139,7 @@ def diagnose(overrides: list[str]) -> list[str]:
                             f"{_closest(str(value), options) or '<one of them>'}")
                         return i
             full_key = getattr(exc.__cause__, "full_key", None) or getattr(exc, "full_key", None)
-            for i, (text, parsed) in enumerate(kept):
+            for i, (text, parsed) in enumerate(among):
                 key = parsed.key_or_group
                 if (full_key and key == full_key) or f"'{key}'" in str(exc):
                     unknown_keys.append(key)
@@ -152,19 +153,18 @@ def diagnose(overrides: list[str]) -> list[str]:
                 cfg = compose(CONFIG_NAME, overrides=[t for t, _ in kept])
                 break
             except Exception as exc:
-                index = culprit(exc)
+                index = culprit(exc, kept)
                 if index is None:
                     problems.append(_message(exc))
                     return problems
                 kept.pop(index)
         for text, parsed in extra:
+            trial = [c for c in kept if c[1].key_or_group != parsed.key_or_group] + [(text, parsed)]
             try:
-                compose(CONFIG_NAME, overrides=[t for t, p in kept
-                                                if p.key_or_group != parsed.key_or_group] + [text])
+                compose(CONFIG_NAME, overrides=[t for t, _ in trial])
             except Exception as exc:
-                kept.append((text, parsed))
-                culprit(exc)
-                kept.pop()
+                if culprit(exc, trial) is None:
+                    problems.append(_message(exc))
 
         _suggest_keys(problems, unknown_keys, cfg)
         try:

@@ -42,13 +42,10 @@ def _refuse_changed_settings(cfg: DictConfig, record_dir: Path) -> None:
         record_dir.parent)
     if not before_text or not has_training:
         return
-    before = OmegaConf.create(before_text)
-    changes = []
-    for key in TRAINING_KEYS:
-        old = OmegaConf.to_container(before, resolve=False).get(key)
-        new = OmegaConf.to_container(cfg, resolve=False).get(key)
-        if old != new:
-            changes += _differences(key, old, new)
+    before = OmegaConf.to_container(OmegaConf.create(before_text), resolve=False)
+    after = OmegaConf.to_container(cfg, resolve=False)
+    changes = [change for key in TRAINING_KEYS
+               for change in _differences(key, before.get(key), after.get(key))]
     if changes:
         callbacks.restore_previous_record(record_dir)
         raise UserError([problem(

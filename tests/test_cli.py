@@ -90,3 +90,11 @@ def test_missing_local_dataset_path(run):
     result = run("dataset=local")
     assert result.returncode == 2
     assert re.search(r"dataset.path=None: dataset.source=local needs a path", _errors(result)[0])
+
+
+def test_each_bad_sweep_value_is_named(run):
+    result = run("-m", "model=tiny,foo,bar")
+    assert result.returncode == 2
+    lines = _errors(result)
+    assert len(lines) == 2
+    assert lines[0].startswith("error: model=foo:") and lines[1].startswith("error: model=bar:")
