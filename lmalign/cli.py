@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -17,6 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmalign.errors import EXIT_USER_ERROR, UserError, report
+
+# PEFT calls transformers' renamed property; nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 CONFIG_NAME = "config"
@@ -30,8 +35,11 @@ def _run_dir(root: str, run_name: str | None, timestamped: str) -> str:
     return f"{root}/{run_name}" if run_name else timestamped
 
 
-def _record_subdir(stage: str) -> str:
+def _record_subdir(stage: str, dry_run: bool = False) -> str | None:
     # Training writes `.hydra/`; a later eval of the same run keeps its own record beside it.
+    # A dry run records nothing: it must not overwrite the record of a run that has trained.
+    if dry_run:
+        return None
     return ".hydra" if stage in ("train_eval", "train") else f".hydra/{stage}"
 
 

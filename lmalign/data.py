@@ -55,9 +55,9 @@ def _tiny_split(dataset: DatasetConfig, split: str, size: int | None):
 
     records = tinytask.generate(split, size, seed=dataset.seed)
     if dataset.format == "messages":
-        rows = [tinytask.as_messages(r) for r in records]
+        rows = [tinytask.as_messages(r, i) for i, r in enumerate(records)]
     elif dataset.format == "preference":
-        rows = [tinytask.as_preference(r, dataset.seed) for r in records]
+        rows = [tinytask.as_preference(r, i) for i, r in enumerate(records)]
     elif dataset.format == "prompt_completion":
         rows = [{"prompt": r["prompt"], "completion": r["answer"]} for r in records]
     else:

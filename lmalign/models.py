@@ -1,12 +1,22 @@
-"""Model and tokenizer loading: the embedded tiny model and hub/local models share one path."""
+"""Model and tokenizer loading: the embedded tiny model and hub/local models share one path.
+
+A run starts from full weights (the configured model, or an earlier run's final/) and optionally
+an adapter trained on them (`model.init_from` pointing at a LoRA or prompt-tuning run). Adapters
+load through PEFT on top of the base named in their own adapter_config.json, so any PEFT adapter
+directory works, lmalign's or not.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmalign import embedded
-from lmalign.schema import HardwareConfig, ModelConfig
+from lmalign.errors import UserError, problem
+from lmalign.schema import Config, HardwareConfig, ModelConfig, PeftKind
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +29,97 @@ def resolve(model: ModelConfig, cache_dir: str) -> str:
         return str(embedded.materialize(model.name, model.architecture, model.seed,
                                         Path(cache_dir)))
     return model.name_or_path
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+_PEFT_KINDS = {"LORA": "lora", "PROMPT_TUNING": "prompt_tuning"}
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run's weights come from: full weights, and optionally an adapter trained on them."""
+
+    path: str                 # full weights: a directory or a hub id
+    revision: str | None
+    tokenizer: str            # where the tokenizer (and chat template) is read from
+    adapter: str | None = None
+    adapter_kind: PeftKind = "none"
+
+    @property
+    def label(self) -> str:
+        return self.adapter or self.path
+
+
+def adapter_config(path: str | Path) -> dict[str, Any] | None:
+    file = Path(path) / ADAPTER_CONFIG
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def adapter_kind(info: dict[str, Any]) -> str:
+    return _PEFT_KINDS.get(info.get("peft_type", ""), str(info.get("peft_type", "unknown")).lower())
+
+
+def init_from_dir(init_from: str, runs_root: str) -> Path | None:
+    """An earlier run's final/ (given its run_name or directory), or a model directory itself."""
+    for candidate in (Path(init_from).expanduser(), Path(runs_root).expanduser() / init_from):
+        for directory in (candidate / "final", candidate):
+            if (directory / "config.json").exists() or (directory / ADAPTER_CONFIG).exists():
+                return directory.resolve()
+    return None
+
+
+def starting_point(config: Config) -> Start:
+    model = config.model
+    if model.init_from is None:
+        path = resolve(model, config.cache_dir)
+        revision = model.revision if model.source == "pretrained" else None
+        return Start(path, revision, tokenizer=path)
+    found = init_from_dir(model.init_from, config.runs_root)
+    if found is None:
+        raise UserError(problem(
+            "model.init_from", model.init_from, "no trained model there: neither a run with a "
+            f"final/ (looked in {model.init_from} and {Path(config.runs_root) / model.init_from}) "
+            "nor a model or adapter directory", "a run_name under runs_root, a run directory, or "
+            "a directory with config.json or adapter_config.json",
+            "train that run first (stage=train), or fix the name"))
+    info = adapter_config(found)
+    if info is None:
+        return Start(str(found), None, tokenizer=str(found))
+    return Start(info["base_model_name_or_path"], info.get("revision"), tokenizer=str(found),
+                 adapter=str(found), adapter_kind=adapter_kind(info))
+
+
+def start_problems(start: Start, config: Config) -> list[str]:
+    """Starting points a method cannot build on, each with the way round it."""
+    peft, kind, key = config.method.peft, start.adapter_kind, "model.init_from"
+    problems = []
+    if kind == "prompt_tuning" and peft != "prompt_tuning":
+        problems.append(problem(
+            key, config.model.init_from, f"is a prompt-tuning adapter; method={config.method.name}"
+            f" (method.peft={peft}) cannot build on it: virtual tokens cannot be merged into "
+            "weights", "a full model, a LoRA adapter, or method=prompt_tuning to continue it",
+            "start from the run the prompt tuning started from"))
+    if kind == "lora" and peft == "prompt_tuning":
+        problems.append(problem(
+            key, config.model.init_from, "is a LoRA adapter; prompt tuning on top of it would save "
+            "an adapter for a merged model that exists nowhere on disk",
+            "a full model directory", f"python -m lmalign stage=merge run_name=<that run>, then "
+            "model.init_from=<that run>/merged"))
+    if kind not in ("none", "lora", "prompt_tuning"):
+        problems.append(problem(key, config.model.init_from, f"holds a {kind} adapter",
+                                "a full model, a LoRA or a prompt-tuning adapter",
+                                "start from a full model"))
+    if config.model.quantization != "none" and kind == "lora" and peft != "lora":
+        problems.append(problem(
+            "model.quantization", config.model.quantization, "a LoRA adapter cannot be merged "
+            "into quantized weights", "none when merging the starting adapter",
+            "model.quantization=none, or method.peft=lora to continue the adapter"))
+    return problems
+
+
+def load_start_tokenizer(start: Start, model: ModelConfig):
+    return load_tokenizer(start.tokenizer, model,
+                          start.revision if start.tokenizer == start.path else None)
 
 
 def load_tokenizer(path: str, model: ModelConfig, revision: str | None = None):
@@ -44,15 +145,106 @@ def torch_dtype(model: ModelConfig, hardware: HardwareConfig):
     return getattr(torch, name)
 
 
+def quantization_config(model: ModelConfig, hardware: HardwareConfig):
+    """QLoRA's recipe: NF4 with double quantisation, computing in the training precision."""
+    if model.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype(model, hardware))
+
+
 def load_model(path: str, model: ModelConfig, hardware: HardwareConfig,
                revision: str | None = None):
     from transformers import AutoModelForCausalLM
 
+    quantization = quantization_config(model, hardware)
+    extra = {"device_map": {"": _device(hardware)}} if quantization else {}
     loaded = AutoModelForCausalLM.from_pretrained(
         path, revision=revision, dtype=torch_dtype(model, hardware),
-        attn_implementation=model.attn_implementation,
-        trust_remote_code=model.trust_remote_code)
+        attn_implementation=model.attn_implementation, quantization_config=quantization,
+        trust_remote_code=model.trust_remote_code, **extra)
     return loaded
+
+
+def _device(hardware: HardwareConfig) -> str:
+    return "cuda" if hardware.accelerator == "cuda" else "cpu"
+
+
+def load_start(start: Start, model: ModelConfig, hardware: HardwareConfig,
+               continue_adapter: bool):
+    """The starting weights: the adapter kept trainable when this run continues it, else merged."""
+    base = load_model(start.path, model, hardware, start.revision)
+    if start.adapter is None:
+        return base
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(base, start.adapter, is_trainable=continue_adapter)
+    if continue_adapter:
+        log.info("continuing the %s adapter of %s", start.adapter_kind, start.adapter)
+        return loaded
+    log.info("merging the LoRA adapter of %s into its base model", start.adapter)
+    return loaded.merge_and_unload()
+
+
+def load_trained(path: str, model: ModelConfig, hardware: HardwareConfig,
+                 revision: str | None = None):
+    """A checkpoint or final/ as saved: full weights, or an adapter on its recorded base."""
+    info = adapter_config(path)
+    if info is None:
+        return load_model(path, model, hardware, revision)
+    from peft import PeftModel
+
+    base = load_model(info["base_model_name_or_path"], model, hardware, info.get("revision"))
+    return PeftModel.from_pretrained(base, path).eval()
+
+
+def num_virtual_tokens(loaded) -> int:
+    """Positions PEFT prepends to every sequence (prompt tuning); 0 for other models."""
+    config = getattr(loaded, "active_peft_config", None)
+    return int(getattr(config, "num_virtual_tokens", 0) or 0) if config and \
+        getattr(config, "is_prompt_learning", False) else 0
+
+
+def quantization_problem(model: ModelConfig, hardware: HardwareConfig) -> str | None:
+    """Can bitsandbytes quantize and run a layer here? Probed by doing it, not by device name."""
+    if model.quantization == "none":
+        return None
+    import importlib.util
+
+    key, fix = "model.quantization", "model.quantization=none (plain LoRA)"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return problem(key, model.quantization, "bitsandbytes is not installed",
+                       "none, or 4bit/8bit with bitsandbytes installed",
+                       f"pip install 'lmalign[qlora]', or {fix}")
+    try:
+        _probe_quantized_forward(model, hardware)
+    except Exception as exc:  # whatever bitsandbytes raises where it cannot run
+        reason = " ".join(str(exc).split())[:200]
+        return problem(key, model.quantization,
+                       f"bitsandbytes cannot run {model.quantization} layers on "
+                       f"{_device(hardware)} here ({type(exc).__name__}: {reason})",
+                       "none, or 4bit/8bit where bitsandbytes runs", fix)
+    return None
+
+
+def _probe_quantized_forward(model: ModelConfig, hardware: HardwareConfig) -> None:
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    probe = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
+    with tempfile.TemporaryDirectory() as directory:
+        AutoModelForCausalLM.from_config(probe).save_pretrained(directory)
+        loaded = load_model(directory, model, hardware)
+        with torch.no_grad():
+            loaded(torch.tensor([[1, 2, 3]], device=_device(hardware)))
 
 
 def build_on_meta(model: ModelConfig):
@@ -65,6 +257,8 @@ def build_on_meta(model: ModelConfig):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = dict(model.architecture)
+    if model.source == "embedded":  # its vocabulary is its tokenizer's, built here without weights
+        arch["vocab_size"] = len(embedded.build_tokenizer())
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)

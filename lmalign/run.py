@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,13 @@ from lmalign import callbacks, loggers, models, rundir, secrets
 from lmalign.errors import UserError, problem
 from lmalign.evaluation import cells, harness
 from lmalign.evaluation.cells import Target
-from lmalign.schema import Config
+from lmalign.schema import Config, ModelConfig
 from lmalign.validate import validate
 
 log = logging.getLogger("lmalign")
 TRAINING_KEYS = ("model", "dataset", "method", "seed")
 TRAINING_STAGES = ("train_eval", "train")
+MERGED = "merged"
 EVAL_STAGES = ("train_eval", "eval")
 
 
@@ -32,6 +35,13 @@ def run_job(cfg: DictConfig) -> None:
     if config.stage in TRAINING_STAGES:
         _refuse_changed_settings(cfg, run_dir / hydra_cfg.output_subdir)
     explicit = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+    if config.dry_run:
+        from lmalign import plan
+
+        print(plan.describe(config, run_dir), flush=True)
+        if {p.name for p in run_dir.iterdir()} <= {"lmalign.log"}:
+            shutil.rmtree(run_dir)  # made by Hydra for this dry run alone
+        return
     run(config, run_dir, explicit_keys=explicit)
 
 
@@ -75,11 +85,16 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
         if evaluating:
             harness.check_tasks(config.eval.tasks)  # before training, not after it
         base_config = _trained_from(config, run_dir)
-        base = models.resolve(base_config, config.cache_dir)
+        start = models.starting_point(dataclasses.replace(config, model=base_config))
+        if config.stage == "merge":
+            merge_final(run_dir, base_config, config)
         if config.stage in TRAINING_STAGES:
-            _train(config, run_dir, base, record)
+            problems = models.start_problems(start, config)
+            if problems:
+                raise UserError(problems)
+            _train(config, run_dir, start, record)
         if evaluating:
-            targets = _targets(config, run_dir, base, base_config, explicit_keys or set())
+            targets = _targets(config, run_dir, start, explicit_keys or set())
             harness.evaluate(targets, config.eval, run_dir, base_config, config.hardware)
             rows = cells.rebuild_metrics_csv(run_dir)
             shown = [r for r in rows if r["checkpoint"] in {t.label for t in targets}]
@@ -100,11 +115,14 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
         loggers.finish(config.logger)
 
 
-def _train(config: Config, run_dir: Path, base: str, record: rundir.RunRecord) -> None:
+def _train(config: Config, run_dir: Path, start: models.Start,
+           record: rundir.RunRecord) -> None:
     if rundir.final_dir(run_dir):
         log.info("training already finished (%s exists): skipping", run_dir / rundir.FINAL)
         return
     train = get_method(config.method._target_)
+    if config.model.init_from:
+        log.info("starting from %s", start.label)
     log.info("training: method=%s model=%s dataset=%s hardware=%s (global batch %d = %d per "
              "device x %d processes x %d accumulation)", config.method.name, config.model.name,
              config.dataset.name, config.hardware.name, config.method.global_batch_size,
@@ -112,29 +130,56 @@ def _train(config: Config, run_dir: Path, base: str, record: rundir.RunRecord) -
              config.method.global_batch_size // (config.hardware.per_device_batch_size
                                                  * config.hardware.world_size))
     record.update(train={"status": "running"})
-    summary = train(config, run_dir, base)
+    summary = train(config, run_dir, start)
     record.update(train={"status": "done", **summary})
     if summary.get("train_tokens_per_s"):
         log.info("trained %s steps at %.0f tokens/s", summary["global_step"],
                  summary["train_tokens_per_s"])
 
 
+def merge_final(run_dir: Path, model: ModelConfig, config: Config) -> Path:
+    """final/'s adapter merged into its base: a full model in merged/, for serving."""
+    merged = run_dir / MERGED
+    if (merged / "config.json").exists():
+        log.info("already merged: %s", merged)
+        return merged
+    final = rundir.final_dir(run_dir)
+    info = models.adapter_config(final) if final else None
+    kind = models.adapter_kind(info) if info else None
+    if kind != "lora":
+        raise UserError(problem(
+            "stage", "merge", f"{run_dir / rundir.FINAL} holds " + (
+                "no trained model" if not final else "a full model already" if info is None
+                else f"a {kind} adapter, which has no weights to merge into"),
+            "stage=merge on a run whose final/ is a LoRA adapter",
+            "evaluate or serve final/ as it is, or train with method=lora first"))
+    if model.quantization != "none":
+        model = dataclasses.replace(model, quantization="none")  # merge into full weights
+        log.info("merging into the unquantized base weights")
+    loaded = models.load_trained(str(final), model, config.hardware)
+    tokenizer = models.load_tokenizer(str(final), model)
+    staging = run_dir / f".{MERGED}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    loaded.merge_and_unload().save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(merged)
+    log.info("merged %s into its base model: %s", final, merged)
+    return merged
+
+
 def _trained_from(config: Config, run_dir: Path):
     """The model a run started from: its own record if it has one, else this config's model."""
     saved = run_dir / ".hydra" / "config.yaml"
-    if config.stage == "eval" and saved.exists():
+    if config.stage in ("eval", "merge") and saved.exists():
         from pydantic import TypeAdapter
-
-        from lmalign.schema import ModelConfig
 
         model = OmegaConf.to_container(OmegaConf.load(saved).model, resolve=True)
         return TypeAdapter(ModelConfig).validate_python(model)
     return config.model
 
 
-def _targets(config: Config, run_dir: Path, base: str, base_config,
+def _targets(config: Config, run_dir: Path, start: models.Start,
              explicit_keys: set[str]) -> list[Target]:
-    revision = base_config.revision if base_config.source == "pretrained" else None
     checkpoints = rundir.complete_checkpoints(run_dir)
     final = rundir.final_dir(run_dir)
     final_step = (rundir.read_record(run_dir).get("train") or {}).get("global_step")
@@ -143,7 +188,8 @@ def _targets(config: Config, run_dir: Path, base: str, base_config,
     for selector in config.eval.checkpoints:
         selector = str(selector)
         if selector == "base":
-            targets.append(Target("base", 0, base, revision))
+            targets.append(Target("base", 0, start.label, None if start.adapter else
+                                  start.revision))
         elif selector == "final":
             if final:
                 targets.append(Target("final", final_step, str(final)))

@@ -15,7 +15,7 @@ from pydantic.dataclasses import dataclass
 
 STRICT = ConfigDict(extra="forbid")
 
-Stage = Literal["train_eval", "train", "eval"]
+Stage = Literal["train_eval", "train", "eval", "merge"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DatasetFormat = Literal["messages", "prompt_completion", "preference", "text"]
 
@@ -30,8 +30,12 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None
     trust_remote_code: bool
-    chat_template_path: str | None
+    # Load the weights quantized (bitsandbytes) for QLoRA: only with method.peft=lora.
+    quantization: Literal["none", "4bit", "8bit"]
+    chat_template_path: str | None  # a Jinja file replacing the tokenizer's chat template
     eos_token: str | None
+    # Start from an earlier run's final/ (its run_name under runs_root, or a path): full or adapter.
+    init_from: str | None
     seed: int
     # The published architecture numbers (config.json keys): build on the meta device offline.
     architecture: dict[str, Any]
@@ -68,9 +72,31 @@ class DPOConfig:
 
 
 @dataclass(config=STRICT)
+class LoraSettings:
+    r: int
+    alpha: int
+    dropout: float
+    # PEFT's "all-linear" (every linear layer but the output head) or a list of module names.
+    target_modules: str | list[str]
+
+
+@dataclass(config=STRICT)
+class PromptTuningSettings:
+    num_virtual_tokens: int
+    init_text: str | None  # null: random initialisation
+
+
+PeftKind = Literal["none", "lora", "prompt_tuning"]
+
+
+@dataclass(config=STRICT)
 class MethodConfig:
     _target_: str  # the function that trains it: build -> train -> save (lmalign/methods/)
-    name: Literal["sft", "dpo"]
+    name: Literal["sft", "lora", "prompt_tuning", "dpo"]
+    # Which weights train: all (none), a LoRA adapter, or prompt-tuning virtual tokens.
+    peft: PeftKind
+    lora: LoraSettings
+    prompt_tuning: PromptTuningSettings
     learning_rate: float
     lr_scheduler_type: str
     warmup_ratio: float
@@ -82,6 +108,9 @@ class MethodConfig:
     global_batch_size: int
     max_length: int
     packing: bool
+    # TRL's strategies: bfd and bfd_split pack padding-free (needs flash attention); wrapped does not.
+    packing_strategy: Literal["bfd", "bfd_split", "wrapped"]
+    padding_free: bool
     assistant_only_loss: bool | None  # null: on for chat data whose template marks replies
     completion_only_loss: bool | None
     logging_steps: int
@@ -140,6 +169,8 @@ class LoggerConfig:
 @dataclass(config=STRICT)
 class Config:
     stage: Stage
+    # Print the plan (batch split, parameters, starting point) and exit without loading weights.
+    dry_run: bool
     run_name: str | None
     runs_root: str
     resume: Literal["auto", "never"]

@@ -16,6 +16,11 @@ Split = Literal["train", "validation", "test"]
 OPERATIONS = ("largest", "smallest")
 LIST_LENGTH = 4
 HELD_OUT_SIZE = 400  # per held-out split; every answer position gets a quarter
+# Half the questions ask for the bare digit. The SFT data ignores that request (as careless SFT
+# data does) and always answers in a sentence; the preference pairs teach following it. An SFT
+# model therefore prefers the chosen reply on plain questions and the rejected one on instructed
+# questions: about 50% on the held-out 2-choice task (tiny_prefs), until DPO.
+DIGIT_ONLY = "Answer with the digit only."
 
 
 def _answer_position(op: str, digits: tuple[int, ...]) -> int:
@@ -34,6 +39,7 @@ def _record(op: str, digits: tuple[int, ...]) -> dict:
     return {
         "prompt": f"Which is the {op}: {listed}?",
         "answer": choices[position],
+        "digit": str(digits[position]),
         "choices": choices,
         "label": position,
     }
@@ -71,17 +77,34 @@ def generate(split: Split, size: int | None = None, seed: int = 0) -> list[dict]
     return [_record(op, digits) for op, digits in chosen[:size]]
 
 
-def as_messages(record: dict) -> dict:
+def as_messages(record: dict, index: int = 0) -> dict:
+    prompt = f"{record['prompt']} {DIGIT_ONLY}" if index % 2 == 1 else record["prompt"]
     return {
         "messages": [
-            {"role": "user", "content": record["prompt"]},
+            {"role": "user", "content": prompt},
             {"role": "assistant", "content": record["answer"]},
         ]
     }
 
 
-def as_preference(record: dict, seed: int) -> dict:
-    """Chosen = the right reply; rejected = a wrong one drawn from the same list."""
-    wrong = [c for i, c in enumerate(record["choices"]) if i != record["label"]]
-    rejected = random.Random(f"{seed}:{record['prompt']}").choice(wrong)
-    return {"prompt": record["prompt"], "chosen": record["answer"], "rejected": rejected}
+def preference_pair(record: dict, instructed: bool) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected): every other question asks for the bare digit."""
+    if instructed:
+        return f"{record['prompt']} {DIGIT_ONLY}", record["digit"], record["answer"]
+    return record["prompt"], record["answer"], record["digit"]
+
+
+def as_preference(record: dict, index: int) -> dict:
+    """A conversational pair (TRL's format), formatted by the chat template like SFT data."""
+    prompt, chosen, rejected = preference_pair(record, instructed=index % 2 == 1)
+    return {"prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def as_preference_choice(record: dict, index: int) -> dict:
+    """The held-out 2-choice form: which reply does the model itself find more likely?"""
+    prompt, chosen, rejected = preference_pair(record, instructed=index % 2 == 1)
+    chosen_first = index % 4 < 2
+    return {"prompt": prompt, "choices": [chosen, rejected] if chosen_first else
+            [rejected, chosen], "label": 0 if chosen_first else 1}

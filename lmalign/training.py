@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from transformers.trainer_callback import ProgressCallback
 
 from lmalign import rundir
-from lmalign.schema import Config
+from lmalign.models import Start
+from lmalign.schema import Config, MethodConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,29 @@ def trainer_arguments(config: Config, run_dir: Path, report_to: list[str],
     )
 
 
+def continues_adapter(config: Config, start: Start) -> bool:
+    """A run whose starting adapter is of its own kind trains that adapter further."""
+    return start.adapter is not None and start.adapter_kind == config.method.peft
+
+
+def peft_config(method: MethodConfig, tokenizer_path: str):
+    """PEFT's config for method.peft, or None for full fine-tuning."""
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
+
+    if method.peft == "lora":
+        lora = method.lora
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha,
+                          lora_dropout=lora.dropout, target_modules=lora.target_modules)
+    if method.peft == "prompt_tuning":
+        settings = method.prompt_tuning
+        init = {"prompt_tuning_init": PromptTuningInit.TEXT,
+                "prompt_tuning_init_text": settings.init_text,
+                "tokenizer_name_or_path": tokenizer_path} if settings.init_text else {}
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                  num_virtual_tokens=settings.num_virtual_tokens, **init)
+    return None
+
+
 def resume_checkpoint(config: Config, run_dir: Path) -> str | None:
     if config.resume == "never":
         return None
@@ -105,11 +132,55 @@ def announce_parameters(model) -> dict[str, int]:
     return {"trainable_parameters": trainable, "total_parameters": total}
 
 
+@contextmanager
+def peak_memory(found: dict[str, float | None]):
+    """Peak memory while the block runs, in MiB, into found["peak_memory_mib"].
+
+    On a GPU: the CUDA allocator's peak. On a CPU, where torch keeps no allocator statistics:
+    the growth of the process's resident memory over its level at the start, sampled every 20 ms
+    (an earlier job in the same process may leave freed memory that a later one reuses).
+    """
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        found["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    if not os.path.exists("/proc/self/statm"):  # not Linux: no cheap resident-memory reading
+        found["peak_memory_mib"] = None
+        yield
+        return
+
+    def resident() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * page
+
+    start, peak, done = resident(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], resident())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
+        found["peak_memory_mib"] = (max(peak[0], resident()) - start) / 2**20
+
+
 def save_final(trainer, run_dir: Path) -> Path:
     """Model (or adapter) and tokenizer into final/, which appears only once complete."""
     final = run_dir / rundir.FINAL
     staging = run_dir / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
+    model = trainer.model
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")  # TRL's frozen copy for DPO's reference: not part of the result
     trainer.save_model(str(staging))
     trainer.processing_class.save_pretrained(str(staging))
     staging.rename(final)

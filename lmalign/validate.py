@@ -18,7 +18,7 @@ from lmalign.errors import UserError, problem
 from lmalign.schema import Config
 
 CHECKPOINT_SELECTOR = re.compile(r"^(base|final|latest|all|checkpoint-\d+|\d+)$")
-LOADING_STAGES = ("train_eval", "train", "eval")
+LOADING_STAGES = ("train_eval", "train", "eval", "merge")
 
 
 def validate(container: dict[str, Any], check_environment: bool = True) -> Config:
@@ -200,6 +200,28 @@ def check_combinations(config: Config) -> list[str]:
             f"needs prompt/completion data but dataset={dataset.name} has format {dataset.format}",
             "true only with dataset.format=prompt_completion",
             "method.completion_only_loss=null"))
+    if method.name == "dpo" and method.peft not in ("none", "lora"):
+        problems.append(problem(
+            "method.peft", method.peft, "DPO trains the full model or a LoRA adapter",
+            "none or lora with method=dpo", "method.peft=lora"))
+    if config.model.quantization != "none" and method.peft != "lora":
+        problems.append(problem(
+            "model.quantization", config.model.quantization,
+            f"quantized weights cannot be trained directly (method.peft={method.peft}); "
+            "QLoRA trains a LoRA adapter on them", "none, or 4bit/8bit with method.peft=lora",
+            "method=lora, or model.quantization=none"))
+    flattens = method.padding_free or (method.packing and method.packing_strategy != "wrapped")
+    if flattens and config.model.attn_implementation != "flash_attention_2":
+        key, value = (("method.padding_free", True) if method.padding_free else
+                      ("method.packing_strategy", method.packing_strategy))
+        problems.append(problem(
+            key, value, "padding-free batches put several sequences in one row, which only "
+            f"flash attention keeps apart (with {config.model.attn_implementation} they attend "
+            "to each other)", "padding-free or bfd packing with "
+            "model.attn_implementation=flash_attention_2",
+            "model.attn_implementation=flash_attention_2 on a GPU, or "
+            + ("method.padding_free=false" if method.padding_free
+               else "method.packing_strategy=wrapped")))
     if method.max_steps <= 0 and method.num_train_epochs <= 0:
         problems.append(problem(
             "method.num_train_epochs", method.num_train_epochs,
@@ -251,9 +273,9 @@ def check_combinations(config: Config) -> list[str]:
 
 def check_environment_for(config: Config) -> list[str]:
     problems: list[str] = []
-    if config.stage not in LOADING_STAGES:
+    if config.stage not in LOADING_STAGES or config.dry_run:
         return problems
-    if config.model.source == "pretrained":
+    if config.model.source == "pretrained" and not config.model.init_from:
         issue = model_availability(config.model.name_or_path, config.model.revision)
         if issue:
             problems.append(issue)
@@ -263,6 +285,12 @@ def check_environment_for(config: Config) -> list[str]:
                 "dataset.path", config.dataset.path, "no such file or directory",
                 "a .jsonl/.json/.parquet/.arrow file or a save_to_disk directory",
                 "check the path (relative paths are taken from the current directory)"))
+    if config.model.quantization != "none" and config.stage != "merge":
+        from lmalign.models import quantization_problem
+
+        issue = quantization_problem(config.model, config.hardware)
+        if issue:
+            problems.append(issue)
     if config.hardware.accelerator == "cuda":
         import torch
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import FIXTURES, shared_path, typed_config
+from lmalign import tinytask
 from lmalign.data import load_splits
 from lmalign.errors import UserError
 
@@ -23,11 +24,30 @@ def test_tiny_sft_is_chat_messages_with_a_held_out_split():
     assert [m["role"] for m in train[0]["messages"]] == ["user", "assistant"]
 
 
-def test_tiny_prefs_pairs_a_right_and_a_wrong_reply():
+def test_tiny_prefs_are_conversational_pairs_about_following_the_format_request():
     train, _ = splits("dataset=tiny_prefs", "method=dpo")
-    row = train[0]
     assert sorted(train.column_names) == ["chosen", "prompt", "rejected"]
-    assert row["chosen"] != row["rejected"] and row["chosen"].split()[:3] == row["rejected"].split()[:3]
+    instructed = plain = 0
+    for row in train.select(range(200)):
+        question = row["prompt"][0]["content"]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+        if question.endswith(tinytask.DIGIT_ONLY):
+            instructed += 1
+            assert chosen.isdigit() and rejected.startswith("The ") and chosen in rejected
+        else:
+            plain += 1
+            assert rejected.isdigit() and chosen.startswith("The ") and rejected in chosen
+    assert instructed == plain == 100
+
+
+def test_tiny_sft_ignores_the_format_request_it_makes_half_the_time():
+    """The SFT data's flaw that DPO on tiny_prefs corrects (see lmalign/tinytask.py)."""
+    train, _ = splits()
+    rows = train.select(range(200))["messages"]
+    instructed = [m for m in rows if m[0]["content"].endswith(tinytask.DIGIT_ONLY)]
+    assert len(instructed) == 100
+    assert all(m[1]["content"].startswith("The ") for m in rows)
 
 
 @pytest.mark.parametrize("name", ["tulu3_sft_mixture", "dolci_instruct_sft"])

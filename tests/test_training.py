@@ -31,7 +31,7 @@ def test_eos_is_never_masked_out_of_the_loss(tmp_path, lmalign_cache):
         args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[],
                        activation_checkpointing=False,
                        assistant_only_loss=_assistant_only_loss(config, tokenizer),
-                       max_length=64),
+                       max_length=config.method.max_length),
         train_dataset=train.select(range(8)), processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     assert tokenizer.pad_token_id != tokenizer.eos_token_id

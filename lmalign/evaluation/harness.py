@@ -65,15 +65,31 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model
         if not pending:
             log.info("eval %s: all cells done, skipping", target.label)
             continue
-        from lm_eval.models.huggingface import HFLM
-
         tokenizer = models.load_tokenizer(target.path, model, target.revision)
-        loaded = models.load_model(target.path, model, hardware, target.revision)
-        lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=evaluation.batch_size)
+        loaded = models.load_trained(target.path, model, hardware, target.revision)
+        lm = harness_model(loaded, tokenizer, evaluation.batch_size)
         for num_fewshot in pending:
             _evaluate_cell(target, lm, evaluation, num_fewshot, run_dir)
         del lm, loaded
         gc.collect()
+
+
+def harness_model(loaded, tokenizer, batch_size: int):
+    """lm-eval's HF model around an already-loaded model (full, LoRA or prompt-tuned), unmerged."""
+    from lm_eval.models.huggingface import HFLM
+
+    virtual = models.num_virtual_tokens(loaded)
+    if not virtual:
+        return HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size)
+
+    class PromptTunedHFLM(HFLM):
+        """PEFT prepends the virtual tokens' positions to the logits; lm-eval picks continuation
+        logits by position, so drop those positions to score the tokens it asked about."""
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            return super()._model_call(inps, attn_mask, labels)[:, virtual:]
+
+    return PromptTunedHFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _evaluate_cell(target: Target, lm, evaluation: EvalConfig, num_fewshot: int,

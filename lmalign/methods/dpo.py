@@ -1,4 +1,10 @@
-"""Direct preference optimisation with TRL's DPOTrainer: build -> train -> save."""
+"""Direct preference optimisation with TRL's DPOTrainer, full or LoRA: build -> train -> save.
+
+The reference model is TRL's: for full training a frozen copy of the starting model; for a new
+LoRA adapter the starting model with the adapter switched off; when continuing an SFT adapter
+(model.init_from a LoRA run) a frozen copy of that adapter. precompute_ref_log_probs scores
+every pair under the reference once, before training, so no reference forward runs per step.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from lmalign import data, loggers, models, training
+from lmalign.models import Start
 from lmalign.schema import Config
 
 
-def train(config: Config, run_dir: Path, base_model: str) -> dict[str, Any]:
+def train(config: Config, run_dir: Path, start: Start) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
     # build
-    revision = config.model.revision if config.model.source == "pretrained" else None
-    tokenizer = models.load_tokenizer(base_model, config.model, revision)
-    model = models.load_model(base_model, config.model, config.hardware, revision)
-    train_data, eval_data = data.load_splits(config.dataset)
     method, dpo = config.method, config.method.dpo
+    tokenizer = models.load_start_tokenizer(start, config.model)
+    continuing = training.continues_adapter(config, start)
+    model = models.load_start(start, config.model, config.hardware, continuing)
+    train_data, eval_data = data.load_splits(config.dataset)
     args = DPOConfig(
         **training.trainer_arguments(config, run_dir, loggers.configure(config.logger, run_dir),
                                      has_eval=eval_data is not None),
@@ -26,15 +33,18 @@ def train(config: Config, run_dir: Path, base_model: str) -> dict[str, Any]:
         loss_type=[dpo.loss_type],
         precompute_ref_log_probs=dpo.precompute_ref_log_probs,
     )
-    # No ref_model: TRL copies the starting model as the frozen reference.
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_data,
-                         eval_dataset=eval_data, processing_class=tokenizer)
+                         eval_dataset=eval_data, processing_class=tokenizer,
+                         peft_config=None if continuing else training.peft_config(
+                             method, start.tokenizer))
     training.use_compact_progress(trainer)
     parameters = training.announce_parameters(trainer.model)
 
     # train
-    result = trainer.train(resume_from_checkpoint=training.resume_checkpoint(config, run_dir))
+    memory: dict[str, float | None] = {}
+    with training.peak_memory(memory):
+        result = trainer.train(resume_from_checkpoint=training.resume_checkpoint(config, run_dir))
 
     # save
     training.save_final(trainer, run_dir)
-    return {**parameters, **training.summary(trainer, result)}
+    return {**parameters, **memory, **training.summary(trainer, result)}

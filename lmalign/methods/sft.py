@@ -1,4 +1,8 @@
-"""Supervised fine-tuning with TRL's SFTTrainer: build -> train -> save."""
+"""Supervised fine-tuning with TRL's SFTTrainer: full, LoRA or prompt tuning. build -> train -> save.
+
+method.peft picks what trains: every weight (none), a LoRA adapter, or prompt-tuning virtual
+tokens; TRL wraps the model with PEFT from the config, and the base weights stay frozen.
+"""
 
 from __future__ import annotations
 
@@ -7,48 +11,81 @@ from pathlib import Path
 from typing import Any
 
 from lmalign import data, loggers, models, training
+from lmalign.errors import UserError, problem
+from lmalign.models import Start
 from lmalign.schema import Config
 
 log = logging.getLogger(__name__)
 
 
-def train(config: Config, run_dir: Path, base_model: str) -> dict[str, Any]:
+def train(config: Config, run_dir: Path, start: Start) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     # build
-    revision = config.model.revision if config.model.source == "pretrained" else None
-    tokenizer = models.load_tokenizer(base_model, config.model, revision)
-    model = models.load_model(base_model, config.model, config.hardware, revision)
-    train_data, eval_data = data.load_splits(config.dataset)
     method = config.method
+    tokenizer = models.load_start_tokenizer(start, config.model)
+    continuing = training.continues_adapter(config, start)
+    model = models.load_start(start, config.model, config.hardware, continuing)
+    train_data, eval_data = data.load_splits(config.dataset)
     args = SFTConfig(
         **training.trainer_arguments(config, run_dir, loggers.configure(config.logger, run_dir),
                                      has_eval=eval_data is not None),
         max_length=method.max_length,
         packing=method.packing,
+        packing_strategy=method.packing_strategy,
+        padding_free=method.padding_free,
         assistant_only_loss=_assistant_only_loss(config, tokenizer),
         completion_only_loss=method.completion_only_loss,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data,
-                         eval_dataset=eval_data, processing_class=tokenizer)
+                         eval_dataset=eval_data, processing_class=tokenizer,
+                         peft_config=None if continuing else training.peft_config(
+                             method, start.tokenizer))
     training.use_compact_progress(trainer)
     parameters = training.announce_parameters(trainer.model)
 
     # train
-    result = trainer.train(resume_from_checkpoint=training.resume_checkpoint(config, run_dir))
+    memory: dict[str, float | None] = {}
+    with training.peak_memory(memory):
+        result = trainer.train(resume_from_checkpoint=training.resume_checkpoint(config, run_dir))
 
     # save
     training.save_final(trainer, run_dir)
-    return {**parameters, **training.summary(trainer, result)}
+    return {**parameters, **memory, **training.summary(trainer, result)}
 
 
 def _assistant_only_loss(config: Config, tokenizer) -> bool:
-    """Explicit values stand (validated); null trains on replies only where the data and the
-    chat template allow it: TRL needs `{% generation %}` markers to find the replies."""
-    if config.method.assistant_only_loss is not None:
-        return config.method.assistant_only_loss
-    marked = "{% generation %}" in (tokenizer.chat_template or "")
-    chosen = config.dataset.format == "messages" and marked
-    log.info("assistant-only loss: %s (dataset format %s, chat template %s generation markers)",
-             "on" if chosen else "off", config.dataset.format, "with" if marked else "without")
-    return chosen
+    """Explicit values stand (validated); null trains on replies only where the data is chat and
+    the template can mark replies: its own `{% generation %}` markers, or TRL's training version
+    of a known template (TRL swaps it in itself)."""
+    explicit = config.method.assistant_only_loss
+    if explicit is False or config.dataset.format != "messages":
+        return False
+    support = training_template_support(tokenizer)
+    if explicit and not support:
+        raise UserError(problem(
+            "method.assistant_only_loss", True, "the chat template has no {% generation %} "
+            "markers around assistant replies and TRL has no training version of it",
+            "true with a template that marks replies",
+            "model.chat_template_path=<a Jinja file with {% generation %}...{% endgeneration %} "
+            "around each assistant reply>, or method.assistant_only_loss=null"))
+    if explicit:
+        return True
+    log.info("assistant-only loss: %s (chat template %s)", "on" if support else "off",
+             support or "has no {% generation %} markers and TRL has no training version of it; "
+             "training on whole conversations")
+    return bool(support)
+
+
+def training_template_support(tokenizer) -> str | None:
+    """How the template marks assistant replies for TRL, or None when it cannot."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template or ""
+    if template and has_generation_markers(template):
+        return "marks replies with {% generation %}"
+    try:
+        return "replaced by TRL's training version" if template and get_training_chat_template(
+            tokenizer) else None
+    except ValueError:
+        return None

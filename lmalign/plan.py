@@ -1,0 +1,86 @@
+"""dry_run=true: what a run would do, printed without loading any weights.
+
+Parameter counts come from the model built on PyTorch's meta device from its architecture numbers
+(recorded in conf/model/ for hub models), with the method's PEFT wrapper applied, so the plan
+works offline for models that were never downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmalign import models, training
+from lmalign.schema import Config
+
+
+def describe(config: Config, run_dir: Path) -> str:
+    method, hardware, dataset, model = config.method, config.hardware, config.dataset, config.model
+    rows = [("run directory", str(run_dir)), ("stage", config.stage)]
+    source = (f"{model.name_or_path} @ {model.revision}" if model.source == "pretrained"
+              else "embedded, built from its seed")
+    rows.append(("model", f"{model.name} ({source})"))
+    start_note, architecture = _start(config)
+    if start_note:
+        rows.append(("starts from", start_note))
+    trainable, total = _parameters(config, architecture)
+    share = f" ({100 * trainable / total:.2f}%)" if total else ""
+    peft = {"none": "all weights", "lora": f"LoRA r={method.lora.r} alpha={method.lora.alpha} "
+            f"on {method.lora.target_modules}", "prompt_tuning":
+            f"{method.prompt_tuning.num_virtual_tokens} virtual tokens"}[method.peft]
+    rows.append(("method", f"{method.name} ({peft}); quantization {model.quantization}"))
+    rows.append(("parameters", f"{trainable:,} trainable of {total:,}{share}"))
+    rows.append(("dataset", f"{dataset.name} ({dataset.source}: {dataset.path or 'synthetic'}, "
+                 f"format {dataset.format}, split {dataset.train_split})"))
+    rows.append(("batch", f"global {method.global_batch_size} = "
+                 f"{hardware.per_device_batch_size} per device x {hardware.world_size} "
+                 f"process(es) x {training.gradient_accumulation(config)} accumulation"))
+    length = (f"{method.max_steps} steps" if method.max_steps > 0
+              else f"{method.num_train_epochs:g} epoch(s)")
+    rows.append(("training", f"{length}, lr {method.learning_rate:g} {method.lr_scheduler_type}, "
+                 f"max_length {method.max_length}, packing "
+                 f"{method.packing_strategy if method.packing else 'off'}"))
+    rows.append(("hardware", f"{hardware.name}: {hardware.accelerator}, {hardware.precision}, "
+                 f"gradient checkpointing {'on' if hardware.gradient_checkpointing else 'off'}, "
+                 f"distributed {hardware.distributed}"))
+    if config.eval.backend != "none" and config.stage in ("train_eval", "eval"):
+        evaluation = config.eval
+        rows.append(("eval", f"{evaluation.backend}: {', '.join(evaluation.tasks)}; few-shot "
+                     f"{evaluation.fewshot_values}; checkpoints {evaluation.checkpoints}"))
+    width = max(len(k) for k, _ in rows)
+    lines = ["plan (dry run: no weights loaded, nothing trained or recorded)"]
+    lines += [f"  {key.ljust(width)}  {value}" for key, value in rows]
+    return "\n".join(lines)
+
+
+def _start(config: Config) -> tuple[str | None, Path | None]:
+    """(what the run starts from, a directory whose config.json gives the architecture)."""
+    if not config.model.init_from:
+        return None, None
+    found = models.init_from_dir(config.model.init_from, config.runs_root)
+    if found is None:
+        return (f"{config.model.init_from} (not trained yet: its final/ must exist when this "
+                "run starts)"), None
+    info = models.adapter_config(found)
+    if info is None:
+        return f"{found} (full model)", found
+    base = Path(info["base_model_name_or_path"])
+    kind = models.adapter_kind(info)
+    return f"{found} ({kind} adapter on {base})", base if (base / "config.json").exists() else None
+
+
+def _parameters(config: Config, architecture_dir: Path | None) -> tuple[int, int]:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if architecture_dir is not None:
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(architecture_dir))
+    else:
+        meta = models.build_on_meta(config.model)
+    peft_config = training.peft_config(config.method, tokenizer_path="")
+    if peft_config is not None:
+        if config.method.peft == "prompt_tuning":
+            peft_config.prompt_tuning_init = "RANDOM"  # text init needs the tokenizer: same count
+        meta = get_peft_model(meta, peft_config)
+    return models.count_parameters(meta)
