@@ -43,10 +43,12 @@ def setup(steps: int):
 
 
 def run_lmalign(config, base, _train) -> tuple[float, float]:
+    from lmalign import models
     from lmalign.methods import sft
 
     with tempfile.TemporaryDirectory() as run_dir:
-        summary = sft.train(config, Path(run_dir), base)
+        start = models.Start(base, None, tokenizer=base)
+        summary = sft.train(config, Path(run_dir), start)
     return summary["train_tokens_per_s"], summary["train_loss"]
 
 

@@ -40,3 +40,25 @@ class RunRecordCallback(Callback):
 def restore_previous_record(record_dir: Path) -> None:
     for name, text in previous_record.items():
         (record_dir / name).write_text(text)
+
+
+class ComparisonTableCallback(Callback):
+    """At the end of a comparison sweep, one table across its runs (printed and in the sweep dir)."""
+
+    def __init__(self) -> None:
+        self.run_dirs: list[Path] = []
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.runtime.output_dir)
+        if (run_dir / ".hydra" / "config.yaml").exists() and not config.get("dry_run"):
+            self.run_dirs.append(run_dir)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        if not self.run_dirs:
+            return
+        from lmalign import report
+
+        sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir"))
+        table = report.write_comparison(self.run_dirs, sweep_dir)
+        print(f"\n{config.get('comparison') or 'comparison'} "
+              f"({sweep_dir / report.COMPARISON_FILE}):\n{table}\n", flush=True)

@@ -35,6 +35,12 @@ def _run_dir(root: str, run_name: str | None, timestamped: str) -> str:
     return f"{root}/{run_name}" if run_name else timestamped
 
 
+def _sweep_subdir(root: str, run_name: str | None, job_num: int) -> str:
+    # A sweep job with a run_name lives in <runs_root>/<run_name> like a single run, so chained
+    # runs find each other (Hydra joins the sweep dir with an absolute subdir to the subdir).
+    return os.path.abspath(os.path.join(root, run_name)) if run_name else str(job_num)
+
+
 def _record_subdir(stage: str, dry_run: bool = False) -> str | None:
     # Training writes `.hydra/`; a later eval of the same run keeps its own record beside it.
     # A dry run records nothing: it must not overwrite the record of a run that has trained.
@@ -44,7 +50,8 @@ def _record_subdir(stage: str, dry_run: bool = False) -> str | None:
 
 
 def register_resolvers() -> None:
-    for name, fn in (("lmalign_run_dir", _run_dir), ("lmalign_record_subdir", _record_subdir)):
+    for name, fn in (("lmalign_run_dir", _run_dir), ("lmalign_sweep_subdir", _sweep_subdir),
+                     ("lmalign_record_subdir", _record_subdir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -103,7 +103,7 @@ def start_problems(start: Start, config: Config) -> list[str]:
         problems.append(problem(
             key, config.model.init_from, "is a LoRA adapter; prompt tuning on top of it would save "
             "an adapter for a merged model that exists nowhere on disk",
-            "a full model directory", f"python -m lmalign stage=merge run_name=<that run>, then "
+            "a full model directory", "python -m lmalign stage=merge run_name=<that run>, then "
             "model.init_from=<that run>/merged"))
     if kind not in ("none", "lora", "prompt_tuning"):
         problems.append(problem(key, config.model.init_from, f"holds a {kind} adapter",
@@ -201,13 +201,6 @@ def load_trained(path: str, model: ModelConfig, hardware: HardwareConfig,
 
     base = load_model(info["base_model_name_or_path"], model, hardware, info.get("revision"))
     return PeftModel.from_pretrained(base, path).eval()
-
-
-def num_virtual_tokens(loaded) -> int:
-    """Positions PEFT prepends to every sequence (prompt tuning); 0 for other models."""
-    config = getattr(loaded, "active_peft_config", None)
-    return int(getattr(config, "num_virtual_tokens", 0) or 0) if config and \
-        getattr(config, "is_prompt_learning", False) else 0
 
 
 def quantization_problem(model: ModelConfig, hardware: HardwareConfig) -> str | None:

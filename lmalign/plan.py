@@ -7,6 +7,7 @@ works offline for models that were never downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from lmalign import models, training
@@ -78,9 +79,11 @@ def _parameters(config: Config, architecture_dir: Path | None) -> tuple[int, int
             meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(architecture_dir))
     else:
         meta = models.build_on_meta(config.model)
-    peft_config = training.peft_config(config.method, tokenizer_path="")
+    method = config.method
+    # Text initialisation needs the tokenizer; random initialisation trains the same parameters.
+    method = dataclasses.replace(method, prompt_tuning=dataclasses.replace(
+        method.prompt_tuning, init_text=None))
+    peft_config = training.peft_config(method, tokenizer_path="")
     if peft_config is not None:
-        if config.method.peft == "prompt_tuning":
-            peft_config.prompt_tuning_init = "RANDOM"  # text init needs the tokenizer: same count
         meta = get_peft_model(meta, peft_config)
     return models.count_parameters(meta)

@@ -32,8 +32,6 @@ def run_job(cfg: DictConfig) -> None:
     secrets.scrub_argv(secrets.secret_values(config.secrets))
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if config.stage in TRAINING_STAGES:
-        _refuse_changed_settings(cfg, run_dir / hydra_cfg.output_subdir)
     explicit = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
     if config.dry_run:
         from lmalign import plan
@@ -42,6 +40,8 @@ def run_job(cfg: DictConfig) -> None:
         if {p.name for p in run_dir.iterdir()} <= {"lmalign.log"}:
             shutil.rmtree(run_dir)  # made by Hydra for this dry run alone
         return
+    if config.stage in TRAINING_STAGES:
+        _refuse_changed_settings(cfg, run_dir / hydra_cfg.output_subdir)
     run(config, run_dir, explicit_keys=explicit)
 
 

@@ -172,6 +172,8 @@ class Config:
     # Print the plan (batch split, parameters, starting point) and exit without loading weights.
     dry_run: bool
     run_name: str | None
+    # The comparison recipe (conf/experiment/) a run is an arm of; names its arms' run_names.
+    comparison: str | None
     runs_root: str
     resume: Literal["auto", "never"]
     seed: int

@@ -173,6 +173,16 @@ def peak_memory(found: dict[str, float | None]):
         found["peak_memory_mib"] = (max(peak[0], resident()) - start) / 2**20
 
 
+def train_and_save(trainer, config: Config, run_dir: Path) -> dict[str, Any]:
+    """Train (resuming where a checkpoint exists), save final/, and say what it took."""
+    parameters = announce_parameters(trainer.model)
+    memory: dict[str, float | None] = {}
+    with peak_memory(memory):
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(config, run_dir))
+    save_final(trainer, run_dir)
+    return {**parameters, **memory, **summary(trainer, result)}
+
+
 def save_final(trainer, run_dir: Path) -> Path:
     """Model (or adapter) and tokenizer into final/, which appears only once complete."""
     final = run_dir / rundir.FINAL

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import pytest
 
 from conftest import typed_config
+from lmalign import models
 from test_config import options
 
 HUB_MODELS = [m for m in options("model") if m != "tiny"]
@@ -52,3 +54,41 @@ def test_embedded_tokenizer_round_trips_and_keeps_pad_apart_from_eos():
                                             return_assistant_tokens_mask=True)
     trained = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
     assert tokenizer.decode(trained) == "hello" + embedded.EOS  # the reply and its EOS
+
+
+def test_init_from_a_run_that_has_not_trained_names_where_it_looked(tmp_path):
+    from lmalign.errors import UserError
+
+    config = typed_config("model.init_from=my_sft", f"runs_root={tmp_path}")
+    with pytest.raises(UserError, match=r"model.init_from='my_sft': no trained model there.*"
+                       r"fix: train that run first"):
+        models.starting_point(config)
+
+
+def test_a_prompt_tuning_adapter_cannot_start_dpo():
+    start = models.Start("base", None, tokenizer="base", adapter="runs/pt/final",
+                         adapter_kind="prompt_tuning")
+    config = typed_config("method=dpo", "dataset=tiny_prefs", "model.init_from=pt")
+    (line,) = models.start_problems(start, config)
+    assert "is a prompt-tuning adapter; method=dpo (method.peft=none) cannot build on it" in line
+
+
+def test_prompt_tuning_on_a_lora_adapter_says_to_merge_first():
+    start = models.Start("base", None, tokenizer="base", adapter="runs/lora/final",
+                         adapter_kind="lora")
+    (line,) = models.start_problems(start, typed_config("method=prompt_tuning",
+                                                        "model.init_from=lora"))
+    assert "stage=merge run_name=<that run>" in line
+
+
+def test_quantization_is_probed_by_running_it():
+    """Where bitsandbytes cannot run (here: CUDA requested on a machine without it), one line."""
+    import torch
+
+    config = typed_config("method=lora", "model.quantization=4bit")
+    assert models.quantization_problem(config.model, config.hardware) is None  # runs on this CPU
+    if not torch.cuda.is_available():
+        cuda = dataclasses.replace(config.hardware, accelerator="cuda")
+        line = models.quantization_problem(config.model, cuda)
+        assert line.startswith("model.quantization='4bit': bitsandbytes cannot run 4bit layers "
+                               "on cuda here")

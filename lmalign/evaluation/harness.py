@@ -75,21 +75,14 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model
 
 
 def harness_model(loaded, tokenizer, batch_size: int):
-    """lm-eval's HF model around an already-loaded model (full, LoRA or prompt-tuned), unmerged."""
+    """lm-eval's HF model around an already-loaded model: full, LoRA or prompt-tuned, unmerged.
+
+    PEFT prepends prompt-tuning's virtual positions to the logits; lm-eval (0.4.13) offsets its
+    continuation slice by the extra length, and tests/test_harness.py holds it to that.
+    """
     from lm_eval.models.huggingface import HFLM
 
-    virtual = models.num_virtual_tokens(loaded)
-    if not virtual:
-        return HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size)
-
-    class PromptTunedHFLM(HFLM):
-        """PEFT prepends the virtual tokens' positions to the logits; lm-eval picks continuation
-        logits by position, so drop those positions to score the tokens it asked about."""
-
-        def _model_call(self, inps, attn_mask=None, labels=None):
-            return super()._model_call(inps, attn_mask, labels)[:, virtual:]
-
-    return PromptTunedHFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size)
+    return HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _evaluate_cell(target: Target, lm, evaluation: EvalConfig, num_fewshot: int,

@@ -17,9 +17,13 @@ from lmalign.schema import Config
 
 
 def train(config: Config, run_dir: Path, start: Start) -> dict[str, Any]:
+    return training.train_and_save(build(config, run_dir, start), config, run_dir)
+
+
+def build(config: Config, run_dir: Path, start: Start):
+    """The DPOTrainer for this config, its model wrapped by PEFT when method.peft asks."""
     from trl import DPOConfig, DPOTrainer
 
-    # build
     method, dpo = config.method, config.method.dpo
     tokenizer = models.load_start_tokenizer(start, config.model)
     continuing = training.continues_adapter(config, start)
@@ -38,13 +42,4 @@ def train(config: Config, run_dir: Path, start: Start) -> dict[str, Any]:
                          peft_config=None if continuing else training.peft_config(
                              method, start.tokenizer))
     training.use_compact_progress(trainer)
-    parameters = training.announce_parameters(trainer.model)
-
-    # train
-    memory: dict[str, float | None] = {}
-    with training.peak_memory(memory):
-        result = trainer.train(resume_from_checkpoint=training.resume_checkpoint(config, run_dir))
-
-    # save
-    training.save_final(trainer, run_dir)
-    return {**parameters, **memory, **training.summary(trainer, result)}
+    return trainer

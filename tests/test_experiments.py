@@ -1,0 +1,42 @@
+"""Named recipes (conf/experiment/) run in one command."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import lmalign
+
+ARMS = ["method_comparison-sft", "method_comparison-lora", "method_comparison-prompt_tuning",
+        "method_comparison-dpo_after_sft"]
+
+
+@pytest.mark.slow
+def test_method_comparison_prints_one_table_of_all_four_methods(tmp_path, lmalign_cache):
+    # Short arms: what each method learns is tested in test_methods.py.
+    result = lmalign("+experiment=method_comparison", "method.max_steps=20", "eval.limit=40",
+                     cwd=tmp_path, cache=lmalign_cache, check=True)
+    out = result.stdout
+    header = next(line for line in out.splitlines() if line.startswith("| run "))
+    for column in ("method", "trainable params", "of total", "peak memory MiB", "train time s",
+                   "tiny_mc acc", "tiny_gen exact_match", "tiny_prefs acc"):
+        assert f" {column} " in header
+    rows = [line for line in out.splitlines() if line.startswith("| method_comparison-")]
+    assert [row.split("|")[1].strip() for row in rows] == ARMS
+    assert "dpo <- method_comparison-sft" in rows[3]
+    trainable = [int(row.split("|")[3].strip().replace(",", "")) for row in rows]
+    assert trainable[0] == trainable[3] > trainable[1] > trainable[2] > 0
+    (saved,) = tmp_path.glob("multirun/*/*/comparison.md")
+    assert all(arm in saved.read_text() for arm in ARMS)
+    for arm in ARMS:
+        assert (tmp_path / "runs" / arm / "final").is_dir()
+
+
+def test_synthetic_instruction_recipe_plans_offline(tmp_path, lmalign_cache):
+    result = lmalign("+experiment=synthetic_instruction", "dry_run=true", cwd=tmp_path,
+                     cache=lmalign_cache, env={"HF_HUB_OFFLINE": "1"}, check=True)
+    plans = result.stdout.split("plan (dry run")[1:]
+    assert len(plans) == 3
+    assert "HuggingFaceTB/SmolLM2-360M" in plans[0] and "LoRA r=8" in plans[0]
+    assert "smoltalk_magpie_ultra" in plans[0] and "32 virtual tokens" in plans[1]
+    assert "synthetic_instruction-lora_sft" in plans[2] and "ultrafeedback_binarized" in plans[2]
+    assert not list(tmp_path.glob("runs/*"))  # a dry run trains and records nothing

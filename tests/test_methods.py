@@ -1,0 +1,210 @@
+"""Each method trains what it should and nothing else: LoRA, prompt tuning, DPO, chained runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import lmalign, shared_path, typed_config
+from lmalign import models
+from lmalign.methods import dpo, sft
+
+QUICK = ("eval=none", "dataset.max_samples=256", "dataset.max_eval_samples=32")
+
+
+def _trainer(module, tmp_path, cache, *overrides):
+    config = typed_config(*overrides, f"cache_dir={cache}", "method.logging_steps=1",
+                          "method.eval_steps=null")
+    return module.build(config, tmp_path, models.starting_point(config))
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _changed(before, model) -> set[str]:
+    return {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+
+
+def test_lora_changes_only_the_adapter_and_leaves_base_weights_bit_identical(tmp_path, lmalign_cache):
+    trainer = _trainer(sft, tmp_path, lmalign_cache, "method=lora", "method.max_steps=8",
+                       *QUICK)
+    before = _weights(trainer.model)
+    trainer.train()
+    changed = _changed(before, trainer.model)
+    assert changed and all("lora_" in name for name in changed)
+    base = [n for n in before if "lora_" not in n]
+    assert base and all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters()
+                        if n in base)
+
+
+def test_prompt_tuning_changes_only_the_virtual_tokens_and_the_loss_falls(tmp_path, lmalign_cache):
+    trainer = _trainer(sft, tmp_path, lmalign_cache, "method=prompt_tuning",
+                       "method.max_steps=40", *QUICK)
+    before = _weights(trainer.model)
+    trainer.train()
+    assert _changed(before, trainer.model) == {"prompt_encoder.default.embedding.weight"}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+
+
+def test_dpo_with_lora_keeps_the_base_frozen(tmp_path, lmalign_cache):
+    trainer = _trainer(dpo, tmp_path, lmalign_cache, "method=dpo", "dataset=tiny_prefs",
+                       "method.peft=lora", "method.max_steps=4", *QUICK)
+    before = _weights(trainer.model)
+    trainer.train()
+    changed = _changed(before, trainer.model)
+    assert changed and all("lora_" in name for name in changed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs, as a user types them.
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("methods")
+
+
+def _metric(run_dir: Path, checkpoint: str, task: str) -> float:
+    import csv
+
+    with open(run_dir / "metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["checkpoint"] == checkpoint
+                and r["task"] == task and r["metric"] in ("acc", "exact_match")]
+    assert len(rows) == 1, rows
+    return float(rows[0]["value"])
+
+
+@pytest.fixture(scope="module")
+def lora_run(runs, lmalign_cache):
+    result = lmalign("run_name=lora", "method=lora", "eval.tasks=[tiny_mc]", cwd=runs,
+                     cache=lmalign_cache, check=True)
+    return runs / "runs" / "lora", result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_lora_run_saves_a_small_adapter_that_beats_the_untrained_model(lora_run, lmalign_cache):
+    run_dir, log = lora_run
+    final = run_dir / "final"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in final.iterdir()}
+    assert not list(final.glob("model*.safetensors"))
+    base = Path(json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"])
+    ratio = (final / "adapter_model.safetensors").stat().st_size / \
+        (base / "model.safetensors").stat().st_size
+    assert ratio < 0.05
+    assert _metric(run_dir, "final", "tiny_mc") > _metric(run_dir, "base", "tiny_mc") + 0.3
+    assert "trainable of" in log
+
+
+@pytest.mark.slow
+def test_stage_merge_writes_a_full_model_equal_to_the_adapter(lora_run, runs, lmalign_cache):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = lora_run
+    lmalign("run_name=lora", "method=lora", "stage=merge", cwd=runs, cache=lmalign_cache,
+            check=True)
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
+    config = typed_config("method=lora")
+    adapter = models.load_trained(str(run_dir / "final"), config.model, config.hardware)
+    ids = torch.tensor([[5, 80, 81, 82, 83, 84]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapter(ids).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dpo_on_a_lora_sft_adapter_continues_it_against_a_frozen_copy(lora_run, runs,
+                                                                      lmalign_cache):
+    result = lmalign("run_name=dpo_lora", "method=dpo", "dataset=tiny_prefs", "method.peft=lora",
+                     "model.init_from=lora", "method.max_steps=10", *QUICK, cwd=runs,
+                     cache=lmalign_cache, check=True)
+    final = runs / "runs" / "dpo_lora" / "final"
+    assert "continuing the lora adapter" in result.stdout + result.stderr
+    assert (final / "adapter_model.safetensors").exists() and not (final / "ref").exists()
+
+
+@pytest.fixture(scope="module")
+def sft_run(runs, lmalign_cache):
+    lmalign("run_name=sft", "eval.tasks=[tiny_prefs]", cwd=runs, cache=lmalign_cache, check=True)
+    return runs / "runs" / "sft"
+
+
+@pytest.mark.slow
+def test_dpo_after_sft_learns_the_preference_the_sft_data_ignored(sft_run, runs, lmalign_cache):
+    """Scored by the policy's own log-likelihood on held-out pairs (lm-eval's tiny_prefs), not by
+    TRL's reward accuracy."""
+    result = lmalign("run_name=dpo", "method=dpo", "dataset=tiny_prefs", "model.init_from=sft",
+                     "eval.tasks=[tiny_prefs]", cwd=runs, cache=lmalign_cache, check=True)
+    dpo_dir = runs / "runs" / "dpo"
+    sft_score = _metric(sft_run, "final", "tiny_prefs")
+    assert _metric(dpo_dir, "base", "tiny_prefs") == sft_score  # base = where DPO started
+    assert 0.40 <= sft_score <= 0.70
+    assert _metric(dpo_dir, "final", "tiny_prefs") >= sft_score + 0.15
+    assert f"starting from {sft_run / 'final'}" in result.stdout + result.stderr
+    assert (dpo_dir / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_dpo_runs_on_hh_rlhf_pairs_with_implicit_prompts(tmp_path, lmalign_cache):
+    path = shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    lmalign("run_name=hh", "method=dpo", "dataset=local", f"dataset.path={path}",
+            "dataset.format=preference", "dataset.max_samples=64", "method.max_steps=3",
+            "method.max_length=256", "method.logging_steps=1", "eval=none", cwd=tmp_path,
+            cache=lmalign_cache, check=True)
+    state = json.loads((tmp_path / "runs" / "hh" / "checkpoints" / "checkpoint-3" /
+                        "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_qlora_trains_an_adapter_on_4bit_weights(tmp_path, lmalign_cache):
+    result = lmalign("run_name=qlora", "method=lora", "model.quantization=4bit",
+                     "method.max_steps=3", *QUICK, cwd=tmp_path, cache=lmalign_cache, check=True)
+    final = tmp_path / "runs" / "qlora" / "final"
+    assert (final / "adapter_model.safetensors").exists()
+    assert not list(final.glob("model*.safetensors"))
+    assert "trainable of" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_stage_merge_refuses_a_run_without_a_lora_adapter(tmp_path, lmalign_cache):
+    result = lmalign("run_name=nothing", "stage=merge", cwd=tmp_path, cache=lmalign_cache)
+    assert result.returncode == 2
+    assert "error: stage='merge': " in result.stderr and "holds no trained model" in result.stderr
+
+
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+def test_a_template_without_generation_markers_falls_back_unless_asked_explicitly(
+        tmp_path, lmalign_cache):
+    from lmalign.errors import UserError
+    from lmalign.methods.sft import _assistant_only_loss
+
+    template = tmp_path / "plain.jinja"
+    template.write_text(PLAIN_TEMPLATE)
+    config = typed_config(f"model.chat_template_path={template}")
+    tokenizer = models.load_tokenizer(models.resolve(config.model, str(lmalign_cache)),
+                                      config.model)
+    assert tokenizer.chat_template == PLAIN_TEMPLATE
+    assert _assistant_only_loss(config, tokenizer) is False  # whole-conversation loss, logged
+    explicit = typed_config(f"model.chat_template_path={template}",
+                            "method.assistant_only_loss=true")
+    with pytest.raises(UserError, match=r"method.assistant_only_loss=True: the chat template has "
+                       r"no \{% generation %\} markers.*fix: model.chat_template_path="):
+        _assistant_only_loss(explicit, tokenizer)
+
+
+def test_wrapped_packing_trains(tmp_path, lmalign_cache):
+    trainer = _trainer(sft, tmp_path, lmalign_cache, "method.packing=true",
+                       "method.packing_strategy=wrapped", "method.max_steps=2", *QUICK)
+    tokenizer = trainer.processing_class
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["input_ids"] == tokenizer.pad_token_id).float().mean() < 0.05
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    assert (batch["input_ids"] == user).sum() > len(batch["input_ids"])  # chats share rows
+    trainer.train()
