@@ -15,15 +15,18 @@ from lmalign import secrets
 previous_record: dict[str, str] = {}
 
 
+def stash_record(record: Path | None) -> None:
+    previous_record.clear()
+    if record is not None:
+        for path in Path(record).glob("*.yaml"):
+            previous_record[path.name] = path.read_text()
+
+
 class RunRecordCallback(Callback):
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        previous_record.clear()
         subdir = config.hydra.output_subdir
-        if subdir is None:
-            return
-        record = Path(OmegaConf.select(config, "hydra.run.dir")) / subdir
-        for path in record.glob("*.yaml"):
-            previous_record[path.name] = path.read_text()
+        stash_record(None if subdir is None else
+                     Path(OmegaConf.select(config, "hydra.run.dir")) / subdir)
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         if config.hydra.output_subdir is None:

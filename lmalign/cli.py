@@ -35,10 +35,34 @@ def _run_dir(root: str, run_name: str | None, timestamped: str) -> str:
     return f"{root}/{run_name}" if run_name else timestamped
 
 
+# Sweep jobs with a run_name: which job owns each run directory, and jobs that would share one.
+_sweep_run_dirs: dict[str, int] = {}
+_shared_run_dirs: dict[int, tuple[str, int]] = {}
+_stashed_for: dict[str, int] = {}
+
+
 def _sweep_subdir(root: str, run_name: str | None, job_num: int) -> str:
     # A sweep job with a run_name lives in <runs_root>/<run_name> like a single run, so chained
     # runs find each other (Hydra joins the sweep dir with an absolute subdir to the subdir).
-    return os.path.abspath(os.path.join(root, run_name)) if run_name else str(job_num)
+    # Two jobs of one sweep must not share it: the later one is kept in the sweep directory and
+    # refused before it starts (see _hydra_job), so it cannot overwrite the other's record.
+    # Hydra rewrites the job's record right after resolving this, before any callback runs: keep
+    # what was there, as RunRecordCallback does for single runs.
+    from lmalign import callbacks
+
+    if not run_name:
+        callbacks.stash_record(None)
+        return str(job_num)
+    path = os.path.abspath(os.path.join(root, run_name))
+    owner = _sweep_run_dirs.setdefault(path, job_num)
+    if owner != job_num:
+        _shared_run_dirs[job_num] = (path, owner)
+        callbacks.stash_record(None)
+        return str(job_num)
+    if _stashed_for.get(path) != job_num:
+        _stashed_for[path] = job_num
+        callbacks.stash_record(Path(path) / ".hydra")
+    return path
 
 
 def _record_subdir(stage: str, dry_run: bool = False) -> str | None:
@@ -60,9 +84,19 @@ def register_resolvers() -> None:
 def _hydra_job(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmalign.errors import problem
     from lmalign.run import run_job
 
     try:
+        job = HydraConfig.get().job
+        if job.get("num") in _shared_run_dirs:
+            path, owner = _shared_run_dirs[job.num]
+            raise UserError(problem(
+                "run_name", cfg.run_name, f"sweep job {job.num} ({job.override_dirname}) would "
+                f"share the run directory {path} with job {owner}", "one run_name per sweep job",
+                "sweep run_name too (run_name=a,b), or vary it: run_name=exp_${hydra:job.num}"))
         run_job(cfg)
     except UserError as exc:
         _user_errors.append(exc)

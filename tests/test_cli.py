@@ -98,3 +98,14 @@ def test_each_bad_sweep_value_is_named(run):
     lines = _errors(result)
     assert len(lines) == 2
     assert lines[0].startswith("error: model=foo:") and lines[1].startswith("error: model=bar:")
+
+
+def test_sweep_jobs_cannot_share_a_run_name(run, tmp_path):
+    result = run("-m", "run_name=shared", "method.learning_rate=1e-3,2e-3", "dry_run=true")
+    assert result.returncode == 2
+    (line,) = _errors(result)
+    assert line.startswith("error: run_name='shared': sweep job 1") and "with job 0" in line
+    assert "fix: sweep run_name too" in line
+    varied = run("-m", "run_name=exp_${hydra:job.num}", "method.learning_rate=1e-3,2e-3",
+                 "dry_run=true", check=True)
+    assert f"{tmp_path}/runs/exp_0" in varied.stdout and f"{tmp_path}/runs/exp_1" in varied.stdout
