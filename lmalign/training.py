@@ -66,9 +66,14 @@ def trainer_arguments(config: Config, run_dir: Path, report_to: list[str],
     )
 
 
-def continues_adapter(config: Config, start: Start) -> bool:
-    """A run whose starting adapter is of its own kind trains that adapter further."""
-    return start.adapter is not None and start.adapter_kind == config.method.peft
+def starting_model(config: Config, start: Start):
+    """(model, PEFT config for the trainer to apply). A run whose starting adapter is of its own
+    kind trains that adapter further (no new PEFT config); otherwise the adapter is merged."""
+    from lmalign import models
+
+    continuing = start.adapter is not None and start.adapter_kind == config.method.peft
+    model = models.load_start(start, config.model, config.hardware, continue_adapter=continuing)
+    return model, None if continuing else peft_config(config.method, start.tokenizer)
 
 
 def peft_config(method: MethodConfig, tokenizer_path: str):

@@ -26,8 +26,7 @@ def build(config: Config, run_dir: Path, start: Start):
 
     method, dpo = config.method, config.method.dpo
     tokenizer = models.load_start_tokenizer(start, config.model)
-    continuing = training.continues_adapter(config, start)
-    model = models.load_start(start, config.model, config.hardware, continuing)
+    model, peft_config = training.starting_model(config, start)
     train_data, eval_data = data.load_splits(config.dataset)
     args = DPOConfig(
         **training.trainer_arguments(config, run_dir, loggers.configure(config.logger, run_dir),
@@ -39,7 +38,6 @@ def build(config: Config, run_dir: Path, start: Start):
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_data,
                          eval_dataset=eval_data, processing_class=tokenizer,
-                         peft_config=None if continuing else training.peft_config(
-                             method, start.tokenizer))
+                         peft_config=peft_config)
     training.use_compact_progress(trainer)
     return trainer

@@ -28,8 +28,7 @@ def build(config: Config, run_dir: Path, start: Start):
 
     method = config.method
     tokenizer = models.load_start_tokenizer(start, config.model)
-    continuing = training.continues_adapter(config, start)
-    model = models.load_start(start, config.model, config.hardware, continuing)
+    model, peft_config = training.starting_model(config, start)
     train_data, eval_data = data.load_splits(config.dataset)
     args = SFTConfig(
         **training.trainer_arguments(config, run_dir, loggers.configure(config.logger, run_dir),
@@ -43,8 +42,7 @@ def build(config: Config, run_dir: Path, start: Start):
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data,
                          eval_dataset=eval_data, processing_class=tokenizer,
-                         peft_config=None if continuing else training.peft_config(
-                             method, start.tokenizer))
+                         peft_config=peft_config)
     training.use_compact_progress(trainer)
     return trainer
 
