@@ -145,6 +145,25 @@ def torch_dtype(model: ModelConfig, hardware: HardwareConfig):
     return getattr(torch, name)
 
 
+def flash_attention_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attention(model: ModelConfig, hardware: HardwareConfig, announce: bool = True) -> str:
+    """The attention implementation: the model's if set (explicit; validated), else the hardware
+    profile's, falling back from flash-attention to sdpa with a notice when it is not installed."""
+    if model.attn_implementation:
+        return model.attn_implementation
+    if hardware.attn_implementation == "flash_attention_2" and not flash_attention_installed():
+        if announce:
+            log.warning("hardware=%s prefers flash_attention_2 but flash-attn is not installed: "
+                        "using sdpa (pip install flash-attn to use it)", hardware.name)
+        return "sdpa"
+    return hardware.attn_implementation
+
+
 def quantization_config(model: ModelConfig, hardware: HardwareConfig):
     """QLoRA's recipe: NF4 with double quantisation, computing in the training precision."""
     if model.quantization == "none":
@@ -166,7 +185,7 @@ def load_model(path: str, model: ModelConfig, hardware: HardwareConfig,
     extra = {"device_map": {"": _device(hardware)}} if quantization else {}
     loaded = AutoModelForCausalLM.from_pretrained(
         path, revision=revision, dtype=torch_dtype(model, hardware),
-        attn_implementation=model.attn_implementation, quantization_config=quantization,
+        attn_implementation=attention(model, hardware), quantization_config=quantization,
         trust_remote_code=model.trust_remote_code, **extra)
     return loaded
 

@@ -8,9 +8,10 @@ works offline for models that were never downloaded.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 
-from lmalign import models, training
+from lmalign import launch, models, training
 from lmalign.schema import Config
 
 
@@ -42,7 +43,13 @@ def describe(config: Config, run_dir: Path) -> str:
                  f"{method.packing_strategy if method.packing else 'off'}"))
     rows.append(("hardware", f"{hardware.name}: {hardware.accelerator}, {hardware.precision}, "
                  f"gradient checkpointing {'on' if hardware.gradient_checkpointing else 'off'}, "
+                 f"attention {models.attention(model, hardware, announce=False)}, "
                  f"distributed {hardware.distributed}"))
+    if launch.needs_workers(hardware):
+        rows.append(("launch", ("ACCELERATE_USE_CPU=1 " if hardware.accelerator == "cpu" else "")
+                     + shlex.join(launch.command(config, run_dir, port=29500))))
+    else:
+        rows.append(("launch", "in this process"))
     if config.eval.backend != "none" and config.stage in ("train_eval", "eval"):
         evaluation = config.eval
         rows.append(("eval", f"{evaluation.backend}: {', '.join(evaluation.tasks)}; few-shot "

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from lmalign import callbacks, loggers, models, rundir, secrets
+from lmalign import callbacks, launch, loggers, models, rundir, secrets
 from lmalign.errors import UserError, problem
 from lmalign.evaluation import cells, harness
 from lmalign.evaluation.cells import Target
@@ -130,11 +130,23 @@ def _train(config: Config, run_dir: Path, start: models.Start,
              config.method.global_batch_size // (config.hardware.per_device_batch_size
                                                  * config.hardware.world_size))
     record.update(train={"status": "running"})
-    summary = train(config, run_dir, start)
+    if launch.needs_workers(config.hardware):
+        summary = launch.train_in_workers(config, _worker_config(config), run_dir)
+    else:
+        summary = train(config, run_dir, start)
     record.update(train={"status": "done", **summary})
     if summary.get("train_tokens_per_s"):
         log.info("trained %s steps at %.0f tokens/s", summary["global_step"],
                  summary["train_tokens_per_s"])
+
+
+def _worker_config(config: Config) -> dict[str, Any]:
+    """The validated config for the workers; secrets stay in the environment, saved as ***."""
+    from pydantic import TypeAdapter
+
+    saved = TypeAdapter(Config).dump_python(config, mode="json")
+    saved["secrets"] = {name: "***" for name in saved["secrets"]}
+    return saved
 
 
 def merge_final(run_dir: Path, model: ModelConfig, config: Config) -> Path:

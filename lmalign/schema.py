@@ -132,8 +132,12 @@ class HardwareConfig:
     world_size: int
     per_device_batch_size: int
     precision: Precision
+    supports_bf16: bool  # false for GPUs without bf16 (T4, V100)
     gradient_checkpointing: bool
+    # The profile's attention, used where model.attn_implementation is null.
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"]
     distributed: Literal["none", "ddp", "fsdp", "deepspeed"]
+    launch_config: str | None  # accelerate config in launch/, for the distributed kinds
     dataloader_num_workers: int
     torch_threads: int | None
 

@@ -192,14 +192,18 @@ def save_final(trainer, run_dir: Path) -> Path:
     """Model (or adapter) and tokenizer into final/, which appears only once complete."""
     final = run_dir / rundir.FINAL
     staging = run_dir / ".final.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    model = trainer.model
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # TRL's frozen copy for DPO's reference: not part of the result
-    trainer.save_model(str(staging))
-    trainer.processing_class.save_pretrained(str(staging))
-    staging.rename(final)
-    log.info("saved %s", final)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every rank takes part (sharded weights); the main one writes
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(str(staging))
+        staging.rename(final)
+        log.info("saved %s", final)
+    trainer.accelerator.wait_for_everyone()
     return final
 
 

@@ -14,9 +14,11 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from lmalign import models
 from lmalign.errors import UserError, problem
 from lmalign.schema import Config
 
+REPO = Path(__file__).resolve().parent.parent  # conf/ and launch/ live beside the package
 CHECKPOINT_SELECTOR = re.compile(r"^(base|final|latest|all|checkpoint-\d+|\d+)$")
 LOADING_STAGES = ("train_eval", "train", "eval", "merge")
 
@@ -155,6 +157,13 @@ def _lookup(container: dict, parts: list[str], fallback: Any) -> Any:
 # Combinations: values that are each fine but impossible together.
 
 
+_LAUNCH_FILES = {"ddp": "ddp.yaml", "fsdp": "fsdp2.yaml", "deepspeed": "zero3.yaml"}
+
+
+def _short(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+
+
 def check_combinations(config: Config) -> list[str]:
     problems: list[str] = []
     method, hardware, dataset, evaluation = config.method, config.hardware, config.dataset, config.eval
@@ -211,12 +220,13 @@ def check_combinations(config: Config) -> list[str]:
             "QLoRA trains a LoRA adapter on them", "none, or 4bit/8bit with method.peft=lora",
             "method=lora, or model.quantization=none"))
     flattens = method.padding_free or (method.packing and method.packing_strategy != "wrapped")
-    if flattens and config.model.attn_implementation != "flash_attention_2":
+    attention = models.attention(config.model, hardware, announce=False)
+    if flattens and attention != "flash_attention_2":
         key, value = (("method.padding_free", True) if method.padding_free else
                       ("method.packing_strategy", method.packing_strategy))
         problems.append(problem(
             key, value, "padding-free batches put several sequences in one row, which only "
-            f"flash attention keeps apart (with {config.model.attn_implementation} they attend "
+            f"flash attention keeps apart (with {attention} they attend "
             "to each other)", "padding-free or bfd packing with "
             "model.attn_implementation=flash_attention_2",
             "model.attn_implementation=flash_attention_2 on a GPU, or "
@@ -234,12 +244,33 @@ def check_combinations(config: Config) -> list[str]:
             "a hub dataset id" if dataset.source == "hub" else "a file or directory",
             "dataset.path=/path/to/data.jsonl"))
 
-    if hardware.world_size != 1 or hardware.distributed != "none":
+    if hardware.world_size < 1:
+        problems.append(problem("hardware.world_size", hardware.world_size, "no processes",
+                                "1 or more", "hardware.world_size=1"))
+    if hardware.world_size > 1 and hardware.distributed == "none":
         problems.append(problem(
-            "hardware.world_size", hardware.world_size,
-            f"multi-process launch (distributed={hardware.distributed}) is not available yet; "
-            "refusing rather than silently training on one process",
-            "world_size 1 with distributed none", "hardware=cpu"))
+            "hardware.distributed", "none", f"{hardware.world_size} processes need a distributed "
+            "kind", "ddp, fsdp or deepspeed with world_size > 1", "hardware=cpu_ddp, "
+            "hardware=8gpu_fsdp, or hardware.distributed=ddp hardware.launch_config=launch/ddp.yaml"))
+    if hardware.distributed != "none" and not hardware.launch_config:
+        problems.append(problem(
+            "hardware.launch_config", None, f"distributed={hardware.distributed} is launched with "
+            "an accelerate config file", "a file in launch/ (ddp.yaml, fsdp2.yaml, zero3.yaml)",
+            f"hardware.launch_config=launch/{_LAUNCH_FILES[hardware.distributed]}"))
+    if hardware.accelerator == "cpu" and hardware.distributed in ("fsdp", "deepspeed"):
+        # Measured: accelerate 1.15 with ACCELERATE_USE_CPU=1 ignores --use_fsdp/--use_deepspeed
+        # and every rank trains plain DDP over gloo.
+        problems.append(problem(
+            "hardware.distributed", hardware.distributed, "FSDP and DeepSpeed need GPUs; on a CPU "
+            "accelerate would silently train plain DDP instead", "ddp (or none) on a CPU",
+            "hardware=cpu_ddp"))
+    if not hardware.supports_bf16 and "bf16" in (hardware.precision, _short(config.model.dtype)):
+        key, value = (("model.dtype", config.model.dtype) if config.model.dtype == "bfloat16"
+                      else ("hardware.precision", hardware.precision))
+        problems.append(problem(
+            key, value, f"hardware={hardware.name} has no bf16 support",
+            "float16/float32 weights and fp16/fp32 precision on this hardware",
+            f"{key}={'float16' if key == 'model.dtype' else 'fp16'}"))
     if hardware.accelerator == "cpu" and hardware.precision == "fp16":
         problems.append(problem(
             "hardware.precision", "fp16", "fp16 mixed precision needs a GPU",
@@ -291,13 +322,48 @@ def check_environment_for(config: Config) -> list[str]:
         issue = quantization_problem(config.model, config.hardware)
         if issue:
             problems.append(issue)
-    if config.hardware.accelerator == "cuda":
-        import torch
+    problems += _hardware_here(config)
+    return problems
 
-        if not torch.cuda.is_available():
-            problems.append(problem(
-                "hardware", config.hardware.name, "needs a CUDA GPU but none is visible",
-                "hardware=cpu on a machine without GPUs", "hardware=cpu"))
+
+def _hardware_here(config: Config) -> list[str]:
+    """What the hardware profile asks of this machine, checked on this machine."""
+    import importlib.util
+
+    hardware, problems = config.hardware, []
+    launch = hardware.launch_config
+    if launch and not (REPO / launch).exists() and not Path(launch).expanduser().exists():
+        problems.append(problem("hardware.launch_config", launch, "no such file",
+                                "a file in launch/ or a path", "check the name"))
+    if hardware.distributed == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        problems.append(problem("hardware.distributed", "deepspeed", "DeepSpeed is not installed",
+                                "deepspeed with DeepSpeed installed, or fsdp",
+                                "pip install 'lmalign[deepspeed]', or hardware=8gpu_fsdp"))
+    if config.model.attn_implementation == "flash_attention_2" and \
+            not models.flash_attention_installed():
+        problems.append(problem("model.attn_implementation", "flash_attention_2",
+                                "flash-attn is not installed", "sdpa, eager, or flash_attention_2 "
+                                "with flash-attn installed", "pip install flash-attn, or "
+                                "model.attn_implementation=sdpa"))
+    if hardware.accelerator != "cuda":
+        return problems
+    import torch
+
+    if not torch.cuda.is_available():
+        return problems + [problem(
+            "hardware", hardware.name, "needs a CUDA GPU but none is visible",
+            "hardware=cpu or cpu_ddp on a machine without GPUs", "hardware=cpu")]
+    visible = torch.cuda.device_count()
+    if hardware.world_size > visible:
+        problems.append(problem(
+            "hardware.world_size", hardware.world_size, f"more processes than the {visible} "
+            "visible GPU(s)", f"at most {visible} on this machine",
+            f"hardware.world_size={visible} (the global batch stays the same)"))
+    if "bf16" in (hardware.precision, _short(config.model.dtype)) and \
+            not torch.cuda.is_bf16_supported():
+        problems.append(problem(
+            "hardware.precision", hardware.precision, f"this GPU ({torch.cuda.get_device_name()}) "
+            "has no bf16 support", "fp16 or fp32 here", "hardware=t4, or hardware.precision=fp16"))
     return problems
 
 

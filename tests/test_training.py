@@ -42,20 +42,32 @@ def test_eos_is_never_masked_out_of_the_loss(tmp_path, lmalign_cache):
         assert labels[eos_positions[0]] == -100  # prompt tokens are not trained (assistant-only)
 
 
+def _losses(name: str, tmp_path, cache, *overrides: str) -> list[float]:
+    lmalign(f"run_name={name}", "method.max_steps=4", "method.logging_steps=1",
+            "method.save_steps=4", *overrides, *SHORT, cwd=tmp_path, cache=cache, check=True)
+    state = json.loads((tmp_path / "runs" / name / "checkpoints" / "checkpoint-4" /
+                        "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
 @pytest.mark.slow
-def test_batch_split_does_not_change_training(tmp_path, lmalign_cache):
-    """global batch 32 as 32x1 or 8x4 (accumulation): the same losses step by step."""
-    losses = {}
-    for per_device in (32, 8):
-        name = f"split{per_device}"
-        lmalign(f"run_name={name}", f"hardware.per_device_batch_size={per_device}",
-                "method.max_steps=4", "method.logging_steps=1", "method.save_steps=4", *SHORT,
-                cwd=tmp_path, cache=lmalign_cache, check=True)
-        state = json.loads((tmp_path / "runs" / name / "checkpoints" / "checkpoint-4" /
-                            "trainer_state.json").read_text())
-        losses[per_device] = [h["loss"] for h in state["log_history"] if "loss" in h]
-    assert len(losses[32]) == 4
-    assert losses[32] == pytest.approx(losses[8], rel=1e-4)
+def test_batch_split_across_accumulation_and_processes_does_not_change_training(
+        tmp_path, lmalign_cache):
+    """Global batch 8 as 1 process x 8, 1 x 4 x accumulation 2, or 2 processes x 4 (DDP over
+    gloo): the same losses step by step. A wrong split (accumulation 4, i.e. global 16) differs."""
+    batch = ("method.global_batch_size=8",)
+    reference = _losses("one_by_8", tmp_path, lmalign_cache, *batch,
+                        "hardware.per_device_batch_size=8")
+    assert len(reference) == 4
+    accumulated = _losses("accumulate", tmp_path, lmalign_cache, *batch,
+                          "hardware.per_device_batch_size=4")
+    two_processes = _losses("ddp", tmp_path, lmalign_cache, *batch, "hardware=cpu_ddp",
+                            "hardware.per_device_batch_size=4")
+    assert accumulated == pytest.approx(reference, rel=1e-4)
+    assert two_processes == pytest.approx(reference, rel=1e-4)
+    wrong = _losses("wrong_split", tmp_path, lmalign_cache, "method.global_batch_size=16",
+                    "hardware.per_device_batch_size=4")
+    assert wrong != pytest.approx(reference, rel=1e-4)
 
 
 @pytest.mark.slow

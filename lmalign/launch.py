@@ -1,0 +1,107 @@
+"""Driver/worker launch (DESIGN, Launch): the Hydra job saves the resolved config and starts
+`accelerate launch` on `lmalign.worker`, which reads it back; workers never compose config.
+
+The distributed settings live in the hardware profile's file in launch/; world size, precision
+and rendezvous are added here as launch arguments. The exact command goes into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmalign import rundir
+from lmalign.schema import Config, HardwareConfig
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+RESOLVED_CONFIG = "resolved_config.json"   # what the workers read
+LAUNCH_COMMAND = "launch_command.sh"       # what was run, to re-run by hand
+TRAIN_SUMMARY = "train_summary.json"       # the main worker's summary for the driver's run.json
+_MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def needs_workers(hardware: HardwareConfig) -> bool:
+    """Several processes, or FSDP/DeepSpeed even on one GPU."""
+    return hardware.world_size > 1 or hardware.distributed in ("fsdp", "deepspeed")
+
+
+def launch_file(hardware: HardwareConfig) -> Path:
+    path = Path(hardware.launch_config).expanduser()
+    return path if path.is_absolute() or path.exists() else REPO / path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def command(config: Config, run_dir: Path, port: int | None = None) -> list[str]:
+    hardware = config.hardware
+    args = [sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(launch_file(hardware)),
+            "--num_processes", str(hardware.world_size),
+            "--num_machines", "1", "--machine_rank", "0",
+            "--mixed_precision", _MIXED_PRECISION[hardware.precision],
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port or _free_port())]
+    if hardware.distributed == "deepspeed":
+        args += ["--deepspeed_config_file", str(launch_file(hardware).with_suffix(".json"))]
+    return args + ["-m", "lmalign.worker", str(Path(run_dir).resolve())]
+
+
+def environment(hardware: HardwareConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    if hardware.accelerator == "cpu":
+        # With a CPU, `--cpu` would start one process; this keeps N processes on gloo.
+        env["ACCELERATE_USE_CPU"] = "1"
+    if hardware.torch_threads:
+        env["OMP_NUM_THREADS"] = str(hardware.torch_threads)
+    return env
+
+
+def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Run training in `world_size` worker processes; return the main worker's summary."""
+    rundir.atomic_write_json(run_dir / RESOLVED_CONFIG, container)
+    (run_dir / TRAIN_SUMMARY).unlink(missing_ok=True)
+    args = command(config, run_dir)
+    rundir.atomic_write_text(run_dir / LAUNCH_COMMAND, "#!/usr/bin/env bash\n"
+                             + _environment_prefix(config.hardware) + shlex.join(args) + "\n")
+    log.info("launching %d worker processes (%s): %s", config.hardware.world_size,
+             config.hardware.distributed, shlex.join(args))
+    process = subprocess.Popen(args, env=environment(config.hardware), start_new_session=True)
+    forwarded = _forward_signals(process)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+        raise
+    finally:
+        for number, previous in forwarded.items():
+            signal.signal(number, previous)
+    if code != 0:
+        raise RuntimeError(f"the {config.hardware.world_size} training workers exited {code}; "
+                           f"their output is above, the command in {run_dir / LAUNCH_COMMAND}")
+    return json.loads((run_dir / TRAIN_SUMMARY).read_text())
+
+
+def _environment_prefix(hardware: HardwareConfig) -> str:
+    return "ACCELERATE_USE_CPU=1 " if hardware.accelerator == "cpu" else ""
+
+
+def _forward_signals(process: subprocess.Popen) -> dict[int, Any]:
+    """SIGTERM/SIGUSR1/SIGUSR2 reach the workers (their own session, so not twice)."""
+    previous = {}
+    for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        previous[number] = signal.signal(
+            number, lambda received, _frame: process.send_signal(received))
+    return previous

@@ -1,0 +1,38 @@
+"""One training process under `accelerate launch`: `python -m lmalign.worker <run_dir>`.
+
+Reads the config the driver resolved and saved (lmalign/launch.py); never composes config again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def main(run_dir: Path) -> None:
+    from accelerate import PartialState
+    from hydra.utils import get_method
+
+    from lmalign import launch, models, rundir
+    from lmalign.validate import validate
+
+    config = validate(json.loads((run_dir / launch.RESOLVED_CONFIG).read_text()),
+                      check_environment=False)
+    state = PartialState(cpu=config.hardware.accelerator == "cpu")
+    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
+                        format=f"[rank {state.process_index}][%(name)s][%(levelname)s] - "
+                               "%(message)s")
+    if config.hardware.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.hardware.torch_threads)
+    train = get_method(config.method._target_)
+    summary = train(config, run_dir, models.starting_point(config))
+    if state.is_main_process:
+        rundir.atomic_write_json(run_dir / launch.TRAIN_SUMMARY, summary)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
