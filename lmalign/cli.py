@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lmalign.errors import EXIT_USER_ERROR, UserError, report
+from lmalign.errors import EXIT_USER_ERROR, TrainingStopped, UserError, report
 
 # PEFT calls transformers' renamed property; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -29,6 +29,7 @@ CONFIG_NAME = "config"
 _task_started = False
 # Jobs that stopped on a user error; reported once Hydra returns (Hydra would add its own line).
 _user_errors: list[UserError] = []
+_stopped: list[TrainingStopped] = []  # jobs that saved a checkpoint and stopped on a signal
 
 
 def _run_dir(root: str, run_name: str | None, timestamped: str) -> str:
@@ -100,6 +101,8 @@ def _hydra_job(cfg: DictConfig) -> None:
         run_job(cfg)
     except UserError as exc:
         _user_errors.append(exc)
+    except TrainingStopped as exc:
+        _stopped.append(exc)
 
 
 def main() -> None:
@@ -114,10 +117,14 @@ def main() -> None:
             raise
         report(diagnose(_overrides_from_argv()) or [_message(exc)])
         sys.exit(EXIT_USER_ERROR)
+    for exc in _stopped:
+        print(f"stopped: {exc}", file=sys.stderr)
     if _user_errors:
         for exc in _user_errors:
             report(exc.problems)
         sys.exit(EXIT_USER_ERROR)
+    if _stopped:
+        sys.exit(1)
 
 
 def _message(exc: BaseException) -> str:

@@ -24,3 +24,8 @@ def report(problems: list[str]) -> None:
     for line in problems:
         flat = " ".join(line.split())  # one line per problem, whatever the source message held
         print(f"error: {flat}", file=sys.stderr)
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal (preemption, time limit) after saving a checkpoint: exit 1
+    with one line saying how to resume, no traceback."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmalign import rundir
+from lmalign.errors import TrainingStopped
 from lmalign.schema import Config, HardwareConfig
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
     log.info("launching %d worker processes (%s): %s", config.hardware.world_size,
              config.hardware.distributed, shlex.join(args))
     process = subprocess.Popen(args, env=environment(config.hardware), start_new_session=True)
-    forwarded = _forward_signals(process)
+    received: list[int] = []
+    forwarded = _forward_signals(process, received)
     try:
         code = process.wait()
     except KeyboardInterrupt:
@@ -91,6 +93,12 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
     if code != 0:
         raise RuntimeError(f"the {config.hardware.world_size} training workers exited {code}; "
                            f"their output is above, the command in {run_dir / LAUNCH_COMMAND}")
+    if not (run_dir / TRAIN_SUMMARY).exists():  # the workers stopped on a signal, cleanly
+        cause = f"signal {received[0]} (forwarded to the workers)" if received else "a signal"
+        saved = rundir.complete_checkpoints(run_dir)
+        raise TrainingStopped(
+            f"training stopped by {cause} after saving "
+            f"{saved[-1][1] if saved else 'no checkpoint'}; run the same command again to resume")
     return json.loads((run_dir / TRAIN_SUMMARY).read_text())
 
 
@@ -98,10 +106,25 @@ def _environment_prefix(hardware: HardwareConfig) -> str:
     return "ACCELERATE_USE_CPU=1 " if hardware.accelerator == "cpu" else ""
 
 
-def _forward_signals(process: subprocess.Popen) -> dict[int, Any]:
-    """SIGTERM/SIGUSR1/SIGUSR2 reach the workers (their own session, so not twice)."""
-    previous = {}
-    for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-        previous[number] = signal.signal(
-            number, lambda received, _frame: process.send_signal(received))
-    return previous
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(child) for child in task.read_text().split()]
+    return found
+
+
+def _forward_signals(process: subprocess.Popen, received: list[int]) -> dict[int, Any]:
+    """SIGTERM/SIGUSR1/SIGUSR2 reach every worker, not the launcher between us: torch's elastic
+    agent answers SIGTERM by killing its workers after a grace period, which could cut a
+    checkpoint save short. Workers run in their own session, so a terminal's Ctrl-C reaches them
+    once, through us. Where /proc is missing, the whole process group is signalled."""
+    def forward(number, _frame) -> None:
+        received.append(number)
+        workers = _children(process.pid)
+        if not workers:
+            os.killpg(process.pid, number)
+        for pid in workers:
+            os.kill(pid, number)
+
+    return {number: signal.signal(number, forward)
+            for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}

@@ -138,11 +138,16 @@ def load_tokenizer(path: str, model: ModelConfig, revision: str | None = None):
     return tokenizer
 
 
-def torch_dtype(model: ModelConfig, hardware: HardwareConfig):
+def torch_dtype(model: ModelConfig, hardware: HardwareConfig, trains_weights: bool = False):
+    """model.dtype, or with `auto` the training precision's. fp16 mixed precision keeps fp32
+    master copies of the weights it trains (its gradient scaler refuses fp16 parameters)."""
     import torch
 
-    name = model.dtype if model.dtype != "auto" else _PRECISION_DTYPE[hardware.precision]
-    return getattr(torch, name)
+    if model.dtype != "auto":
+        return getattr(torch, model.dtype)
+    if hardware.precision == "fp16" and trains_weights:
+        return torch.float32
+    return getattr(torch, _PRECISION_DTYPE[hardware.precision])
 
 
 def flash_attention_installed() -> bool:
@@ -178,13 +183,13 @@ def quantization_config(model: ModelConfig, hardware: HardwareConfig):
 
 
 def load_model(path: str, model: ModelConfig, hardware: HardwareConfig,
-               revision: str | None = None):
+               revision: str | None = None, trains_weights: bool = False):
     from transformers import AutoModelForCausalLM
 
     quantization = quantization_config(model, hardware)
     extra = {"device_map": {"": _device(hardware)}} if quantization else {}
     loaded = AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, dtype=torch_dtype(model, hardware),
+        path, revision=revision, dtype=torch_dtype(model, hardware, trains_weights),
         attn_implementation=attention(model, hardware), quantization_config=quantization,
         trust_remote_code=model.trust_remote_code, **extra)
     return loaded
@@ -195,9 +200,10 @@ def _device(hardware: HardwareConfig) -> str:
 
 
 def load_start(start: Start, model: ModelConfig, hardware: HardwareConfig,
-               continue_adapter: bool):
-    """The starting weights: the adapter kept trainable when this run continues it, else merged."""
-    base = load_model(start.path, model, hardware, start.revision)
+               continue_adapter: bool, trains_weights: bool):
+    """The starting weights: the adapter kept trainable when this run continues it, else merged.
+    `trains_weights`: the base weights themselves train (no PEFT)."""
+    base = load_model(start.path, model, hardware, start.revision, trains_weights)
     if start.adapter is None:
         return base
     from peft import PeftModel

@@ -13,7 +13,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from lmalign import callbacks, launch, loggers, models, rundir, secrets
-from lmalign.errors import UserError, problem
+from lmalign.errors import TrainingStopped, UserError, problem
 from lmalign.evaluation import cells, harness
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
@@ -104,6 +104,9 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
         record.finish("done")
     except KeyboardInterrupt:
         record.finish("interrupted")
+        raise
+    except TrainingStopped as exc:
+        record.finish("stopped", error=str(exc))
         raise
     except UserError:
         record.finish("failed (user error)")

@@ -6,14 +6,16 @@ import logging
 import math
 import os
 import shutil
+import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from lmalign import rundir
+from lmalign.errors import TrainingStopped
 from lmalign.models import Start
 from lmalign.schema import Config, MethodConfig
 
@@ -72,7 +74,8 @@ def starting_model(config: Config, start: Start):
     from lmalign import models
 
     continuing = start.adapter is not None and start.adapter_kind == config.method.peft
-    model = models.load_start(start, config.model, config.hardware, continue_adapter=continuing)
+    model = models.load_start(start, config.model, config.hardware, continue_adapter=continuing,
+                              trains_weights=config.method.peft == "none")
     return model, None if continuing else peft_config(config.method, start.tokenizer)
 
 
@@ -178,12 +181,60 @@ def peak_memory(found: dict[str, float | None]):
         found["peak_memory_mib"] = (max(peak[0], resident()) - start) / 2**20
 
 
+class StopOnSignal(TrainerCallback):
+    """DESIGN's signal policy: SIGTERM, SIGUSR1 or SIGUSR2 (what SLURM and submitit send before a
+    preemption or time limit) make every rank save a checkpoint at the next step boundary and stop.
+    Ranks agree through an all-reduce, so a signal that reaches one rank stops them all together."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.stopped_at: int | None = None
+        self._previous = {}
+
+    def _handle(self, number, _frame) -> None:
+        self.received = number
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {n: signal.signal(n, self._handle) for n in self.SIGNALS}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._anyone_received(args):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def _anyone_received(self, args) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = self.received is not None
+        if dist.is_available() and dist.is_initialized():
+            tensor = torch.tensor([int(flag)], device=args.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        return flag
+
+
 def train_and_save(trainer, config: Config, run_dir: Path) -> dict[str, Any]:
     """Train (resuming where a checkpoint exists), save final/, and say what it took."""
     parameters = announce_parameters(trainer.model)
     memory: dict[str, float | None] = {}
+    stopper = StopOnSignal()
+    trainer.add_callback(stopper)
     with peak_memory(memory):
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(config, run_dir))
+    if stopper.stopped_at is not None:
+        raise TrainingStopped(
+            f"training stopped by a signal at step {stopper.stopped_at} after saving "
+            f"{run_dir / rundir.CHECKPOINTS}/checkpoint-{stopper.stopped_at}; run the same "
+            "command again to resume from it")
     save_final(trainer, run_dir)
     return {**parameters, **memory, **summary(trainer, result)}
 

@@ -1,5 +1,8 @@
 """One training process under `accelerate launch`: `python -m lmalign.worker <run_dir>`.
 
+It writes train_summary.json when training finished; a worker stopped by a signal exits cleanly
+without it, and the driver reports the stop.
+
 Reads the config the driver resolved and saved (lmalign/launch.py); never composes config again.
 """
 
@@ -16,6 +19,7 @@ def main(run_dir: Path) -> None:
     from hydra.utils import get_method
 
     from lmalign import launch, models, rundir
+    from lmalign.errors import TrainingStopped
     from lmalign.validate import validate
 
     config = validate(json.loads((run_dir / launch.RESOLVED_CONFIG).read_text()),
@@ -29,7 +33,10 @@ def main(run_dir: Path) -> None:
 
         torch.set_num_threads(config.hardware.torch_threads)
     train = get_method(config.method._target_)
-    summary = train(config, run_dir, models.starting_point(config))
+    try:
+        summary = train(config, run_dir, models.starting_point(config))
+    except TrainingStopped:  # a checkpoint is saved; the driver says how to resume
+        return  # a clean exit: the launcher must not report it as a crash
     if state.is_main_process:
         rundir.atomic_write_json(run_dir / launch.TRAIN_SUMMARY, summary)
 

@@ -70,30 +70,60 @@ def test_batch_split_across_accumulation_and_processes_does_not_change_training(
     assert wrong != pytest.approx(reference, rel=1e-4)
 
 
-@pytest.mark.slow
-def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, lmalign_cache):
+def _final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def _start_then_signal(tmp_path, cache, name: str, args, after_checkpoint: int, sig) -> int:
+    """Start a run, send `sig` once checkpoint-<after_checkpoint> is complete; its exit code."""
     import os
 
-    args = ["run_name=killed", "method.max_steps=300", "method.save_steps=20", *SHORT]
-    env = {**os.environ, "LMALIGN_CACHE": str(lmalign_cache)}
-    process = subprocess.Popen([sys.executable, "-m", "lmalign", *args], cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = tmp_path / "runs" / "killed" / "checkpoints"
+    env = {**os.environ, "LMALIGN_CACHE": str(cache)}
+    process = subprocess.Popen([sys.executable, "-m", "lmalign", f"run_name={name}", *args],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "runs" / name / "checkpoints" / f"checkpoint-{after_checkpoint}" / \
+        "trainer_state.json"
     deadline = time.time() + 300
-    while not (checkpoints / "checkpoint-40" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "run ended before checkpoint-40"
-        time.sleep(0.1)
-    process.kill()
-    process.wait()
-    assert not (tmp_path / "runs" / "killed" / "final").exists()
+    while not marker.exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before the signal"
+        time.sleep(0.05)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=300)
+    _start_then_signal.stderr = stderr
+    return process.returncode
 
-    result = lmalign(*args, cwd=tmp_path, cache=lmalign_cache, check=True)
-    log = result.stdout + result.stderr
-    assert "resuming from" in log and "checkpoint-" in log
-    run_dir = tmp_path / "runs" / "killed"
-    state = json.loads((checkpoints / "checkpoint-300" / "trainer_state.json").read_text())
-    assert state["global_step"] == 300 and (run_dir / "final" / "model.safetensors").exists()
-    record = json.loads((run_dir / "run.json").read_text())
-    assert [a["status"] for a in record["attempts"]] == ["running", "done"]
-    first_logged = min(h["step"] for h in state["log_history"] if "loss" in h)
-    assert first_logged <= 40  # the resumed state carries the history of the first attempt
+
+@pytest.mark.slow
+def test_sigterm_and_sigkill_runs_resume_to_the_weights_of_an_uninterrupted_run(
+        tmp_path, lmalign_cache):
+    import signal
+
+    import torch
+
+    args = ["method.max_steps=60", "method.save_steps=20", *SHORT]
+    lmalign("run_name=straight", *args, cwd=tmp_path, cache=lmalign_cache, check=True)
+    expected = _final_weights(tmp_path / "runs" / "straight")
+
+    # SIGTERM (preemption): every rank saves a checkpoint at the next step and stops cleanly.
+    code = _start_then_signal(tmp_path, lmalign_cache, "termed", args, 20, signal.SIGTERM)
+    assert code == 1 and "Traceback" not in _start_then_signal.stderr
+    (line,) = [l for l in _start_then_signal.stderr.splitlines() if l.startswith("stopped: ")]
+    saved = sorted(int(p.name.split("-")[1]) for p in
+                   (tmp_path / "runs" / "termed" / "checkpoints").glob("checkpoint-*"))
+    stopped_at = saved[-1]
+    assert 20 < stopped_at < 60 and stopped_at % 20 and f"checkpoint-{stopped_at}" in line
+    # SIGKILL: nothing to save; the newest complete checkpoint is where it resumes.
+    assert _start_then_signal(tmp_path, lmalign_cache, "killed", args, 40, signal.SIGKILL) != 0
+
+    for name, step in (("termed", stopped_at), ("killed", 40)):
+        result = lmalign(f"run_name={name}", *args, cwd=tmp_path, cache=lmalign_cache,
+                         check=True)
+        assert f"checkpoint-{step} (step {step})" in result.stdout + result.stderr
+        weights = _final_weights(tmp_path / "runs" / name)
+        for key, value in expected.items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
+    record = json.loads((tmp_path / "runs" / "termed" / "run.json").read_text())
+    assert [a["status"] for a in record["attempts"]] == ["stopped", "done"]
