@@ -40,3 +40,12 @@ def test_synthetic_instruction_recipe_plans_offline(tmp_path, lmalign_cache):
     assert "smoltalk_magpie_ultra" in plans[0] and "32 virtual tokens" in plans[1]
     assert "synthetic_instruction-lora_sft" in plans[2] and "ultrafeedback_binarized" in plans[2]
     assert not list(tmp_path.glob("runs/*"))  # a dry run trains and records nothing
+
+
+def test_full_finetune_fsdp_recipe_plans_eight_processes_offline(tmp_path, lmalign_cache):
+    result = lmalign("+experiment=full_finetune_fsdp", "dry_run=true", cwd=tmp_path,
+                     cache=lmalign_cache, env={"HF_HUB_OFFLINE": "1"}, check=True)
+    plan = result.stdout
+    assert "Qwen/Qwen3-1.7B-Base" in plan and "tulu3_sft_mixture" in plan
+    assert "global 128 = 4 per device x 8 process(es) x 4 accumulation" in plan
+    assert "launch/fsdp2.yaml --num_processes 8" in plan and "--mixed_precision bf16" in plan
