@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import re
@@ -14,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 RUN_RECORD = "run.json"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -40,13 +42,40 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot load (truncated, unreadable header), or None. Reads only
+    the header: the data must reach as far as the header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little") if size >= 8 else None
+        if length is None or 8 + length > size:
+            return f"truncated inside its header ({size} bytes)"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            return "has an unreadable header"
+    end = max((entry["data_offsets"][1] for name, entry in header.items()
+               if name != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        return f"is truncated ({size} bytes; its header describes {8 + length + end})"
+    return None
+
+
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+    """(step, path) of every complete checkpoint, oldest first. Complete: the trainer's state
+    file (written last) exists and every weights file is whole; a corrupt one is reported by
+    name and passed over, so resume and evaluation fall back to the one before it."""
     found = []
     for path in (Path(run_dir) / CHECKPOINTS).glob("checkpoint-*"):
         match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and (path / CHECKPOINT_COMPLETE_MARKER).exists():
-            found.append((int(match.group(1)), path))
+        if not match or not (path / CHECKPOINT_COMPLETE_MARKER).exists():
+            continue
+        problems = [f"{weights.name} {why}" for weights in sorted(path.glob("*.safetensors"))
+                    if (why := safetensors_problem(weights))]
+        if problems:
+            log.warning("skipping corrupt checkpoint %s: %s", path, "; ".join(problems))
+            continue
+        found.append((int(match.group(1)), path))
     return sorted(found)
 
 
