@@ -75,7 +75,7 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
     (run_dir / TRAIN_SUMMARY).unlink(missing_ok=True)
     args = command(config, run_dir)
     rundir.atomic_write_text(run_dir / LAUNCH_COMMAND, "#!/usr/bin/env bash\n"
-                             + _environment_prefix(config.hardware) + shlex.join(args) + "\n")
+                             + shell_command(config.hardware, args) + "\n")
     log.info("launching %d worker processes (%s): %s", config.hardware.world_size,
              config.hardware.distributed, shlex.join(args))
     process = subprocess.Popen(args, env=environment(config.hardware), start_new_session=True)
@@ -102,8 +102,9 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
     return json.loads((run_dir / TRAIN_SUMMARY).read_text())
 
 
-def _environment_prefix(hardware: HardwareConfig) -> str:
-    return "ACCELERATE_USE_CPU=1 " if hardware.accelerator == "cpu" else ""
+def shell_command(hardware: HardwareConfig, args: list[str]) -> str:
+    """The launch as a shell line, with the environment it needs (see `environment`)."""
+    return ("ACCELERATE_USE_CPU=1 " if hardware.accelerator == "cpu" else "") + shlex.join(args)
 
 
 def _children(pid: int) -> list[int]:

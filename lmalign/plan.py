@@ -8,7 +8,6 @@ works offline for models that were never downloaded.
 from __future__ import annotations
 
 import dataclasses
-import shlex
 from pathlib import Path
 
 from lmalign import launch, models, training
@@ -46,8 +45,8 @@ def describe(config: Config, run_dir: Path) -> str:
                  f"attention {models.attention(model, hardware, announce=False)}, "
                  f"distributed {hardware.distributed}"))
     if launch.needs_workers(hardware):
-        rows.append(("launch", ("ACCELERATE_USE_CPU=1 " if hardware.accelerator == "cpu" else "")
-                     + shlex.join(launch.command(config, run_dir, port=29500))))
+        rows.append(("launch", launch.shell_command(
+            hardware, launch.command(config, run_dir, port=29500))))
     else:
         rows.append(("launch", "in this process"))
     if config.eval.backend != "none" and config.stage in ("train_eval", "eval"):

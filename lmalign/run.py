@@ -123,20 +123,20 @@ def _train(config: Config, run_dir: Path, start: models.Start,
     if rundir.final_dir(run_dir):
         log.info("training already finished (%s exists): skipping", run_dir / rundir.FINAL)
         return
-    train = get_method(config.method._target_)
+    from lmalign.training import gradient_accumulation  # loads transformers: not before here
+
     if config.model.init_from:
         log.info("starting from %s", start.label)
     log.info("training: method=%s model=%s dataset=%s hardware=%s (global batch %d = %d per "
              "device x %d processes x %d accumulation)", config.method.name, config.model.name,
              config.dataset.name, config.hardware.name, config.method.global_batch_size,
              config.hardware.per_device_batch_size, config.hardware.world_size,
-             config.method.global_batch_size // (config.hardware.per_device_batch_size
-                                                 * config.hardware.world_size))
+             gradient_accumulation(config))
     record.update(train={"status": "running"})
     if launch.needs_workers(config.hardware):
         summary = launch.train_in_workers(config, _worker_config(config), run_dir)
     else:
-        summary = train(config, run_dir, start)
+        summary = get_method(config.method._target_)(config, run_dir, start)
     record.update(train={"status": "done", **summary})
     if summary.get("train_tokens_per_s"):
         log.info("trained %s steps at %.0f tokens/s", summary["global_step"],
@@ -173,11 +173,9 @@ def merge_final(run_dir: Path, model: ModelConfig, config: Config) -> Path:
         log.info("merging into the unquantized base weights")
     loaded = models.load_trained(str(final), model, config.hardware)
     tokenizer = models.load_tokenizer(str(final), model)
-    staging = run_dir / f".{MERGED}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    loaded.merge_and_unload().save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(merged)
+    with rundir.staged_directory(merged) as staging:
+        loaded.merge_and_unload().save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     log.info("merged %s into its base model: %s", final, merged)
     return merged
 

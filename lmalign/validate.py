@@ -15,10 +15,10 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from lmalign import models
+from lmalign.launch import launch_file
 from lmalign.errors import UserError, problem
 from lmalign.schema import Config
 
-REPO = Path(__file__).resolve().parent.parent  # conf/ and launch/ live beside the package
 CHECKPOINT_SELECTOR = re.compile(r"^(base|final|latest|all|checkpoint-\d+|\d+)$")
 LOADING_STAGES = ("train_eval", "train", "eval", "merge")
 
@@ -331,9 +331,8 @@ def _hardware_here(config: Config) -> list[str]:
     import importlib.util
 
     hardware, problems = config.hardware, []
-    launch = hardware.launch_config
-    if launch and not (REPO / launch).exists() and not Path(launch).expanduser().exists():
-        problems.append(problem("hardware.launch_config", launch, "no such file",
+    if hardware.launch_config and not launch_file(hardware).exists():
+        problems.append(problem("hardware.launch_config", hardware.launch_config, "no such file",
                                 "a file in launch/ or a path", "check the name"))
     if hardware.distributed == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append(problem("hardware.distributed", "deepspeed", "DeepSpeed is not installed",

@@ -10,11 +10,7 @@ import csv
 import hashlib
 import io
 import json
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,20 +47,6 @@ def is_complete(cell: Path, need_samples: bool = False) -> bool:
     if not record.exists():
         return False
     return not need_samples or json.loads(record.read_text()).get("has_samples", False)
-
-
-@contextmanager
-def staging_for(cell: Path) -> Iterator[Path]:
-    """A scratch directory that becomes `cell` only when the block finishes without error."""
-    cell.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cell.name}.partial-", dir=cell.parent))
-    try:
-        yield staging
-        if cell.exists():
-            shutil.rmtree(cell)  # an older, incomplete or sample-less copy of the same cell
-        staging.rename(cell)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_record(staging: Path, target: Target, settings: dict[str, Any],

@@ -15,6 +15,7 @@ from lmalign import models
 from lmalign.errors import UserError, problem
 from lmalign.evaluation import cells
 from lmalign.evaluation.cells import Target
+from lmalign.rundir import staged_directory
 from lmalign.schema import EvalConfig, HardwareConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def _evaluate_cell(target: Target, lm, evaluation: EvalConfig, num_fewshot: int,
     cell = cells.cell_dir(run_dir, target, cell_settings)
     log.info("eval %s: %s, %d-shot -> %s", target.label, ",".join(evaluation.tasks), num_fewshot,
              cell.relative_to(run_dir))
-    with cells.staging_for(cell) as staging:
+    with staged_directory(cell) as staging:
         tracker = EvaluationTracker(output_path=str(staging))
         results = simple_evaluate(
             model=lm, tasks=list(evaluation.tasks), num_fewshot=num_fewshot,
