@@ -8,9 +8,10 @@ works offline for models that were never downloaded.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
-from lmalign import launch, models, training
+from lmalign import launch, memory, models, training
 from lmalign.schema import Config
 
 
@@ -23,7 +24,8 @@ def describe(config: Config, run_dir: Path) -> str:
     start_note, architecture = _start(config)
     if start_note:
         rows.append(("starts from", start_note))
-    trainable, total = _parameters(config, architecture)
+    meta = meta_model(config, architecture)
+    trainable, total = models.count_parameters(meta)
     share = f" ({100 * trainable / total:.2f}%)" if total else ""
     peft = {"none": "all weights", "lora": f"LoRA r={method.lora.r} alpha={method.lora.alpha} "
             f"on {method.lora.target_modules}", "prompt_tuning":
@@ -32,21 +34,23 @@ def describe(config: Config, run_dir: Path) -> str:
     rows.append(("parameters", f"{trainable:,} trainable of {total:,}{share}"))
     rows.append(("dataset", f"{dataset.name} ({dataset.source}: {dataset.path or 'synthetic'}, "
                  f"format {dataset.format}, split {dataset.train_split})"))
+    nodes = f" on {hardware.num_nodes} nodes" if hardware.num_nodes > 1 else ""
     rows.append(("batch", f"global {method.global_batch_size} = "
                  f"{hardware.per_device_batch_size} per device x {hardware.world_size} "
-                 f"process(es) x {training.gradient_accumulation(config)} accumulation"))
+                 f"process(es){nodes} x {training.gradient_accumulation(config)} accumulation"))
     length = (f"{method.max_steps} steps" if method.max_steps > 0
               else f"{method.num_train_epochs:g} epoch(s)")
     rows.append(("training", f"{length}, lr {method.learning_rate:g} {method.lr_scheduler_type}, "
                  f"max_length {method.max_length}, packing "
                  f"{method.packing_strategy if method.packing else 'off'}"))
     rows.append(("hardware", f"{hardware.name}: {hardware.accelerator}, {hardware.precision}, "
-                 f"gradient checkpointing {'on' if hardware.gradient_checkpointing else 'off'}, "
+                 f"gradient checkpointing {_checkpointing(hardware)}, "
                  f"attention {models.attention(model, hardware, announce=False)}, "
                  f"distributed {hardware.distributed}"))
+    rows += memory.describe(config, memory.estimate(config, meta))
     if launch.needs_workers(hardware):
         rows.append(("launch", launch.shell_command(
-            hardware, launch.command(config, run_dir, port=29500))))
+            hardware, launch.command(config, run_dir, _meeting(hardware)))))
     else:
         rows.append(("launch", "in this process"))
     if config.eval.backend != "none" and config.stage in ("train_eval", "eval"):
@@ -55,8 +59,31 @@ def describe(config: Config, run_dir: Path) -> str:
                      f"{evaluation.fewshot_values}; checkpoints {evaluation.checkpoints}"))
     width = max(len(k) for k, _ in rows)
     lines = ["plan (dry run: no weights loaded, nothing trained or recorded)"]
-    lines += [f"  {key.ljust(width)}  {value}" for key, value in rows]
+    lines += [f"  {key.ljust(width)}  {value}" for key, value in rows]  # "" continues a row
     return "\n".join(lines)
+
+
+def _checkpointing(hardware) -> str:
+    if hardware.gradient_checkpointing:
+        return "on"
+    if hardware.distributed == "fsdp":
+        from omegaconf import OmegaConf
+
+        fsdp = OmegaConf.load(launch.launch_file(hardware)).get("fsdp_config", {})
+        if fsdp.get("fsdp_activation_checkpointing"):
+            return f"by FSDP ({hardware.launch_config})"
+    return "off"
+
+
+def _meeting(hardware) -> launch.Rendezvous:
+    """The rendezvous as it would be; what only the node that runs it knows is a placeholder."""
+    if hardware.num_nodes == 1 or launch.rendezvous_problems(hardware, os.environ):
+        return launch.Rendezvous(
+            hardware.num_nodes, hardware.node_rank if hardware.node_rank is not None else
+            ("<node-rank>" if hardware.num_nodes > 1 else 0),
+            hardware.main_address or ("<main-node>" if hardware.num_nodes > 1 else "127.0.0.1"),
+            hardware.main_port or launch.MULTI_NODE_PORT)
+    return launch.rendezvous(hardware)
 
 
 def _start(config: Config) -> tuple[str | None, Path | None]:
@@ -75,7 +102,8 @@ def _start(config: Config) -> tuple[str | None, Path | None]:
     return f"{found} ({kind} adapter on {base})", base if (base / "config.json").exists() else None
 
 
-def _parameters(config: Config, architecture_dir: Path | None) -> tuple[int, int]:
+def meta_model(config: Config, architecture_dir: Path | None):
+    """The run's model on the meta device with the method's PEFT wrapper."""
     import torch
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -92,4 +120,4 @@ def _parameters(config: Config, architecture_dir: Path | None) -> tuple[int, int
     peft_config = training.peft_config(method, tokenizer_path="")
     if peft_config is not None:
         meta = get_peft_model(meta, peft_config)
-    return models.count_parameters(meta)
+    return meta

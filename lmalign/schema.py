@@ -129,7 +129,11 @@ class MethodConfig:
 class HardwareConfig:
     name: str
     accelerator: Literal["cpu", "cuda"]
-    world_size: int
+    world_size: int  # processes on all nodes together; the global batch divides by it
+    num_nodes: int
+    node_rank: int | None  # null: SLURM_NODEID inside a SLURM job, else 0
+    main_address: str | None  # null: the first node of the SLURM allocation, else 127.0.0.1
+    main_port: int | None  # null: a free port on one node, 29500 across nodes
     per_device_batch_size: int
     precision: Precision
     supports_bf16: bool  # false for GPUs without bf16 (T4, V100)
@@ -140,6 +144,7 @@ class HardwareConfig:
     launch_config: str | None  # accelerate config in launch/, for the distributed kinds
     dataloader_num_workers: int
     torch_threads: int | None
+    device_memory_gib: float | None  # per device; the plan warns when its estimate exceeds it
 
 
 @dataclass(config=STRICT)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shlex
 
 import pytest
 
 from conftest import lmalign, typed_config
-from lmalign import launch
+from lmalign import launch, training, validate
 from lmalign.errors import UserError
 
 
@@ -55,12 +57,66 @@ def test_zero3_launch_file_gives_deepspeed_the_global_batch_for_8_processes():
 
 def test_launch_command_names_the_profile_file_and_adds_size_precision_rendezvous(tmp_path):
     config = typed_config("hardware=8gpu_fsdp")
-    args = launch.command(config, tmp_path, port=29500)
+    args = launch.command(config, tmp_path, launch.Rendezvous(1, 0, "127.0.0.1", 29500))
     text = shlex.join(args)
     assert "accelerate.commands.launch --config_file" in text and "launch/fsdp2.yaml" in text
     assert "--num_processes 8" in text and "--mixed_precision bf16" in text
     assert "--main_process_port 29500" in text and args[-3:] == ["-m", "lmalign.worker",
                                                                   str(tmp_path.resolve())]
+
+
+def test_two_nodes_meet_at_the_configured_or_slurm_rank_and_address(tmp_path):
+    config = typed_config("hardware=8gpu_fsdp", "hardware.num_nodes=2", "hardware.world_size=16",
+                          "hardware.per_device_batch_size=2", "hardware.node_rank=1",
+                          "hardware.main_address=10.0.0.1")
+    text = shlex.join(launch.command(config, tmp_path))
+    assert ("--num_processes 16 --num_machines 2 --machine_rank 1" in text
+            and "--main_process_ip 10.0.0.1 --main_process_port 29500" in text)
+    assert not launch.is_main_node(config.hardware)
+
+    slurm = {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_NODEID": "0"}
+    hardware = dataclasses.replace(config.hardware, node_rank=None)
+    assert launch.rendezvous(hardware, slurm) == launch.Rendezvous(2, 0, "10.0.0.1", 29500)
+    assert launch.is_main_node(hardware, slurm)
+
+
+def test_multi_node_problems_name_what_is_missing():
+    hardware = typed_config("hardware=8gpu_fsdp", "hardware.num_nodes=2",
+                            "hardware.world_size=16", "hardware.per_device_batch_size=2").hardware
+    problems = launch.rendezvous_problems(hardware, {})
+    assert [p.split(":")[0] for p in problems] == ["hardware.node_rank=None",
+                                                   "hardware.main_address=None"]
+    with pytest.raises(UserError, match=r"hardware.num_nodes=2: this SLURM job has 1 node\(s\).*"
+                       r"fix: hardware.num_nodes=1, or submit with --nodes=2"):
+        launch.rendezvous(hardware, {"SLURM_JOB_NODELIST": "gpu07", "SLURM_NNODES": "1",
+                                     "SLURM_NODEID": "0"})
+    with pytest.raises(UserError, match=r"hardware.num_nodes=3: hardware.world_size=16 processes "
+                       r"do not divide evenly over the nodes"):
+        typed_config("hardware=8gpu_fsdp", "hardware.num_nodes=3", "hardware.world_size=16")
+
+
+def test_bf16_falls_back_to_fp16_only_when_the_profile_chose_it():
+    config = typed_config("hardware=a100")
+    fitted, problems = validate.fit_to_gpus(config, set(), visible=1, bf16_supported=False,
+                                            device_name="Tesla V100")
+    assert problems == [] and fitted.hardware.precision == "fp16"
+    _, problems = validate.fit_to_gpus(config, {"hardware.precision"}, visible=1,
+                                       bf16_supported=False, device_name="Tesla V100")
+    assert problems == ["hardware.precision='bf16': this GPU (Tesla V100) has no bf16 support; "
+                        "allowed: fp16 or fp32 here; fix: hardware.precision=fp16, or hardware=t4"]
+
+
+def test_more_processes_than_gpus_shrinks_a_profile_default_but_not_an_explicit_request():
+    config = typed_config("hardware=8gpu_fsdp")
+    fitted, problems = validate.fit_to_gpus(config, set(), visible=4, bf16_supported=True,
+                                            device_name="A100")
+    assert problems == [] and fitted.hardware.world_size == 4
+    assert training.gradient_accumulation(fitted) == 2  # the global batch stays 32
+    _, problems = validate.fit_to_gpus(config, {"hardware.world_size"}, visible=4,
+                                       bf16_supported=True, device_name="A100")
+    assert problems == ["hardware.world_size=8: 8 processes per node but 4 visible GPU(s); "
+                        "allowed: at most 4 per node here; fix: hardware.world_size=4 (the global "
+                        "batch stays the same)"]
 
 
 def test_fsdp_on_a_cpu_is_refused_not_silently_run_as_ddp():
@@ -80,12 +136,23 @@ def test_bf16_on_a_t4_is_one_line(tmp_path, lmalign_cache):
         "weights and fp16/fp32 precision on this hardware; fix: model.dtype=float16"]
 
 
-def test_gpu_profiles_plan_offline(tmp_path, lmalign_cache):
+def test_gpu_profiles_plan_offline_with_memory_within_15_percent_of_accelerate(
+        tmp_path, lmalign_cache):
+    gaps = {}
     for hardware in ("t4", "a100", "8gpu_fsdp", "8gpu_zero3"):
         result = lmalign("model=smollm2_1.7b", f"hardware={hardware}", "dry_run=true",
                          cwd=tmp_path, cache=lmalign_cache, env={"HF_HUB_OFFLINE": "1"},
                          check=True)
         assert f"hardware       {hardware}: cuda" in result.stdout
+        per_device = float(re.search(r"memory +([\d.]+) GiB per device", result.stdout)[1])
+        accelerate = float(re.search(r"accelerate's estimator on the same model: ([\d.]+) GiB",
+                                     result.stdout)[1])
+        gaps[hardware] = per_device / accelerate - 1
+        fits = "does not fit" not in result.stdout
+        assert fits == (hardware != "t4"), result.stdout  # 1.7B full fine-tuning needs > 16 GB
+    assert all(abs(gap) <= 0.15 for gap in gaps.values()), gaps
+    # Sharded over 8, a device holds an eighth of the single-GPU mixed-precision state.
+    assert gaps["8gpu_fsdp"] == pytest.approx(gaps["t4"], abs=0.01)
 
 
 @pytest.mark.slow

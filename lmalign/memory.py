@@ -1,0 +1,167 @@
+"""Per-device memory for weights, gradients and optimizer state: the dry-run plan's estimate.
+
+Counted parameter by parameter on the model built on the meta device (with the method's PEFT
+wrapper, so frozen and trained parameters are known), in the dtypes the run really keeps:
+
+- one process or DDP: each tensor in the dtype it is loaded in. bf16 profiles load bf16 weights
+  and AdamW keeps its two moments in the parameter's dtype; the fp16 profile loads the weights it
+  trains in fp32 (its gradient scaler refuses fp16 parameters); PEFT keeps adapters in fp32, but
+  TRL casts QLoRA adapters to bf16. Quantized weights take 4 or 8 bits.
+  DDP's gradient buckets hold one more copy of the gradients.
+- FSDP2 with bf16/fp16: accelerate upcasts trained parameters to fp32 before sharding.
+- ZeRO-3 with bf16/fp16: DeepSpeed casts the model to 16 bits and its optimizer keeps fp32 master
+  weights and fp32 moments, 12 bytes per trained parameter (the ZeRO paper's accounting).
+- FSDP and ZeRO-3 divide all of it by the number of processes.
+- DPO training all weights holds a frozen reference model beside the policy.
+
+Activations are not included: they depend on batch size, sequence length and checkpointing.
+accelerate's own estimator (`accelerate estimate-memory`) is run on the same meta model as a
+cross-check; it models training all weights, so it is reported only for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmalign import models
+from lmalign.schema import Config
+
+GIB = 1024**3
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_QUANTIZED_BYTES = {"4bit": 0.5, "8bit": 1.0}  # quantization constants not counted
+_ADAPTER_BYTES = 4  # PEFT autocasts adapter weights to fp32...
+_QLORA_ADAPTER_BYTES = 2  # ...but TRL casts them to bf16 on quantized models (the QLoRA paper's)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per device."""
+    weights: float
+    gradients: float
+    optimizer: float
+    reference: float  # DPO's frozen reference model
+    shards: int  # processes the state is divided over (1 = replicated)
+    accelerate: float | None  # accelerate's estimator on the same model, where comparable
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.reference
+
+
+def estimate(config: Config, meta_model) -> Estimate:
+    """meta_model: the run's model on the meta device, PEFT wrapper applied."""
+    model, method, hardware = config.model, config.method, config.hardware
+    trains_all = method.peft == "none"
+    mixed = hardware.precision != "fp32"
+    trained_dtype = models.torch_dtype(model, hardware, trains_weights=trains_all)
+    frozen_dtype = models.torch_dtype(model, hardware, trains_weights=False)
+    if trains_all:
+        trained_bytes = _DTYPE_BYTES[_name(trained_dtype)]
+    else:
+        trained_bytes = _ADAPTER_BYTES if model.quantization == "none" else _QLORA_ADAPTER_BYTES
+    frozen_bytes = _DTYPE_BYTES[_name(frozen_dtype)]
+    zero3_mixed = hardware.distributed == "deepspeed" and mixed
+    if hardware.distributed == "fsdp" and mixed:
+        trained_bytes = 4
+    if zero3_mixed:
+        trained_bytes = frozen_bytes = 2
+
+    quantized = _quantized_parameters(meta_model) if model.quantization != "none" else set()
+    weights = gradients = optimizer = 0.0
+    trained = 0
+    for name, parameter in meta_model.named_parameters():
+        count = parameter.numel()
+        if parameter.requires_grad:
+            trained += count
+            weights += count * trained_bytes
+            gradients += count * trained_bytes
+            optimizer += count * (12 if zero3_mixed else 2 * trained_bytes)
+        elif name in quantized:
+            weights += count * _QUANTIZED_BYTES[model.quantization]
+        else:
+            weights += count * frozen_bytes
+    if hardware.distributed == "ddp":
+        gradients *= 2  # DDP's buckets copy the gradients (gradient_as_bucket_view is off)
+    reference = 0.0
+    if method.name == "dpo" and trains_all:
+        reference = sum(p.numel() for p in meta_model.parameters()) * frozen_bytes
+    shards = hardware.world_size if hardware.distributed in ("fsdp", "deepspeed") else 1
+    comparable = trains_all and model.quantization == "none" and trained == _count(meta_model)
+    return Estimate(weights=weights / shards, gradients=gradients / shards,
+                    optimizer=optimizer / shards, reference=reference / shards, shards=shards,
+                    accelerate=_accelerate(config, meta_model) if comparable else None)
+
+
+def describe(config: Config, found: Estimate) -> list[tuple[str, str]]:
+    """The plan's rows."""
+    spread = f", divided over {found.shards} processes" if found.shards > 1 else ""
+    reference = f" + reference model {_gib(found.reference)}" if found.reference else ""
+    rows = [("memory", f"{_gib(found.total)} per device before activations: weights "
+             f"{_gib(found.weights)} + gradients {_gib(found.gradients)} + optimizer "
+             f"{_gib(found.optimizer)}{reference}{spread}")]
+    if found.accelerate is not None:
+        gap = round(100 * (found.total - found.reference - found.accelerate) / found.accelerate) + 0
+        why = []
+        if config.hardware.precision != "fp32" and _keeps_fp32_masters(config):
+            why.append("it counts gradients at 1.5x under mixed precision")
+        if config.hardware.distributed == "ddp":
+            why.append("it leaves out DDP's gradient buckets")
+        policy = " (policy alone)" if found.reference else ""
+        rows.append(("", f"accelerate's estimator on the same model{policy}: "
+                     f"{_gib(found.accelerate)}, "
+                     f"lmalign's is {gap:+d}%{(': ' + '; '.join(why)) if why else ''}"))
+    capacity = config.hardware.device_memory_gib
+    if capacity and found.total > capacity * GIB:
+        rows.append(("", f"does not fit: {_gib(found.total)} > {capacity:g} GiB on "
+                     f"hardware={config.hardware.name} before any activation; try method=lora, "
+                     "model.quantization=4bit or a sharded profile (hardware=8gpu_fsdp)"))
+    return rows
+
+
+def _accelerate(config: Config, meta_model) -> float:
+    """accelerate's estimate (model + gradients + Adam, batch 1, no activations) per device."""
+    from accelerate.commands.estimate import estimate_training_usage
+    from accelerate.utils import calculate_maximum_sizes
+
+    hardware = config.hardware
+    size, _ = calculate_maximum_sizes(meta_model)
+    size = size * 4 // _DTYPE_BYTES[_name(next(meta_model.parameters()).dtype)]  # as fp32
+    # No fp32 master copy (pure bf16 on one device or DDP): accelerate's no-AMP formula
+    # ("float32") applies to the 16-bit size.
+    if _keeps_fp32_masters(config):
+        mode = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[hardware.precision]
+        usage = estimate_training_usage(size, mode)
+    else:
+        usage = estimate_training_usage(size // 2, "float32")
+    total = usage["model"] + usage["gradients"] + usage["optimizer"]
+    shards = hardware.world_size if hardware.distributed in ("fsdp", "deepspeed") else 1
+    return total / shards
+
+
+def _keeps_fp32_masters(config: Config) -> bool:
+    import torch
+
+    hardware = config.hardware
+    return hardware.precision == "fp32" or hardware.distributed in ("fsdp", "deepspeed") or (
+        models.torch_dtype(config.model, hardware, trains_weights=True) == torch.float32)
+
+
+def _quantized_parameters(meta_model) -> set[str]:
+    """Frozen Linear weights that bitsandbytes quantizes: every Linear but the output head."""
+    import torch
+
+    return {f"{name}.weight" for name, module in meta_model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+            and not module.weight.requires_grad}
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _gib(size: float) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= 0.01 * GIB else f"{size / 1024**2:.1f} MiB"
