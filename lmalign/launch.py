@@ -11,15 +11,18 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmalign import rundir
-from lmalign.errors import TrainingStopped
+from lmalign.errors import TrainingStopped, UserError, problem
 from lmalign.schema import Config, HardwareConfig
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,7 @@ RESOLVED_CONFIG = "resolved_config.json"   # what the workers read
 LAUNCH_COMMAND = "launch_command.sh"       # what was run, to re-run by hand
 TRAIN_SUMMARY = "train_summary.json"       # the main worker's summary for the driver's run.json
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+MULTI_NODE_PORT = 29500  # every node must agree on it, so it cannot be picked free
 
 
 def needs_workers(hardware: HardwareConfig) -> bool:
@@ -46,14 +50,80 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def command(config: Config, run_dir: Path, port: int | None = None) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this node's workers meet the others: accelerate's machine arguments."""
+    num_machines: int
+    machine_rank: int
+    main_address: str
+    main_port: int
+
+
+def rendezvous(hardware: HardwareConfig, environ: Mapping[str, str] = os.environ) -> Rendezvous:
+    """From the config where set, else from the SLURM allocation; one node meets on 127.0.0.1."""
+    if hardware.num_nodes == 1:
+        return Rendezvous(1, 0, "127.0.0.1", hardware.main_port or _free_port())
+    problems = rendezvous_problems(hardware, environ)
+    if problems:
+        raise UserError(problems)
+    rank = hardware.node_rank if hardware.node_rank is not None else int(environ["SLURM_NODEID"])
+    address = hardware.main_address or _slurm_hostnames(environ["SLURM_JOB_NODELIST"])[0]
+    return Rendezvous(hardware.num_nodes, rank, address, hardware.main_port or MULTI_NODE_PORT)
+
+
+def rendezvous_problems(hardware: HardwareConfig, environ: Mapping[str, str]) -> list[str]:
+    if hardware.num_nodes == 1:
+        return []
+    problems = []
+    in_slurm = "SLURM_JOB_NODELIST" in environ
+    if in_slurm and environ.get("SLURM_NNODES") != str(hardware.num_nodes):
+        problems.append(problem(
+            "hardware.num_nodes", hardware.num_nodes, f"this SLURM job has "
+            f"{environ.get('SLURM_NNODES')} node(s)", "the job's node count",
+            f"hardware.num_nodes={environ.get('SLURM_NNODES')}, or submit with "
+            f"--nodes={hardware.num_nodes}"))
+    if hardware.node_rank is None and "SLURM_NODEID" not in environ:
+        problems.append(problem(
+            "hardware.node_rank", None, f"{hardware.num_nodes} nodes outside SLURM need each "
+            "node's rank", f"0 to {hardware.num_nodes - 1}, one per node",
+            "hardware.node_rank=0 on the main node, 1 on the next, ..."))
+    if not hardware.main_address:
+        if not in_slurm:
+            problems.append(problem(
+                "hardware.main_address", None, f"{hardware.num_nodes} nodes outside SLURM need "
+                "the main node's address", "a host name or IP that every node reaches",
+                "hardware.main_address=<node 0's address>"))
+        elif shutil.which("scontrol") is None:
+            problems.append(problem(
+                "hardware.main_address", None, "the SLURM node list cannot be expanded: "
+                "scontrol is not on PATH", "a host name or IP that every node reaches",
+                "hardware.main_address=<node 0's address>"))
+    return problems
+
+
+def is_main_node(hardware: HardwareConfig, environ: Mapping[str, str] = os.environ) -> bool:
+    """Only the main node's driver records the run and evaluates; the others only train."""
+    return hardware.num_nodes == 1 or rendezvous(hardware, environ).machine_rank == 0
+
+
+def _slurm_hostnames(nodelist: str) -> list[str]:
+    """SLURM's own expansion of a compressed node list (node[01-04] -> node01 ... node04)."""
+    found = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                           text=True, check=True)
+    return found.stdout.split()
+
+
+def command(config: Config, run_dir: Path, meeting: Rendezvous | None = None) -> list[str]:
     hardware = config.hardware
+    meeting = meeting or rendezvous(hardware)
     args = [sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(launch_file(hardware)),
             "--num_processes", str(hardware.world_size),
-            "--num_machines", "1", "--machine_rank", "0",
+            "--num_machines", str(meeting.num_machines),
+            "--machine_rank", str(meeting.machine_rank),
             "--mixed_precision", _MIXED_PRECISION[hardware.precision],
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port or _free_port())]
+            "--main_process_ip", meeting.main_address,
+            "--main_process_port", str(meeting.main_port)]
     if hardware.distributed == "deepspeed":
         args += ["--deepspeed_config_file", str(launch_file(hardware).with_suffix(".json"))]
     return args + ["-m", "lmalign.worker", str(Path(run_dir).resolve())]
@@ -73,11 +143,15 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
     """Run training in `world_size` worker processes; return the main worker's summary."""
     rundir.atomic_write_json(run_dir / RESOLVED_CONFIG, container)
     (run_dir / TRAIN_SUMMARY).unlink(missing_ok=True)
-    args = command(config, run_dir)
-    rundir.atomic_write_text(run_dir / LAUNCH_COMMAND, "#!/usr/bin/env bash\n"
-                             + shell_command(config.hardware, args) + "\n")
-    log.info("launching %d worker processes (%s): %s", config.hardware.world_size,
-             config.hardware.distributed, shlex.join(args))
+    meeting = rendezvous(config.hardware)
+    args = command(config, run_dir, meeting)
+    if meeting.machine_rank == 0:
+        rundir.atomic_write_text(run_dir / LAUNCH_COMMAND, "#!/usr/bin/env bash\n"
+                                 + shell_command(config.hardware, args) + "\n")
+    log.info("launching %d worker processes (%s)%s: %s",
+             config.hardware.world_size // meeting.num_machines, config.hardware.distributed,
+             f" on node {meeting.machine_rank} of {meeting.num_machines}"
+             if meeting.num_machines > 1 else "", shlex.join(args))
     process = subprocess.Popen(args, env=environment(config.hardware), start_new_session=True)
     received: list[int] = []
     forwarded = _forward_signals(process, received)
@@ -93,6 +167,8 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
     if code != 0:
         raise RuntimeError(f"the {config.hardware.world_size} training workers exited {code}; "
                            f"their output is above, the command in {run_dir / LAUNCH_COMMAND}")
+    if meeting.machine_rank != 0:
+        return {}  # the main node's driver reads the summary and records the run
     if not (run_dir / TRAIN_SUMMARY).exists():  # the workers stopped on a signal, cleanly
         cause = f"signal {received[0]} (forwarded to the workers)" if received else "a signal"
         saved = rundir.complete_checkpoints(run_dir)

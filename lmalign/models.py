@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmalign import embedded
+from lmalign import embedded, rundir
 from lmalign.errors import UserError, problem
 from lmalign.schema import Config, HardwareConfig, ModelConfig, PeftKind
 
@@ -216,9 +217,40 @@ def load_start(start: Start, model: ModelConfig, hardware: HardwareConfig,
     return loaded.merge_and_unload()
 
 
+FSDP_SHARDS = "pytorch_model_fsdp_0"  # accelerate's sharded model state inside a checkpoint
+CONSOLIDATED = "consolidated"
+
+
+def loadable(path: Path) -> Path:
+    """A checkpoint as a directory from_pretrained reads. An FSDP checkpoint's sharded state
+    (SHARDED_STATE_DICT, one file per rank) is merged once by accelerate into
+    <checkpoint>/consolidated/, with the architecture the run saved beside its checkpoints."""
+    shards = path / FSDP_SHARDS
+    if not shards.is_dir() or (path / "config.json").exists() or (path / ADAPTER_CONFIG).exists():
+        return path
+    target = path / CONSOLIDATED
+    if (target / "config.json").exists():
+        return target
+    architecture = path.parent / "config.json"
+    if not architecture.exists():
+        raise UserError(problem("eval.checkpoints", path.name, "an FSDP checkpoint without the "
+                                f"model config its run saves in {path.parent}",
+                                "checkpoints of runs that saved it, or final", "eval.checkpoints="
+                                "[final]"))
+    from accelerate.utils import merge_fsdp_weights
+
+    log.info("consolidating the FSDP shards of %s (once)", path)
+    with rundir.staged_directory(target) as staging:
+        merge_fsdp_weights(str(shards), str(staging), safe_serialization=True)
+        shutil.copy(architecture, staging / "config.json")
+    return target
+
+
 def load_trained(path: str, model: ModelConfig, hardware: HardwareConfig,
                  revision: str | None = None):
     """A checkpoint or final/ as saved: full weights, or an adapter on its recorded base."""
+    if revision is None and Path(path).is_dir():
+        path = str(loadable(Path(path)))
     info = adapter_config(path)
     if info is None:
         return load_model(path, model, hardware, revision)

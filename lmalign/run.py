@@ -27,12 +27,12 @@ EVAL_STAGES = ("train_eval", "eval")
 
 
 def run_job(cfg: DictConfig) -> None:
-    config = validate(OmegaConf.to_container(cfg, resolve=True))
+    hydra_cfg = HydraConfig.get()
+    explicit = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+    config = validate(OmegaConf.to_container(cfg, resolve=True), explicit_keys=explicit)
     secrets.export(config.secrets)
     secrets.scrub_argv(secrets.secret_values(config.secrets))
-    hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    explicit = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
     if config.dry_run:
         from lmalign import plan
 
@@ -78,6 +78,13 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
 
     if config.hardware.torch_threads:
         torch.set_num_threads(config.hardware.torch_threads)
+    if not launch.is_main_node(config.hardware):
+        # The other nodes start their share of the workers; the main node records and evaluates.
+        if config.stage in TRAINING_STAGES and not rundir.final_dir(run_dir):
+            launch.train_in_workers(config, _worker_config(config), run_dir)
+        log.info("node %d of %d: training done; node 0 records the run and evaluates",
+                 launch.rendezvous(config.hardware).machine_rank, config.hardware.num_nodes)
+        return
     record = rundir.RunRecord(run_dir, config.stage)
     log.info("run directory: %s", run_dir.resolve())
     evaluating = config.stage in EVAL_STAGES and config.eval.backend != "none"

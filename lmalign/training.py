@@ -228,6 +228,10 @@ def train_and_save(trainer, config: Config, run_dir: Path) -> dict[str, Any]:
     memory: dict[str, float | None] = {}
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
+    if trainer.is_fsdp_enabled and trainer.is_world_process_zero():
+        # Sharded checkpoints hold tensors only; this lets models.loadable() rebuild a model.
+        trainer.accelerator.unwrap_model(trainer.model).config.save_pretrained(
+            run_dir / rundir.CHECKPOINTS)
     with peak_memory(memory):
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(config, run_dir))
     if stopper.stopped_at is not None:
@@ -245,6 +249,10 @@ def save_final(trainer, run_dir: Path) -> Path:
     staging = run_dir / ".final.partial"
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
+    if trainer.is_fsdp_enabled:
+        # Checkpoints stay sharded (one file per rank, fast to save and resume from); final/ is
+        # gathered into one model that loads anywhere.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     model = trainer.accelerator.unwrap_model(trainer.model)
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # TRL's frozen copy for DPO's reference: not part of the result

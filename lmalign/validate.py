@@ -4,34 +4,44 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import socket
 import types
 import typing
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from lmalign import models
-from lmalign.launch import launch_file
+from lmalign.launch import launch_file, rendezvous_problems
 from lmalign.errors import UserError, problem
 from lmalign.schema import Config
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SELECTOR = re.compile(r"^(base|final|latest|all|checkpoint-\d+|\d+)$")
 LOADING_STAGES = ("train_eval", "train", "eval", "merge")
 
 
-def validate(container: dict[str, Any], check_environment: bool = True) -> Config:
-    """Typed Config from a resolved config dict, or UserError listing every problem."""
+def validate(container: dict[str, Any], check_environment: bool = True,
+             explicit_keys: Collection[str] = ()) -> Config:
+    """Typed Config from a resolved config dict, or UserError listing every problem.
+
+    explicit_keys: the keys the user set on the command line. What this machine cannot do is an
+    error for those and an announced fallback for profile defaults (DESIGN, Errors).
+    """
     try:
         config = TypeAdapter(Config).validate_python(container)
     except ValidationError as exc:
         raise UserError(describe_type_errors(exc, container)) from None
     problems = check_combinations(config)
     if check_environment:
-        problems += check_environment_for(config)
+        config, found = check_environment_for(config, explicit_keys)
+        problems += found
     if problems:
         raise UserError(problems)
     return config
@@ -247,6 +257,16 @@ def check_combinations(config: Config) -> list[str]:
     if hardware.world_size < 1:
         problems.append(problem("hardware.world_size", hardware.world_size, "no processes",
                                 "1 or more", "hardware.world_size=1"))
+    if hardware.num_nodes < 1 or hardware.world_size % hardware.num_nodes:
+        problems.append(problem(
+            "hardware.num_nodes", hardware.num_nodes, f"hardware.world_size={hardware.world_size} "
+            "processes do not divide evenly over the nodes", "a divisor of hardware.world_size "
+            "(world_size counts the processes on all nodes)",
+            f"hardware.world_size={hardware.world_size * max(hardware.num_nodes, 1)} for "
+            f"{hardware.world_size} per node"))
+    elif hardware.node_rank is not None and not 0 <= hardware.node_rank < hardware.num_nodes:
+        problems.append(problem("hardware.node_rank", hardware.node_rank, "not a node of this run",
+                                f"0 to {hardware.num_nodes - 1}", "hardware.node_rank=0"))
     if hardware.world_size > 1 and hardware.distributed == "none":
         problems.append(problem(
             "hardware.distributed", "none", f"{hardware.world_size} processes need a distributed "
@@ -302,10 +322,12 @@ def check_combinations(config: Config) -> list[str]:
 # Environment: what must exist on this machine for the run to go ahead.
 
 
-def check_environment_for(config: Config) -> list[str]:
+def check_environment_for(config: Config,
+                          explicit_keys: Collection[str] = ()) -> tuple[Config, list[str]]:
+    """(the config with announced fallbacks applied, problems)."""
     problems: list[str] = []
     if config.stage not in LOADING_STAGES or config.dry_run:
-        return problems
+        return config, problems
     if config.model.source == "pretrained" and not config.model.init_from:
         issue = model_availability(config.model.name_or_path, config.model.revision)
         if issue:
@@ -322,11 +344,11 @@ def check_environment_for(config: Config) -> list[str]:
         issue = quantization_problem(config.model, config.hardware)
         if issue:
             problems.append(issue)
-    problems += _hardware_here(config)
-    return problems
+    config, found = _hardware_here(config, explicit_keys)
+    return config, problems + found
 
 
-def _hardware_here(config: Config) -> list[str]:
+def _hardware_here(config: Config, explicit_keys: Collection[str]) -> tuple[Config, list[str]]:
     """What the hardware profile asks of this machine, checked on this machine."""
     import importlib.util
 
@@ -344,26 +366,56 @@ def _hardware_here(config: Config) -> list[str]:
                                 "flash-attn is not installed", "sdpa, eager, or flash_attention_2 "
                                 "with flash-attn installed", "pip install flash-attn, or "
                                 "model.attn_implementation=sdpa"))
+    problems += rendezvous_problems(hardware, os.environ)
     if hardware.accelerator != "cuda":
-        return problems
+        return config, problems
     import torch
 
     if not torch.cuda.is_available():
-        return problems + [problem(
+        return config, problems + [problem(
             "hardware", hardware.name, "needs a CUDA GPU but none is visible",
             "hardware=cpu or cpu_ddp on a machine without GPUs", "hardware=cpu")]
-    visible = torch.cuda.device_count()
-    if hardware.world_size > visible:
-        problems.append(problem(
-            "hardware.world_size", hardware.world_size, f"more processes than the {visible} "
-            "visible GPU(s)", f"at most {visible} on this machine",
-            f"hardware.world_size={visible} (the global batch stays the same)"))
-    if "bf16" in (hardware.precision, _short(config.model.dtype)) and \
-            not torch.cuda.is_bf16_supported():
-        problems.append(problem(
-            "hardware.precision", hardware.precision, f"this GPU ({torch.cuda.get_device_name()}) "
-            "has no bf16 support", "fp16 or fp32 here", "hardware=t4, or hardware.precision=fp16"))
-    return problems
+    config, found = fit_to_gpus(config, explicit_keys, torch.cuda.device_count(),
+                                torch.cuda.is_bf16_supported(), torch.cuda.get_device_name())
+    return config, problems + found
+
+
+def fit_to_gpus(config: Config, explicit_keys: Collection[str], visible: int,
+                bf16_supported: bool, device_name: str) -> tuple[Config, list[str]]:
+    """More processes per node than GPUs, and bf16 where the GPU has none: an error when the
+    user asked for it, else the profile's value falls back with a one-line notice."""
+    hardware, model, problems = config.hardware, config.model, []
+    per_node = hardware.world_size // hardware.num_nodes
+    if per_node > visible:
+        fitted = visible * hardware.num_nodes
+        per_step = hardware.per_device_batch_size * fitted
+        if "hardware.world_size" in explicit_keys or config.method.global_batch_size % per_step:
+            problems.append(problem(
+                "hardware.world_size", hardware.world_size, f"{per_node} processes per node but "
+                f"{visible} visible GPU(s)", f"at most {visible} per node here",
+                f"hardware.world_size={fitted} (the global batch stays the same)"))
+        else:
+            log.warning("hardware=%s runs %d processes per node but %d GPU(s) are visible: "
+                        "using world_size=%d; the global batch stays %d with more accumulation",
+                        hardware.name, per_node, visible, fitted, config.method.global_batch_size)
+            hardware = dataclasses.replace(hardware, world_size=fitted)
+    bf16_keys = [key for key, value in (("hardware.precision", hardware.precision),
+                                        ("model.dtype", _short(model.dtype))) if value == "bf16"]
+    if bf16_keys and not bf16_supported:
+        asked = [key for key in bf16_keys if key in explicit_keys]
+        for key in asked:
+            problems.append(problem(
+                key, getattr(hardware if key.startswith("hardware") else model, key.split(".")[1]),
+                f"this GPU ({device_name}) has no bf16 support", "fp16 or fp32 here",
+                f"{key}={'fp16' if key.startswith('hardware') else 'float16'}, or hardware=t4"))
+        if not asked:
+            log.warning("%s has no bf16 support: training with fp16 mixed precision instead of "
+                        "hardware=%s's bf16 (set hardware.precision=fp32 for full precision)",
+                        device_name, hardware.name)
+            hardware = dataclasses.replace(hardware, precision="fp16", supports_bf16=False)
+            if model.dtype == "bfloat16":
+                model = dataclasses.replace(model, dtype="auto")
+    return dataclasses.replace(config, hardware=hardware, model=model), problems
 
 
 def hub_offline() -> bool:

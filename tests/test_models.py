@@ -92,3 +92,28 @@ def test_quantization_is_probed_by_running_it():
         line = models.quantization_problem(config.model, cuda)
         assert line.startswith("model.quantization='4bit': bitsandbytes cannot run 4bit layers "
                                "on cuda here")
+
+
+def test_an_fsdp_sharded_checkpoint_is_consolidated_once_into_a_loadable_model(tmp_path,
+                                                                                lmalign_cache):
+    """The checkpoint is written the way accelerate's save_fsdp_model writes SHARDED_STATE_DICT
+    (torch.distributed.checkpoint, {"model": state}); FSDP itself needs GPUs."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    config = typed_config(f"cache_dir={lmalign_cache}")
+    trained = models.load_model(models.resolve(config.model, lmalign_cache), config.model,
+                                config.hardware)
+    with torch.no_grad():
+        trained.model.norm.weight.add_(1.0)  # differs from the seed's weights
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-10"
+    dcp.save({"model": trained.state_dict()}, checkpoint_id=checkpoint / models.FSDP_SHARDS)
+    trained.config.save_pretrained(checkpoint.parent)  # what train_and_save writes under FSDP
+
+    loaded = models.load_trained(str(checkpoint), config.model, config.hardware)
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, msg=name)
+    consolidated = checkpoint / models.CONSOLIDATED / "model.safetensors"
+    first = consolidated.stat().st_mtime_ns
+    models.load_trained(str(checkpoint), config.model, config.hardware)
+    assert consolidated.stat().st_mtime_ns == first  # merged once, then reused
