@@ -65,3 +65,59 @@ class ComparisonTableCallback(Callback):
         table = report.write_comparison(self.run_dirs, sweep_dir)
         print(f"\n{config.get('comparison') or 'comparison'} "
               f"({sweep_dir / report.COMPARISON_FILE}):\n{table}\n", flush=True)
+
+
+# The sweep in progress and the error of the job in progress (a user error is caught inside the
+# job, so Hydra reports it as completed).
+current_sweep: Path | None = None
+job_error: list[str] = []
+job_cells: list[str] = []  # the cells the job in progress asked for, relative to its run dir
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """The jobs a multirun makes from its overrides, expanded by Hydra's own basic sweeper."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+class SweepJobsCallback(Callback):
+    """<sweep>/jobs/: the expected jobs, then one record per started job (overrides, run
+    directory, outcome), so stage=report names failed and missing jobs. Hydra's sweeper raises
+    on a failed job before on_multirun_end, so collation runs from the CLI (lmalign.cli)."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        global current_sweep
+        if config.get("dry_run"):
+            return
+        from lmalign import report, rundir
+
+        current_sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
+        rundir.atomic_write_json(current_sweep / report.JOBS_DIR / report.EXPECTED_JOBS,
+                                 expand_sweep(list(config.hydra.overrides.task)))
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        job_error.clear()
+        job_cells.clear()
+        self._record(config, "running")
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        failed = job_return.status == JobStatus.FAILED
+        error = (f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+                 if failed else "; ".join(job_error) or None)
+        self._record(config, "failed" if failed or job_error else "done", error)
+
+    @staticmethod
+    def _record(config: Any, status: str, error: str | None = None) -> None:
+        if current_sweep is None or config.hydra.job.get("num") is None:
+            return
+        from lmalign import report, rundir
+
+        rundir.atomic_write_json(current_sweep / report.JOBS_DIR / f"{config.hydra.job.num}.json", {
+            "num": config.hydra.job.num, "overrides": list(config.hydra.overrides.task),
+            "run_dir": str(Path(config.hydra.runtime.output_dir).resolve()), "status": status,
+            "error": error, "cells": list(job_cells)})

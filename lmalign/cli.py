@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lmalign import callbacks
 from lmalign.errors import EXIT_USER_ERROR, TrainingStopped, UserError, report
 
 # PEFT calls transformers' renamed property; nothing a user can act on.
@@ -42,21 +43,20 @@ _shared_run_dirs: dict[int, tuple[str, int]] = {}
 _stashed_for: dict[str, int] = {}
 
 
-def _sweep_subdir(root: str, run_name: str | None, job_num: int) -> str:
+def _sweep_subdir(root: str, run_name: str | None, job_num: int, stage: str = "train_eval") -> str:
     # A sweep job with a run_name lives in <runs_root>/<run_name> like a single run, so chained
     # runs find each other (Hydra joins the sweep dir with an absolute subdir to the subdir).
-    # Two jobs of one sweep must not share it: the later one is kept in the sweep directory and
-    # refused before it starts (see _hydra_job), so it cannot overwrite the other's record.
+    # Two training jobs of one sweep must not share it: the later one is kept in the sweep
+    # directory and refused before it starts (see _hydra_job), so it cannot overwrite the other's
+    # record. Evaluation jobs may share a run: each writes its own cells.
     # Hydra rewrites the job's record right after resolving this, before any callback runs: keep
     # what was there, as RunRecordCallback does for single runs.
-    from lmalign import callbacks
-
     if not run_name:
         callbacks.stash_record(None)
         return str(job_num)
     path = os.path.abspath(os.path.join(root, run_name))
     owner = _sweep_run_dirs.setdefault(path, job_num)
-    if owner != job_num:
+    if owner != job_num and stage not in ("eval", "report"):
         _shared_run_dirs[job_num] = (path, owner)
         callbacks.stash_record(None)
         return str(job_num)
@@ -69,7 +69,8 @@ def _sweep_subdir(root: str, run_name: str | None, job_num: int) -> str:
 def _record_subdir(stage: str, dry_run: bool = False) -> str | None:
     # Training writes `.hydra/`; a later eval of the same run keeps its own record beside it.
     # A dry run records nothing: it must not overwrite the record of a run that has trained.
-    if dry_run:
+    # Nor does a report: it only reads.
+    if dry_run or stage == "report":
         return None
     return ".hydra" if stage in ("train_eval", "train") else f".hydra/{stage}"
 
@@ -101,8 +102,10 @@ def _hydra_job(cfg: DictConfig) -> None:
         run_job(cfg)
     except UserError as exc:
         _user_errors.append(exc)
+        callbacks.job_error.extend(exc.problems)
     except TrainingStopped as exc:
         _stopped.append(exc)
+        callbacks.job_error.append(f"stopped: {exc}")
 
 
 def main() -> None:
@@ -117,6 +120,8 @@ def main() -> None:
             raise
         report(diagnose(_overrides_from_argv()) or [_message(exc)])
         sys.exit(EXIT_USER_ERROR)
+    finally:
+        _collate_sweep()
     for exc in _stopped:
         print(f"stopped: {exc}", file=sys.stderr)
     if _user_errors:
@@ -125,6 +130,23 @@ def main() -> None:
         sys.exit(EXIT_USER_ERROR)
     if _stopped:
         sys.exit(1)
+
+
+def _collate_sweep() -> None:
+    """A multirun ends with stage=report on its sweep directory, also when a job failed."""
+    if callbacks.current_sweep is None:
+        return
+    from lmalign import report as summary
+
+    jobs, rows = summary.collate(callbacks.current_sweep)
+    done = sum(job.status == "done" for job in jobs)
+    print(f"\nsweep: {done} of {len(jobs)} job(s) done, {len(rows)} result row(s): "
+          f"{callbacks.current_sweep / summary.SUMMARY_MD}", flush=True)
+    for job in jobs:
+        if job.status != "done":
+            where = job.run_dir / "lmalign.log" if job.run_dir else "never started"
+            print(f"  job {job.name} ({' '.join(job.overrides)}): {job.status}; log: {where}",
+                  file=sys.stderr, flush=True)
 
 
 def _message(exc: BaseException) -> str:

@@ -56,7 +56,9 @@ def describe(config: Config, run_dir: Path) -> str:
     if config.eval.backend != "none" and config.stage in ("train_eval", "eval"):
         evaluation = config.eval
         rows.append(("eval", f"{evaluation.backend}: {', '.join(evaluation.tasks)}; few-shot "
-                     f"{evaluation.fewshot_values}; checkpoints {evaluation.checkpoints}"))
+                     f"{evaluation.fewshot_values}; " + (f"revisions {evaluation.revisions}"
+                     if evaluation.revisions else
+                     f"checkpoints {evaluation.checkpoint_selectors}")))
     width = max(len(k) for k, _ in rows)
     lines = ["plan (dry run: no weights loaded, nothing trained or recorded)"]
     lines += [f"  {key.ljust(width)}  {value}" for key, value in rows]  # "" continues a row

@@ -1,15 +1,20 @@
-"""Tables across runs: the method comparison of `+experiment=method_comparison` and its kin."""
+"""Tables across runs: the method comparison of `+experiment=method_comparison`, and
+`stage=report`'s summary of every evaluated cell of a sweep or run (CSV, Markdown, plots)."""
 
 from __future__ import annotations
 
 import csv
+import io
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from lmalign import rundir
-from lmalign.evaluation.cells import METRICS_CSV
+from lmalign.evaluation.cells import METRICS_CSV, collect_rows
 
 COMPARISON_FILE = "comparison.md"
 
@@ -60,3 +65,224 @@ def write_comparison(run_dirs: list[Path], directory: Path) -> str:
             "memory while training. Metrics: the final model, lm-eval, fraction in [0, 1].\n")
     rundir.atomic_write_text(Path(directory) / COMPARISON_FILE, table + "\n" + note)
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# stage=report: every evaluated cell of a sweep or run, collated into one table and plots.
+
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+PLOTS_DIR = "plots"
+JOBS_DIR = "jobs"            # <sweep>/jobs/<num>.json: one per started job (callbacks.py)
+EXPECTED_JOBS = "expected.json"
+SUMMARY_COLUMNS = ["job", "overrides", "checkpoint", "step", "backend", "task", "group", "metric",
+                   "num_fewshot", "eval_mode", "value", "stderr", "run_dir", "cell"]
+# Keys whose values are a plot's x axis or its lines, not separate experiments.
+_AXIS_KEYS = ("eval.num_fewshot", "eval.checkpoints", "eval.revisions", "model.revision")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    overrides: list[str]
+    run_dir: Path | None
+    status: str  # done | failed | missing | did not finish
+    error: str | None = None
+    cells: list[str] | None = None  # the cells a sweep job asked for (jobs may share a run)
+
+
+def jobs_of(directory: Path) -> list[Job]:
+    """The jobs behind a sweep directory (from its job records), or the run directory itself."""
+    directory = Path(directory)
+    records = directory / JOBS_DIR
+    if not (records / EXPECTED_JOBS).exists():
+        runs = [directory] if _is_run(directory) else sorted(
+            p for p in directory.iterdir() if p.is_dir() and _is_run(p))
+        return [Job(run.name, _overrides(run), run, _run_status(run)) for run in runs]
+    expected = json.loads((records / EXPECTED_JOBS).read_text())
+    found = []
+    for number, overrides in enumerate(expected):
+        record = records / f"{number}.json"
+        if not record.exists():
+            found.append(Job(str(number), overrides, None, "missing"))
+            continue
+        job = json.loads(record.read_text())
+        status = job["status"]
+        run_dir = Path(job["run_dir"])
+        if status == "running" and _run_status(run_dir) != "running":
+            status = "did not finish"  # killed, or its node was lost
+        found.append(Job(str(number), job["overrides"], run_dir, status, job.get("error"),
+                         job.get("cells")))
+    return found
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "eval").is_dir() or (path / rundir.RUN_RECORD).exists()
+
+
+def _run_status(run_dir: Path) -> str:
+    status = rundir.read_record(run_dir).get("status")
+    return {"done": "done", None: "missing", "running": "running"}.get(status, "failed")
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    for record in sorted(run_dir.glob(".hydra/**/overrides.yaml"), key=lambda p: len(p.parts)):
+        return [str(o) for o in OmegaConf.load(record)]
+    return []
+
+
+def summary_rows(jobs: list[Job]) -> list[dict[str, Any]]:
+    shared = set.intersection(*(set(job.overrides) for job in jobs)) if jobs else set()
+    rows = []
+    for job in jobs:
+        if job.run_dir is None or not job.run_dir.exists():
+            continue
+        # What tells this job's experiment apart: overrides not shared by all, beside the axes.
+        variant = " ".join(o for o in job.overrides if o not in shared
+                           and o.split("=", 1)[0].lstrip("+~") not in _AXIS_KEYS)
+        for row in collect_rows(job.run_dir):
+            if job.cells is not None and row["cell"] not in job.cells:
+                continue
+            rows.append({**row, "job": job.name, "overrides": " ".join(job.overrides),
+                         "variant": variant, "run_dir": str(job.run_dir)})
+    return rows
+
+
+def collate(directory: Path) -> tuple[list[Job], list[dict[str, Any]]]:
+    """Write summary.csv, summary.md and plots/ into `directory`; failed and missing jobs are
+    listed, the rest still collated. Returns (jobs, rows)."""
+    directory = Path(directory)
+    jobs = jobs_of(directory)
+    rows = summary_rows(jobs)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=_row_order))
+    rundir.atomic_write_text(directory / SUMMARY_CSV, buffer.getvalue())
+    plots = write_plots(rows, directory / PLOTS_DIR)
+    rundir.atomic_write_text(directory / SUMMARY_MD, summary_markdown(jobs, rows, plots,
+                                                                      directory))
+    return jobs, rows
+
+
+def _row_order(row: dict[str, Any]) -> tuple:
+    step = row.get("step")
+    return (row["task"], row["metric"], row["eval_mode"], _variant(row), row["num_fewshot"] or 0,
+            step if isinstance(step, int) else -1, row["checkpoint"])
+
+
+def _variant(row: dict[str, Any]) -> str:
+    return row.get("variant", "")
+
+
+def _series(rows: list[dict[str, Any]]) -> dict[tuple, dict[tuple, list[tuple[int, float]]]]:
+    """{(task, metric, mode): {(variant, few-shot): [(step, value)]}} for rows with a step."""
+    found: dict[tuple, dict[tuple, list[tuple[int, float]]]] = {}
+    for row in rows:
+        if not isinstance(row.get("step"), int) or row.get("value") is None:
+            continue
+        lines = found.setdefault((row["task"], row["metric"], row["eval_mode"]), {})
+        lines.setdefault((_variant(row), row["num_fewshot"]), []).append(
+            (row["step"], row["value"]))
+    return found
+
+
+def write_plots(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
+    """One PNG per task and metric: the metric against checkpoint step, a line per few-shot."""
+    series = _series(rows)
+    if not series:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (task, metric, mode), lines in sorted(series.items()):
+        figure, axes = pyplot.subplots(figsize=(6, 4))
+        for (variant, shots), points in sorted(lines.items(), key=str):
+            points = sorted(set(points))
+            label = f"{shots}-shot" + (f" {variant}" if variant else "")
+            axes.plot([s for s, _ in points], [v for _, v in points], marker="o", label=label)
+        axes.set_xlabel("step")
+        axes.set_ylabel(metric if mode == "none" else f"{metric} ({mode})")
+        axes.set_title(task)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+        figure.tight_layout()
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{task}_{metric}_{mode}") + ".png"
+        image = io.BytesIO()
+        figure.savefig(image, format="png", dpi=100)
+        rundir.atomic_write_bytes(directory / name, image.getvalue())
+        pyplot.close(figure)
+        written.append(directory / name)
+    return written
+
+
+def summary_markdown(jobs: list[Job], rows: list[dict[str, Any]], plots: list[Path],
+                     directory: Path) -> str:
+    counts = {s: sum(j.status == s for j in jobs) for s in dict.fromkeys(j.status for j in jobs)}
+    lines = ["# Summary", "", f"{len(jobs)} job(s): " + ", ".join(
+        f"{n} {s}" for s, n in counts.items()) + ".", ""]
+    troubled = [j for j in jobs if j.status != "done"]
+    if troubled:
+        lines += ["| job | overrides | status | log |", "| --- | --- | --- | --- |"]
+        for job in troubled:
+            log = job.run_dir / "lmalign.log" if job.run_dir else "-"
+            why = f" ({job.error})" if job.error else ""
+            lines.append(f"| {job.name} | {' '.join(job.overrides)} | {job.status}{why} | {log} |")
+        lines.append("")
+    tables: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        tables.setdefault((row["task"], row["metric"], row["eval_mode"]), []).append(row)
+    groups = {row["group"] for row in rows if row.get("group")}
+    for (task, metric, mode), found in sorted(tables.items()):
+        if task in {row["task"] for row in rows if row.get("group")}:
+            continue  # a group's subtasks are tabled under the group, below
+        lines += _metric_table(task, metric, mode, found)
+    for group in sorted(groups):
+        lines += _subtask_table(group, [r for r in rows if r.get("group") == group])
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(directory)})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _metric_table(task: str, metric: str, mode: str, rows: list[dict[str, Any]]) -> list[str]:
+    shots = sorted({r["num_fewshot"] for r in rows}, key=lambda s: (s is None, s))
+    cells: dict[tuple, dict[Any, float]] = {}
+    for row in rows:
+        key = (_variant(row), row["checkpoint"], row.get("step"))
+        cells.setdefault(key, {})[row["num_fewshot"]] = row["value"]
+    name = metric if mode == "none" else f"{metric} ({mode})"
+    lines = [f"## {task}: {name}", "", "| experiment | checkpoint | step | " + " | ".join(
+        f"{s}-shot" for s in shots) + " |", "| --- | --- | --- |" + " --- |" * len(shots)]
+    for (variant, checkpoint, step), values in sorted(cells.items(), key=lambda item: (
+            item[0][0], item[0][2] if isinstance(item[0][2], int) else -1, item[0][1])):
+        shown = [f"{values[s]:.4f}" if values.get(s) is not None else "-" for s in shots]
+        lines.append(f"| {variant or '-'} | {checkpoint} | {step if step is not None else '-'} | "
+                     + " | ".join(shown) + " |")
+    return lines + [""]
+
+
+def _subtask_table(group: str, rows: list[dict[str, Any]]) -> list[str]:
+    """A group's subtasks, best first, one column per (checkpoint, few-shot)."""
+    columns = sorted({(r["checkpoint"], r.get("step"), r["num_fewshot"], _variant(r))
+                      for r in rows}, key=lambda c: (c[3], c[1] if isinstance(c[1], int) else -1,
+                                                     c[0], c[2] or 0))
+    metric = next((m for m in ("acc", "acc_norm", "exact_match") if any(
+        r["metric"] == m for r in rows)), rows[0]["metric"])
+    values: dict[str, dict[tuple, float]] = {}
+    for row in rows:
+        if row["metric"] == metric:
+            key = (row["checkpoint"], row.get("step"), row["num_fewshot"], _variant(row))
+            values.setdefault(row["task"], {})[key] = row["value"]
+    last = columns[-1]
+    ordered = sorted(values.items(), key=lambda item: -(item[1].get(last) or 0))
+    header = [f"{c[0]} {c[2]}-shot" + (f" {c[3]}" if c[3] else "") for c in columns]
+    lines = [f"## {group}: subtasks by {metric} (best first, by the last column)", "",
+             "| subtask | " + " | ".join(header) + " |", "| --- |" + " --- |" * len(columns)]
+    for task, found in ordered:
+        lines.append(f"| {task} | " + " | ".join(
+            f"{found[c]:.4f}" if found.get(c) is not None else "-" for c in columns) + " |")
+    return lines + [""]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,16 +34,38 @@ def run_job(cfg: DictConfig) -> None:
     secrets.export(config.secrets)
     secrets.scrub_argv(secrets.secret_values(config.secrets))
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if config.dry_run:
-        from lmalign import plan
+    if config.dry_run or config.stage == "report":
+        if config.dry_run:
+            from lmalign import plan
 
-        print(plan.describe(config, run_dir), flush=True)
+            print(plan.describe(config, run_dir), flush=True)
+        else:
+            _report(Path(config.report.dir) if config.report.dir else run_dir)
         if {p.name for p in run_dir.iterdir()} <= {"lmalign.log"}:
-            shutil.rmtree(run_dir)  # made by Hydra for this dry run alone
+            shutil.rmtree(run_dir)  # made by Hydra for this dry run or report alone
+            for parent in run_dir.resolve().parents:  # outputs/<date>/ when nothing else is there
+                if parent == Path.cwd() or any(parent.iterdir()):
+                    break
+                parent.rmdir()
         return
     if config.stage in TRAINING_STAGES:
         _refuse_changed_settings(cfg, run_dir / hydra_cfg.output_subdir)
     run(config, run_dir, explicit_keys=explicit)
+
+
+def _report(directory: Path) -> None:
+    from lmalign import report
+
+    if not directory.is_dir():
+        raise UserError(problem("report.dir", str(directory), "no such directory",
+                                "a sweep directory (multirun/...) or a run directory",
+                                "report.dir=<path>, or run_name=<run>"))
+    jobs, rows = report.collate(directory)
+    trouble = [j for j in jobs if j.status != "done"]
+    print(f"{len(rows)} result row(s) from {len(jobs) - len(trouble)} of {len(jobs)} job(s): "
+          f"{directory / report.SUMMARY_CSV}, {directory / report.SUMMARY_MD}", flush=True)
+    for job in trouble:
+        print(f"  job {job.name} ({' '.join(job.overrides)}): {job.status}", flush=True)
 
 
 def _refuse_changed_settings(cfg: DictConfig, record_dir: Path) -> None:
@@ -85,6 +108,11 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
         log.info("node %d of %d: training done; node 0 records the run and evaluates",
                  launch.rendezvous(config.hardware).machine_rank, config.hardware.num_nodes)
         return
+    if config.stage == "watch":  # beside a training run: never writes its run.json
+        from lmalign import watch
+
+        watch.watch(config, run_dir, _trained_from(config, run_dir))
+        return
     record = rundir.RunRecord(run_dir, config.stage)
     log.info("run directory: %s", run_dir.resolve())
     evaluating = config.stage in EVAL_STAGES and config.eval.backend != "none"
@@ -102,12 +130,18 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
             _train(config, run_dir, start, record)
         if evaluating:
             targets = _targets(config, run_dir, start, explicit_keys or set())
+            callbacks.job_cells[:] = [str(c.relative_to(run_dir)) for c in
+                                      harness.requested_cells(targets, config.eval, run_dir)]
             harness.evaluate(targets, config.eval, run_dir, base_config, config.hardware)
             rows = cells.rebuild_metrics_csv(run_dir)
             shown = [r for r in rows if r["checkpoint"] in {t.label for t in targets}]
             if shown:
                 print("\n" + cells.comparison_table(shown) + "\n", flush=True)
-            log.info("metrics: %s", run_dir / cells.METRICS_CSV)
+            from lmalign import report
+
+            report.write_plots(rows, run_dir / report.PLOTS_DIR)
+            log.info("metrics: %s (plots in %s)", run_dir / cells.METRICS_CSV,
+                     run_dir / report.PLOTS_DIR)
         record.finish("done")
     except KeyboardInterrupt:
         record.finish("interrupted")
@@ -190,12 +224,22 @@ def merge_final(run_dir: Path, model: ModelConfig, config: Config) -> Path:
 def _trained_from(config: Config, run_dir: Path):
     """The model a run started from: its own record if it has one, else this config's model."""
     saved = run_dir / ".hydra" / "config.yaml"
-    if config.stage in ("eval", "merge") and saved.exists():
+    if config.stage in ("eval", "merge", "watch") and saved.exists():
         from pydantic import TypeAdapter
 
         model = OmegaConf.to_container(OmegaConf.load(saved).model, resolve=True)
         return TypeAdapter(ModelConfig).validate_python(model)
     return config.model
+
+
+def _label(revision: str) -> str:
+    return revision.replace("/", "_")
+
+
+def _step_of(revision: str) -> int | None:
+    """The training step a revision names (step-125000, stage1-step10000-tokens41B), if any."""
+    found = re.search(r"step[-_]?(\d+)", revision) or re.fullmatch(r"\D*(\d+)", revision)
+    return int(found.group(1)) if found else None
 
 
 def _targets(config: Config, run_dir: Path, start: models.Start,
@@ -205,9 +249,16 @@ def _targets(config: Config, run_dir: Path, start: models.Start,
     final_step = (rundir.read_record(run_dir).get("train") or {}).get("global_step")
     targets: list[Target] = []
     problems: list[str] = []
-    for selector in config.eval.checkpoints:
-        selector = str(selector)
+    if config.eval.revisions:  # a hub model's intermediate revisions, one load each
+        return [Target(_label(revision), _step_of(revision), start.path, revision)
+                for revision in dict.fromkeys(config.eval.revisions)]
+    for selector in config.eval.checkpoint_selectors:
         if selector == "base":
+            if start.revision not in (None, "main") and not start.adapter:
+                # A revision (model.revision=step-1000, or a sweep over several) is its own point
+                targets.append(Target(_label(start.revision), _step_of(start.revision),
+                                      start.path, start.revision))
+                continue
             targets.append(Target("base", 0, start.label, None if start.adapter else
                                   start.revision))
         elif selector == "final":

@@ -15,7 +15,7 @@ from pydantic.dataclasses import dataclass
 
 STRICT = ConfigDict(extra="forbid")
 
-Stage = Literal["train_eval", "train", "eval", "merge"]
+Stage = Literal["train_eval", "train", "eval", "merge", "watch", "report"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DatasetFormat = Literal["messages", "prompt_completion", "preference", "text"]
 
@@ -154,8 +154,11 @@ class EvalConfig:
     num_fewshot: int | list[int]
     limit: int | float | None
     batch_size: int
-    # base = the starting model; final = the trained model; latest / all / checkpoint-<step>
-    checkpoints: list[str]
+    # base = the starting model; final = the trained model; latest / all / checkpoint-<step>;
+    # one value or a list (a comma sweep of single values makes one job each)
+    checkpoints: str | int | list[str | int]
+    # Hub revisions of the model to evaluate, e.g. [step-125000, step-250000]: one load each.
+    revisions: list[str]
     apply_chat_template: bool
     fewshot_as_multiturn: bool
     log_samples: bool
@@ -166,6 +169,11 @@ class EvalConfig:
     def fewshot_values(self) -> list[int]:
         return self.num_fewshot if isinstance(self.num_fewshot, list) else [self.num_fewshot]
 
+    @property
+    def checkpoint_selectors(self) -> list[str]:
+        chosen = self.checkpoints if isinstance(self.checkpoints, list) else [self.checkpoints]
+        return [str(c) for c in chosen]
+
 
 @dataclass(config=STRICT)
 class LoggerConfig:
@@ -173,6 +181,19 @@ class LoggerConfig:
     project: str | None
     # auto: online when logged in to W&B, offline otherwise (always works without network)
     mode: Literal["auto", "online", "offline"]
+
+
+@dataclass(config=STRICT)
+class ReportConfig:
+    # stage=report collates this sweep or run directory; null: the run of run_name
+    dir: str | None
+
+
+@dataclass(config=STRICT)
+class WatchConfig:
+    poll_seconds: float
+    # Give up when no new checkpoint appeared and training did not finish for this long.
+    idle_timeout_minutes: float
 
 
 @dataclass(config=STRICT)
@@ -195,3 +216,5 @@ class Config:
     hardware: HardwareConfig
     eval: EvalConfig
     logger: LoggerConfig
+    report: ReportConfig
+    watch: WatchConfig

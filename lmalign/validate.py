@@ -300,7 +300,7 @@ def check_combinations(config: Config) -> list[str]:
         if not evaluation.tasks:
             problems.append(problem("eval.tasks", [], "no tasks to evaluate",
                                     "lm-eval task or group names", "eval.tasks=[tiny_mc]"))
-        bad = [c for c in evaluation.checkpoints if not CHECKPOINT_SELECTOR.match(str(c))]
+        bad = [c for c in evaluation.checkpoint_selectors if not CHECKPOINT_SELECTOR.match(c)]
         if bad:
             problems.append(problem(
                 "eval.checkpoints", bad, "unknown checkpoint selector",
@@ -310,6 +310,20 @@ def check_combinations(config: Config) -> list[str]:
             problems.append(problem("eval.num_fewshot", evaluation.num_fewshot, "negative",
                                     "0 or more, or a list of them", "eval.num_fewshot=0"))
 
+    if config.eval.revisions and (config.model.source != "pretrained" or config.model.init_from
+                                  or config.stage != "eval"):
+        problems.append(problem(
+            "eval.revisions", config.eval.revisions, "revisions are versions of a hub model, "
+            f"evaluated with stage=eval (here stage={config.stage}, model={config.model.name})",
+            "stage=eval with a hub model (model=smollm2_1.7b ...)",
+            "stage=eval model=<hub model> eval.revisions=[...], or eval.revisions=[]"))
+    if config.stage == "watch" and not config.run_name:
+        problems.append(problem("run_name", None, "stage=watch watches a training run",
+                                "the run_name of a training run", "stage=watch run_name=<run>"))
+    if config.stage == "report" and not (config.run_name or config.report.dir):
+        problems.append(problem("report.dir", None, "stage=report needs a directory to collate",
+                                "a sweep directory (multirun/<date>/<time>) or a run",
+                                "report.dir=<sweep dir>, or run_name=<run>"))
     if config.run_name is not None and (
         not config.run_name or "/" in config.run_name or config.run_name.startswith(".")
     ):

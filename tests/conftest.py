@@ -32,6 +32,14 @@ def lmalign(*overrides: str, cwd: Path, cache: Path, env: dict[str, str] | None 
     return result
 
 
+def lmalign_background(*overrides: str, cwd: Path, cache: Path, log: Path) -> subprocess.Popen:
+    """Start `python -m lmalign` and return at once; its output goes to `log`."""
+    env = {**os.environ, "LMALIGN_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "ab") as handle:
+        return subprocess.Popen([sys.executable, "-m", "lmalign", *overrides], cwd=cwd, env=env,
+                                stdout=handle, stderr=subprocess.STDOUT)
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

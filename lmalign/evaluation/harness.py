@@ -57,8 +57,14 @@ def settings(evaluation: EvalConfig, num_fewshot: int) -> dict[str, Any]:
             "gen_kwargs": dict(evaluation.gen_kwargs), "seed": evaluation.seed}
 
 
+def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path) -> list[Path]:
+    return [cells.cell_dir(run_dir, target, settings(evaluation, n))
+            for target in targets for n in evaluation.fewshot_values]
+
+
 def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model: ModelConfig,
              hardware: HardwareConfig) -> None:
+    """Evaluate every missing cell of these targets x few-shot values."""
     for target in targets:
         pending = [n for n in evaluation.fewshot_values
                    if not cells.is_complete(cells.cell_dir(run_dir, target, settings(evaluation, n)),
@@ -135,6 +141,9 @@ def _number(value: Any) -> float | None:
 def metric_rows(results: dict[str, Any], target: Target) -> list[dict[str, Any]]:
     """DESIGN's metrics.csv rows from lm-eval's results (metric keys look like 'acc,none')."""
     rows = []
+    # A grouped task's subtasks name their group, so summaries can break a group score down.
+    parents = {child: group for group, children in results.get("group_subtasks", {}).items()
+               for child in children}
     for task, values in results["results"].items():
         shots = results.get("n-shot", {}).get(task)
         for key, value in values.items():
@@ -142,7 +151,8 @@ def metric_rows(results: dict[str, Any], target: Target) -> list[dict[str, Any]]
                 continue
             metric, mode = key.split(",", 1)
             rows.append({"checkpoint": target.label, "step": target.step, "backend": "harness",
-                         "task": task, "metric": metric, "num_fewshot": shots,
+                         "task": task, "group": parents.get(task), "metric": metric,
+                         "num_fewshot": shots,
                          "eval_mode": mode, "value": _number(value),
                          "stderr": _number(values.get(f"{metric}_stderr,{mode}"))})
     return rows
