@@ -92,13 +92,19 @@ def estimate(config: Config, meta_model) -> Estimate:
                     accelerate=_accelerate(config, meta_model) if comparable else None)
 
 
+def inference_weights(config: Config, parameters: int) -> float:
+    """Bytes of one loaded model for evaluation, in the dtype evaluation loads it in."""
+    dtype = models.torch_dtype(config.model, config.hardware)
+    return parameters * _DTYPE_BYTES[_name(dtype)]
+
+
 def describe(config: Config, found: Estimate) -> list[tuple[str, str]]:
     """The plan's rows."""
     spread = f", divided over {found.shards} processes" if found.shards > 1 else ""
-    reference = f" + reference model {_gib(found.reference)}" if found.reference else ""
-    rows = [("memory", f"{_gib(found.total)} per device before activations: weights "
-             f"{_gib(found.weights)} + gradients {_gib(found.gradients)} + optimizer "
-             f"{_gib(found.optimizer)}{reference}{spread}")]
+    reference = f" + reference model {gib(found.reference)}" if found.reference else ""
+    rows = [("memory", f"{gib(found.total)} per device before activations: weights "
+             f"{gib(found.weights)} + gradients {gib(found.gradients)} + optimizer "
+             f"{gib(found.optimizer)}{reference}{spread}")]
     if found.accelerate is not None:
         gap = round(100 * (found.total - found.reference - found.accelerate) / found.accelerate) + 0
         why = []
@@ -108,11 +114,11 @@ def describe(config: Config, found: Estimate) -> list[tuple[str, str]]:
             why.append("it leaves out DDP's gradient buckets")
         policy = " (policy alone)" if found.reference else ""
         rows.append(("", f"accelerate's estimator on the same model{policy}: "
-                     f"{_gib(found.accelerate)}, "
+                     f"{gib(found.accelerate)}, "
                      f"lmalign's is {gap:+d}%{(': ' + '; '.join(why)) if why else ''}"))
     capacity = config.hardware.device_memory_gib
     if capacity and found.total > capacity * GIB:
-        rows.append(("", f"does not fit: {_gib(found.total)} > {capacity:g} GiB on "
+        rows.append(("", f"does not fit: {gib(found.total)} > {capacity:g} GiB on "
                      f"hardware={config.hardware.name} before any activation; try method=lora, "
                      "model.quantization=4bit or a sharded profile (hardware=8gpu_fsdp)"))
     return rows
@@ -163,5 +169,5 @@ def _name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _gib(size: float) -> str:
+def gib(size: float) -> str:
     return f"{size / GIB:.2f} GiB" if size >= 0.01 * GIB else f"{size / 1024**2:.1f} MiB"

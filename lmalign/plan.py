@@ -26,6 +26,8 @@ def describe(config: Config, run_dir: Path) -> str:
         rows.append(("starts from", start_note))
     meta = meta_model(config, architecture)
     trainable, total = models.count_parameters(meta)
+    if config.stage not in ("train_eval", "train"):
+        return _table(rows + _evaluation_rows(config, meta, total))
     share = f" ({100 * trainable / total:.2f}%)" if total else ""
     peft = {"none": "all weights", "lora": f"LoRA r={method.lora.r} alpha={method.lora.alpha} "
             f"on {method.lora.target_modules}", "prompt_tuning":
@@ -53,12 +55,36 @@ def describe(config: Config, run_dir: Path) -> str:
             hardware, launch.command(config, run_dir, _meeting(hardware)))))
     else:
         rows.append(("launch", "in this process"))
-    if config.eval.backend != "none" and config.stage in ("train_eval", "eval"):
-        evaluation = config.eval
-        rows.append(("eval", f"{evaluation.backend}: {', '.join(evaluation.tasks)}; few-shot "
-                     f"{evaluation.fewshot_values}; " + (f"revisions {evaluation.revisions}"
-                     if evaluation.revisions else
-                     f"checkpoints {evaluation.checkpoint_selectors}")))
+    if config.eval.backend != "none":
+        rows.append(_eval_row(config))
+    return _table(rows)
+
+
+def _eval_row(config: Config) -> tuple[str, str]:
+    evaluation = config.eval
+    return ("eval", f"{evaluation.backend}: {', '.join(evaluation.tasks)}; few-shot "
+            f"{evaluation.fewshot_values}; " + (f"revisions {evaluation.revisions}"
+            if evaluation.revisions else f"checkpoints {evaluation.checkpoint_selectors}")
+            + ("; per-sample logs" if evaluation.log_samples else ""))
+
+
+def _evaluation_rows(config: Config, meta, total: int) -> list[tuple[str, str]]:
+    """Evaluation, watch and report stages: no training rows; the weights one load holds."""
+    hardware = config.hardware
+    rows = [("parameters", f"{total:,}"),
+            ("hardware", f"{hardware.name}: {hardware.accelerator}, weights "
+             f"{models.torch_dtype(config.model, hardware)}".replace("torch.", ""))]
+    if config.eval.backend != "none" and config.stage != "report":
+        rows.append(("memory", f"{memory.gib(memory.inference_weights(config, total))} of "
+                     "weights per loaded model, before activations and lm-eval's batches"))
+        targets = len(config.eval.revisions) or len(config.eval.checkpoint_selectors)
+        rows.append(_eval_row(config))
+        rows.append(("cells", f"{targets} model(s) x {len(config.eval.fewshot_values)} few-shot "
+                     f"value(s), each model loaded once"))
+    return rows
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = ["plan (dry run: no weights loaded, nothing trained or recorded)"]
     lines += [f"  {key.ljust(width)}  {value}" for key, value in rows]  # "" continues a row

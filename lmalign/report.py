@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,8 +180,8 @@ def _series(rows: list[dict[str, Any]]) -> dict[tuple, dict[tuple, list[tuple[in
     """{(task, metric, mode): {(variant, few-shot): [(step, value)]}} for rows with a step."""
     found: dict[tuple, dict[tuple, list[tuple[int, float]]]] = {}
     for row in rows:
-        if not isinstance(row.get("step"), int) or row.get("value") is None:
-            continue
+        if not isinstance(row.get("step"), int) or row.get("value") is None or row.get("group"):
+            continue  # a group's subtasks (mmlu's 57) are tabled, not plotted
         lines = found.setdefault((row["task"], row["metric"], row["eval_mode"]), {})
         lines.setdefault((_variant(row), row["num_fewshot"]), []).append(
             (row["step"], row["value"]))
@@ -286,3 +287,53 @@ def _subtask_table(group: str, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {task} | " + " | ".join(
             f"{found[c]:.4f}" if found.get(c) is not None else "-" for c in columns) + " |")
     return lines + [""]
+
+
+RESULTS_ZIP = "results.zip"
+_RUN_FILES = ("metrics.csv", "run.json", "summary.*", "plots/*.png", ".hydra/**/*.yaml",
+              "jobs/*.json")
+_CELL_FILES = ("*.json", "*.jsonl")  # cell.json, lm-eval's results_* and samples_*
+
+
+def pack(directory: Path, jobs: list[Job]) -> Path:
+    """The result files (no weights) of a sweep or run in one zip, for submission or sharing:
+    summaries, plots, metrics, lm-eval's results and samples, and the configs that made them.
+    A sweep job contributes the cells it asked for, not everything its run directory holds."""
+    import tempfile
+    import zipfile
+
+    directory = Path(directory).resolve()
+    members: dict[str, Path] = {}
+
+    def add(root: Path, prefix: str, patterns: tuple[str, ...]) -> None:
+        for pattern in patterns:
+            for path in sorted(root.glob(pattern)):
+                if path.is_file():
+                    members.setdefault(prefix + str(path.relative_to(root)), path)
+
+    add(directory, "", _RUN_FILES)
+    for job in jobs:
+        if job.run_dir is None or not job.run_dir.exists():
+            continue
+        run_dir = job.run_dir.resolve()
+        if run_dir == directory:
+            prefix = ""
+        elif run_dir.is_relative_to(directory):
+            prefix = f"{run_dir.relative_to(directory)}/"
+        else:
+            prefix = f"runs/{run_dir.name}/"
+        add(run_dir, prefix, _RUN_FILES)
+        chosen = job.cells if job.cells is not None else [
+            str(p.relative_to(run_dir)) for p in run_dir.glob("eval/*/*") if p.is_dir()]
+        for cell in chosen:
+            add(run_dir, prefix, tuple(f"{cell}/{f}" for f in _CELL_FILES))
+    handle, temporary = tempfile.mkstemp(prefix=f".{RESULTS_ZIP}.", dir=directory)
+    os.close(handle)
+    try:
+        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, path in sorted(members.items()):
+                archive.write(path, name)
+        os.replace(temporary, directory / RESULTS_ZIP)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return directory / RESULTS_ZIP

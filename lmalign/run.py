@@ -40,7 +40,7 @@ def run_job(cfg: DictConfig) -> None:
 
             print(plan.describe(config, run_dir), flush=True)
         else:
-            _report(Path(config.report.dir) if config.report.dir else run_dir)
+            _report(Path(config.report.dir) if config.report.dir else run_dir, config.report.pack)
         if {p.name for p in run_dir.iterdir()} <= {"lmalign.log"}:
             shutil.rmtree(run_dir)  # made by Hydra for this dry run or report alone
             for parent in run_dir.resolve().parents:  # outputs/<date>/ when nothing else is there
@@ -53,7 +53,7 @@ def run_job(cfg: DictConfig) -> None:
     run(config, run_dir, explicit_keys=explicit)
 
 
-def _report(directory: Path) -> None:
+def _report(directory: Path, pack: bool) -> None:
     from lmalign import report
 
     if not directory.is_dir():
@@ -66,6 +66,8 @@ def _report(directory: Path) -> None:
           f"{directory / report.SUMMARY_CSV}, {directory / report.SUMMARY_MD}", flush=True)
     for job in trouble:
         print(f"  job {job.name} ({' '.join(job.overrides)}): {job.status}", flush=True)
+    if pack:
+        print(f"packed: {report.pack(directory, jobs)}", flush=True)
 
 
 def _refuse_changed_settings(cfg: DictConfig, record_dir: Path) -> None:

@@ -187,6 +187,7 @@ class LoggerConfig:
 class ReportConfig:
     # stage=report collates this sweep or run directory; null: the run of run_name
     dir: str | None
+    pack: bool  # also write results.zip: summaries, metrics, lm-eval results and samples, configs
 
 
 @dataclass(config=STRICT)

@@ -49,3 +49,14 @@ def test_full_finetune_fsdp_recipe_plans_eight_processes_offline(tmp_path, lmali
     assert "Qwen/Qwen3-1.7B-Base" in plan and "tulu3_sft_mixture" in plan
     assert "global 128 = 4 per device x 8 process(es) x 4 accumulation" in plan
     assert "launch/fsdp2.yaml --num_processes 8" in plan and "--mixed_precision bf16" in plan
+
+
+def test_intermediate_checkpoints_recipe_plans_revisions_by_tasks_offline(tmp_path, lmalign_cache):
+    result = lmalign("+experiment=intermediate_checkpoints", "dry_run=true", cwd=tmp_path,
+                     cache=lmalign_cache, env={"HF_HUB_OFFLINE": "1"}, check=True)
+    plan = result.stdout
+    assert "SmolLM2-1.7B-intermediate-checkpoints" in plan and "stage          eval" in plan
+    assert "mmlu" in plan and "boolq" in plan and "few-shot [0, 5]" in plan
+    assert "revisions ['step-125000', 'step-250000', 'step-500000']; per-sample logs" in plan
+    assert "3 model(s) x 2 few-shot value(s), each model loaded once" in plan
+    assert "3.19 GiB of weights per loaded model" in plan and "optimizer" not in plan

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 
@@ -105,6 +106,13 @@ def test_a_sweep_is_collated_with_its_failed_job_named(trained, lmalign_cache):
     assert "| 3 | stage=eval run_name=r eval.limit=10 eval.tasks=[tiny_mc] " \
            "eval.checkpoints=20 eval.num_fewshot=2 | failed (" in summary
     assert (sweep / report.PLOTS_DIR / "tiny_mc_acc_none.png").exists()
+    lmalign("stage=report", "report.dir=sweep", "report.pack=true", cwd=trained,
+            cache=lmalign_cache, check=True)
+    with zipfile.ZipFile(sweep / report.RESULTS_ZIP) as packed:
+        names = packed.namelist()
+    assert "summary.csv" in names and "plots/tiny_mc_acc_none.png" in names
+    assert len([n for n in names if "/results_" in n]) == 3  # the three jobs' cells, no more
+    assert not [n for n in names if n.endswith(".safetensors")]
 
     # Collation by hand, on the run directory: every cell of the run, whoever evaluated it.
     blocker.unlink()
@@ -112,6 +120,21 @@ def test_a_sweep_is_collated_with_its_failed_job_named(trained, lmalign_cache):
     with open(run_dir / report.SUMMARY_CSV) as handle:
         collated = {run_dir / r["cell"] for r in csv.DictReader(handle)}
     assert collated == set(_complete_cells(run_dir)) and len(collated) >= 3
+
+
+@pytest.mark.slow
+def test_a_grouped_task_is_collated_with_its_subtasks(tmp_path, lmalign_cache):
+    lmalign("stage=eval", "run_name=g", "eval.tasks=[tiny_suite]", "eval.limit=10",
+            cwd=tmp_path, cache=lmalign_cache, check=True)
+    run_dir = tmp_path / "runs" / "g"
+    with open(run_dir / cells.METRICS_CSV) as handle:
+        groups = {r["task"]: r["group"] for r in csv.DictReader(handle)}
+    assert groups == {"tiny_suite": "", "tiny_mc": "tiny_suite", "tiny_prefs": "tiny_suite"}
+    lmalign("stage=report", "run_name=g", cwd=tmp_path, cache=lmalign_cache, check=True)
+    summary = (run_dir / report.SUMMARY_MD).read_text()
+    assert "## tiny_suite: acc" in summary and "## tiny_suite: subtasks by acc" in summary
+    assert sorted(p.name for p in (run_dir / report.PLOTS_DIR).iterdir()) == [
+        "tiny_suite_acc_none.png"]
 
 
 def test_a_group_keeps_its_score_and_gets_a_sorted_subtask_table():
