@@ -7,6 +7,7 @@ and rendezvous are added here as launch arguments. The exact command goes into t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESOLVED_CONFIG = "resolved_config.json"   # what the workers read
 LAUNCH_COMMAND = "launch_command.sh"       # what was run, to re-run by hand
 TRAIN_SUMMARY = "train_summary.json"       # the main worker's summary for the driver's run.json
+EVAL_REQUEST = "eval_request.json"         # what the evaluation workers evaluate
+EVAL_LAUNCH_FILE = "launch/ddp.yaml"       # evaluation is data-parallel under every profile
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 MULTI_NODE_PORT = 29500  # every node must agree on it, so it cannot be picked free
 
@@ -113,20 +116,25 @@ def _slurm_hostnames(nodelist: str) -> list[str]:
     return found.stdout.split()
 
 
-def command(config: Config, run_dir: Path, meeting: Rendezvous | None = None) -> list[str]:
+def command(config: Config, run_dir: Path, meeting: Rendezvous | None = None,
+            evaluate: bool = False) -> list[str]:
+    """The launch of the workers. Evaluation is data-parallel whatever the profile shards in
+    training: every process holds the whole model and scores its share of the requests."""
     hardware = config.hardware
     meeting = meeting or rendezvous(hardware)
+    launch_config = REPO / EVAL_LAUNCH_FILE if evaluate else launch_file(hardware)
     args = [sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(launch_file(hardware)),
+            "--config_file", str(launch_config),
             "--num_processes", str(hardware.world_size),
             "--num_machines", str(meeting.num_machines),
             "--machine_rank", str(meeting.machine_rank),
             "--mixed_precision", _MIXED_PRECISION[hardware.precision],
             "--main_process_ip", meeting.main_address,
             "--main_process_port", str(meeting.main_port)]
-    if hardware.distributed == "deepspeed":
+    if hardware.distributed == "deepspeed" and not evaluate:
         args += ["--deepspeed_config_file", str(launch_file(hardware).with_suffix(".json"))]
-    return args + ["-m", "lmalign.worker", str(Path(run_dir).resolve())]
+    return args + ["-m", "lmalign.worker", str(Path(run_dir).resolve())] + (
+        ["--evaluate"] if evaluate else [])
 
 
 def environment(hardware: HardwareConfig) -> dict[str, str]:
@@ -176,6 +184,29 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
             f"training stopped by {cause} after saving "
             f"{saved[-1][1] if saved else 'no checkpoint'}; run the same command again to resume")
     return json.loads((run_dir / TRAIN_SUMMARY).read_text())
+
+
+def evaluation_processes(hardware: HardwareConfig) -> int:
+    """Evaluation runs on the main node alone: its share of the profile's processes."""
+    return hardware.world_size // hardware.num_nodes if needs_workers(hardware) else 1
+
+
+def evaluate_in_workers(config: Config, container: dict[str, Any], run_dir: Path,
+                        request: dict[str, Any]) -> None:
+    """Evaluate in this node's processes, each scoring its share of every cell's requests; the
+    main one writes the cells."""
+    processes = evaluation_processes(config.hardware)
+    rundir.atomic_write_json(run_dir / RESOLVED_CONFIG, container)
+    rundir.atomic_write_json(run_dir / EVAL_REQUEST, request)
+    hardware = config.hardware
+    args = command(dataclasses.replace(config, hardware=dataclasses.replace(
+        hardware, world_size=processes)), run_dir,
+        Rendezvous(1, 0, "127.0.0.1", _free_port()), evaluate=True)
+    log.info("evaluating in %d processes: %s", processes, shlex.join(args))
+    code = subprocess.run(args, env=environment(hardware)).returncode
+    if code != 0:
+        raise RuntimeError(f"the {processes} evaluation workers exited {code}; their output is "
+                           "above")
 
 
 def shell_command(hardware: HardwareConfig, args: list[str]) -> str:

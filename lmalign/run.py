@@ -12,6 +12,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
+from pydantic import TypeAdapter
 
 from lmalign import callbacks, launch, loggers, models, rundir, secrets
 from lmalign.errors import TrainingStopped, UserError, problem
@@ -132,9 +133,15 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
             _train(config, run_dir, start, record)
         if evaluating:
             targets = _targets(config, run_dir, start, explicit_keys or set())
-            callbacks.job_cells[:] = [str(c.relative_to(run_dir)) for c in
-                                      harness.requested_cells(targets, config.eval, run_dir)]
-            harness.evaluate(targets, config.eval, run_dir, base_config, config.hardware)
+            processes = launch.evaluation_processes(config.hardware)
+            callbacks.job_cells[:] = [str(c.relative_to(run_dir)) for c in harness.requested_cells(
+                targets, config.eval, run_dir, processes)]
+            if processes > 1:
+                launch.evaluate_in_workers(config, _worker_config(config), run_dir, {
+                    "targets": [dataclasses.asdict(t) for t in targets],
+                    "model": TypeAdapter(ModelConfig).dump_python(base_config, mode="json")})
+            else:
+                harness.evaluate(targets, config.eval, run_dir, base_config, config.hardware)
             rows = cells.rebuild_metrics_csv(run_dir)
             shown = [r for r in rows if r["checkpoint"] in {t.label for t in targets}]
             if shown:
@@ -188,8 +195,6 @@ def _train(config: Config, run_dir: Path, start: models.Start,
 
 def _worker_config(config: Config) -> dict[str, Any]:
     """The validated config for the workers; secrets stay in the environment, saved as ***."""
-    from pydantic import TypeAdapter
-
     saved = TypeAdapter(Config).dump_python(config, mode="json")
     saved["secrets"] = {name: "***" for name in saved["secrets"]}
     return saved
@@ -227,8 +232,6 @@ def _trained_from(config: Config, run_dir: Path):
     """The model a run started from: its own record if it has one, else this config's model."""
     saved = run_dir / ".hydra" / "config.yaml"
     if config.stage in ("eval", "merge", "watch") and saved.exists():
-        from pydantic import TypeAdapter
-
         model = OmegaConf.to_container(OmegaConf.load(saved).model, resolve=True)
         return TypeAdapter(ModelConfig).validate_python(model)
     return config.model

@@ -1,4 +1,5 @@
-"""One training process under `accelerate launch`: `python -m lmalign.worker <run_dir>`.
+"""One training process under `accelerate launch`: `python -m lmalign.worker <run_dir>`, or with
+`--evaluate` one evaluation process of a multi-process evaluation.
 
 It writes train_summary.json when training finished; a worker stopped by a signal exits cleanly
 without it, and the driver reports the stop.
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 
-def main(run_dir: Path) -> None:
+def main(run_dir: Path, evaluating: bool = False) -> None:
     from accelerate import PartialState
     from hydra.utils import get_method
 
@@ -32,6 +33,9 @@ def main(run_dir: Path) -> None:
         import torch
 
         torch.set_num_threads(config.hardware.torch_threads)
+    if evaluating:
+        _evaluate(config, run_dir)
+        return
     train = get_method(config.method._target_)
     try:
         summary = train(config, run_dir, models.starting_point(config))
@@ -41,5 +45,23 @@ def main(run_dir: Path) -> None:
         rundir.atomic_write_json(run_dir / launch.TRAIN_SUMMARY, summary)
 
 
+def _evaluate(config, run_dir: Path) -> None:
+    from accelerate import Accelerator
+    from pydantic import TypeAdapter
+
+    from lmalign import launch
+    from lmalign.evaluation import harness
+    from lmalign.evaluation.cells import Target
+    from lmalign.schema import ModelConfig
+
+    request = json.loads((run_dir / launch.EVAL_REQUEST).read_text())
+    targets = [Target(**target) for target in request["targets"]]
+    model = TypeAdapter(ModelConfig).validate_python(request["model"])
+    accelerator = Accelerator(cpu=config.hardware.accelerator == "cpu")
+    if not accelerator.is_main_process:  # lm-eval's warnings come once, from the main process
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    harness.evaluate(targets, config.eval, run_dir, model, config.hardware, accelerator)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), evaluating="--evaluate" in sys.argv[2:])

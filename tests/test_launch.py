@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import re
@@ -177,3 +178,26 @@ def test_cpu_ddp_trains_sft_and_dpo_in_two_processes_and_evaluates(tmp_path, lma
     dpo_dir = tmp_path / "runs" / "ddp_dpo"
     assert (dpo_dir / "final" / "model.safetensors").exists()
     assert "tiny_prefs" in (dpo_dir / "metrics.csv").read_text()
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_splits_requests_and_matches_one_process(tmp_path, lmalign_cache):
+    request = ("stage=eval", "eval.tasks=[tiny_mc,tiny_gen]", "eval.num_fewshot=[0,2]",
+               "eval.limit=30")
+    split = lmalign("run_name=two", "hardware=cpu_ddp", *request, cwd=tmp_path,
+                    cache=lmalign_cache, check=True)
+    log = split.stdout + split.stderr
+    assert "evaluating in 2 processes" in log
+    assert "[rank 1]" not in log and "15/15" in log  # 30 generations, half in each process
+    lmalign("run_name=one", *request, cwd=tmp_path, cache=lmalign_cache, check=True)
+
+    def values(run):
+        with open(tmp_path / "runs" / run / "metrics.csv") as handle:
+            return {(r["task"], r["num_fewshot"]): (float(r["value"]), r["cell"].split("/")[-1])
+                    for r in csv.DictReader(handle)}
+
+    two, one = values("two"), values("one")
+    for key in (("tiny_mc", "0"), ("tiny_gen", "0")):
+        assert two[key] == one[key]  # same number, same cell
+    # Few-shot examples are drawn per process, so 2-shot cells record the process count.
+    assert two[("tiny_mc", "2")][1] != one[("tiny_mc", "2")][1]

@@ -29,6 +29,19 @@ class _HideCustomDatasetNotice(logging.Filter):
         return "Custom kwargs can be passed" not in record.getMessage()
 
 
+class _HideLoadedModelWarnings(logging.Filter):
+    """HFLM warns about a loaded model given as `pretrained`: lmalign does so on purpose (one
+    load per checkpoint) and distributes it itself (harness_model)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("model kwarg is not of type `str`" in message
+                    or "Passed an already-initialized model" in message)
+
+
+logging.getLogger("lm_eval.models.huggingface").addFilter(_HideLoadedModelWarnings())
+
+
 @lru_cache(maxsize=1)
 def task_manager():
     """One registry per process: building it scans ~15k task configs."""
@@ -49,69 +62,86 @@ def check_tasks(tasks: list[str]) -> None:
             + "]") for name in unknown])
 
 
-def settings(evaluation: EvalConfig, num_fewshot: int) -> dict[str, Any]:
-    """Everything that changes results; part of a cell's identity."""
-    return {"backend": "harness", "tasks": sorted(evaluation.tasks), "num_fewshot": num_fewshot,
-            "limit": evaluation.limit, "apply_chat_template": evaluation.apply_chat_template,
-            "fewshot_as_multiturn": evaluation.fewshot_as_multiturn,
-            "gen_kwargs": dict(evaluation.gen_kwargs), "seed": evaluation.seed}
+def settings(evaluation: EvalConfig, num_fewshot: int, processes: int = 1) -> dict[str, Any]:
+    """Everything that changes results; part of a cell's identity. Split over several processes,
+    lm-eval draws each document's few-shot examples from a per-process random stream, so the
+    process count changes few-shot results (measured: tiny_mc 2-shot 0.133 over 2 processes,
+    0.167 in one) and is part of those cells."""
+    found = {"backend": "harness", "tasks": sorted(evaluation.tasks), "num_fewshot": num_fewshot,
+             "limit": evaluation.limit, "apply_chat_template": evaluation.apply_chat_template,
+             "fewshot_as_multiturn": evaluation.fewshot_as_multiturn,
+             "gen_kwargs": dict(evaluation.gen_kwargs), "seed": evaluation.seed}
+    if processes > 1 and num_fewshot > 0:
+        found["processes"] = processes
+    return found
 
 
-def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path) -> list[Path]:
-    return [cells.cell_dir(run_dir, target, settings(evaluation, n))
+def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
+                    processes: int = 1) -> list[Path]:
+    return [cells.cell_dir(run_dir, target, settings(evaluation, n, processes))
             for target in targets for n in evaluation.fewshot_values]
 
 
 def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model: ModelConfig,
-             hardware: HardwareConfig) -> None:
-    """Evaluate every missing cell of these targets x few-shot values."""
-    for target in targets:
-        pending = [n for n in evaluation.fewshot_values
-                   if not cells.is_complete(cells.cell_dir(run_dir, target, settings(evaluation, n)),
-                                            need_samples=evaluation.log_samples)]
+             hardware: HardwareConfig, accelerator=None) -> None:
+    """Evaluate every missing cell of these targets x few-shot values. With an accelerator of
+    several processes, every process runs this together and the main one writes the cells."""
+    # Decided once, before any cell is written, so that every process works through the same list.
+    processes = accelerator.num_processes if accelerator else 1
+    plan = [(target, [n for n in evaluation.fewshot_values if not cells.is_complete(
+        cells.cell_dir(run_dir, target, settings(evaluation, n, processes)),
+        need_samples=evaluation.log_samples)]) for target in targets]
+    for target, pending in plan:
         if not pending:
             log.info("eval %s: all cells done, skipping", target.label)
             continue
         tokenizer = models.load_tokenizer(target.path, model, target.revision)
         loaded = models.load_trained(target.path, model, hardware, target.revision)
-        lm = harness_model(loaded, tokenizer, evaluation.batch_size)
+        if hardware.accelerator == "cuda" and model.quantization == "none":
+            # HFLM evaluates a loaded model where it lies; quantized ones are placed on loading.
+            loaded.to(accelerator.device if accelerator else "cuda")
+        lm = harness_model(loaded, tokenizer, evaluation.batch_size, accelerator)
         for num_fewshot in pending:
             _evaluate_cell(target, lm, evaluation, num_fewshot, run_dir)
         del lm, loaded
         gc.collect()
 
 
-def harness_model(loaded, tokenizer, batch_size: int):
+def harness_model(loaded, tokenizer, batch_size: int, accelerator=None):
     """lm-eval's HF model around an already-loaded model: full, LoRA or prompt-tuned, unmerged.
 
     PEFT prepends prompt-tuning's virtual positions to the logits; lm-eval (0.4.13) offsets its
     continuation slice by the extra length, and tests/test_harness.py holds it to that.
+
+    Several processes: HFLM takes a loaded model as a single process, leaving distribution to
+    the caller ("custom distributed integration"); given this process's rank, world size and
+    accelerator, lm-eval splits every task's requests across the processes and gathers the
+    results on the main one. (Its own data-parallel mode loads from a path and counts only
+    GPUs, so it would run every request in every process on a CPU.)
     """
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size)
+    if accelerator is not None and accelerator.num_processes > 1:
+        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
+        lm.accelerator = accelerator
+    return lm
 
 
 def _evaluate_cell(target: Target, lm, evaluation: EvalConfig, num_fewshot: int,
                    run_dir: Path) -> None:
-    from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
 
-    cell_settings = settings(evaluation, num_fewshot)
+    cell_settings = settings(evaluation, num_fewshot, lm.world_size)
     cell = cells.cell_dir(run_dir, target, cell_settings)
     log.info("eval %s: %s, %d-shot -> %s", target.label, ",".join(evaluation.tasks), num_fewshot,
              cell.relative_to(run_dir))
+    if lm.rank != 0:  # a share of the requests; the main process gathers them and writes
+        _simple_evaluate(lm, evaluation, num_fewshot, tracker=None)
+        return
     with staged_directory(cell) as staging:
         tracker = EvaluationTracker(output_path=str(staging))
-        results = simple_evaluate(
-            model=lm, tasks=list(evaluation.tasks), num_fewshot=num_fewshot,
-            limit=evaluation.limit, task_manager=task_manager(),
-            apply_chat_template=evaluation.apply_chat_template,
-            fewshot_as_multiturn=evaluation.fewshot_as_multiturn,
-            gen_kwargs=dict(evaluation.gen_kwargs) or None, log_samples=evaluation.log_samples,
-            evaluation_tracker=tracker, random_seed=evaluation.seed,
-            numpy_random_seed=evaluation.seed, torch_random_seed=evaluation.seed,
-            fewshot_random_seed=evaluation.seed)
+        results = _simple_evaluate(lm, evaluation, num_fewshot, tracker)
         samples = results.pop("samples", None) if evaluation.log_samples else None
         tracker.save_results_aggregated(results=results, samples=samples)
         if samples:
@@ -120,6 +150,20 @@ def _evaluate_cell(target: Target, lm, evaluation: EvalConfig, num_fewshot: int,
         _flatten(staging)
         cells.write_record(staging, target, cell_settings, metric_rows(results, target),
                            has_samples=bool(samples))
+
+
+def _simple_evaluate(lm, evaluation: EvalConfig, num_fewshot: int, tracker):
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(
+            model=lm, tasks=list(evaluation.tasks), num_fewshot=num_fewshot,
+            limit=evaluation.limit, task_manager=task_manager(),
+            apply_chat_template=evaluation.apply_chat_template,
+            fewshot_as_multiturn=evaluation.fewshot_as_multiturn,
+            gen_kwargs=dict(evaluation.gen_kwargs) or None, log_samples=evaluation.log_samples,
+            evaluation_tracker=tracker, random_seed=evaluation.seed,
+            numpy_random_seed=evaluation.seed, torch_random_seed=evaluation.seed,
+            fewshot_random_seed=evaluation.seed)
 
 
 def _flatten(staging: Path) -> None:
