@@ -160,7 +160,8 @@ class EvalConfig:
     # Hub revisions of the model to evaluate, e.g. [step-125000, step-250000]: one load each.
     revisions: list[str]
     apply_chat_template: bool
-    fewshot_as_multiturn: bool
+    # Few-shot examples as earlier chat turns; null: with the chat template, as lm-eval does.
+    fewshot_as_multiturn: bool | None
     log_samples: bool
     gen_kwargs: dict[str, Any]
     seed: int
@@ -168,6 +169,12 @@ class EvalConfig:
     @property
     def fewshot_values(self) -> list[int]:
         return self.num_fewshot if isinstance(self.num_fewshot, list) else [self.num_fewshot]
+
+    @property
+    def multiturn(self) -> bool:
+        if self.fewshot_as_multiturn is None:
+            return self.apply_chat_template
+        return self.fewshot_as_multiturn
 
     @property
     def checkpoint_selectors(self) -> list[str]:

@@ -306,6 +306,10 @@ def check_combinations(config: Config) -> list[str]:
                 "eval.checkpoints", bad, "unknown checkpoint selector",
                 "base, final, latest, all, checkpoint-<step> or <step>",
                 "eval.checkpoints=[base,final]"))
+        if evaluation.fewshot_as_multiturn and not evaluation.apply_chat_template:
+            problems.append(problem(
+                "eval.fewshot_as_multiturn", True, "few-shot turns need the chat template",
+                "true only with eval.apply_chat_template=true", "eval.fewshot_as_multiturn=null"))
         if any(n < 0 for n in evaluation.fewshot_values):
             problems.append(problem("eval.num_fewshot", evaluation.num_fewshot, "negative",
                                     "0 or more, or a list of them", "eval.num_fewshot=0"))

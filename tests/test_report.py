@@ -64,7 +64,8 @@ def test_checkpoints_by_fewshot_resume_after_a_kill_and_equal_the_lm_eval_cli(
         for shots in ("0", "2")}
     assert (run_dir / report.PLOTS_DIR / "tiny_mc_acc_none.png").stat().st_size > 1000
 
-    # The same cell through lm-eval's own command line.
+    # The same cell through lm-eval's own command line, with its own defaults (with the chat
+    # template, few-shot examples are earlier turns).
     config = typed_config(*request)
     cell = cells.cell_dir(run_dir, Target("checkpoint-20", 20, ""), harness.settings(config.eval, 2))
     ours = json.loads((cell / cells.CELL_RECORD).read_text())["rows"]
@@ -148,3 +149,10 @@ def test_a_group_keeps_its_score_and_gets_a_sorted_subtask_table():
     assert [line.split("|")[1].strip() for line in table.splitlines()[4:7]] == [
         "mmlu_astronomy", "mmlu_virology", "mmlu_anatomy"]
     assert "## mmlu_anatomy" not in text  # subtasks live in the group's table only
+
+
+def test_a_revision_names_its_step():
+    from lmalign.run import _step_of
+
+    assert [_step_of(r) for r in ("step-125000", "stage1-step10000-tokens41B", "1000", "main",
+                                  "v1.0")] == [125000, 10000, 1000, None, None]

@@ -1,4 +1,4 @@
-"""Each guard on method, PEFT and packing combinations: one line naming key, value and fix."""
+"""Each guard on config combinations: one line naming key, value and fix."""
 
 from __future__ import annotations
 
@@ -36,3 +36,24 @@ def test_bfd_packing_without_flash_attention_is_refused_but_wrapped_packing_runs
 def test_unknown_peft_kind_lists_the_allowed_ones():
     with pytest.raises(UserError, match=r"method.peft='ia3'.*one of none, lora, prompt_tuning"):
         typed_config("method.peft=ia3")
+
+
+def test_fewshot_turns_without_the_chat_template_are_refused():
+    with pytest.raises(UserError, match=r"eval.fewshot_as_multiturn=True: few-shot turns need the "
+                       r"chat template.*fix: eval.fewshot_as_multiturn=null"):
+        typed_config("eval.apply_chat_template=false", "eval.fewshot_as_multiturn=true")
+    assert typed_config().eval.multiturn  # null follows the chat template, as lm-eval does
+    assert not typed_config("eval.apply_chat_template=false").eval.multiturn
+
+
+def test_watch_needs_a_run_and_report_a_directory():
+    with pytest.raises(UserError, match=r"run_name=None: stage=watch watches a training run"):
+        typed_config("stage=watch")
+    with pytest.raises(UserError, match=r"report.dir=None: stage=report needs a directory"):
+        typed_config("stage=report")
+
+
+def test_revisions_belong_to_a_hub_model_evaluation():
+    with pytest.raises(UserError, match=r"eval.revisions=\['step-1'\]: revisions are versions of "
+                       r"a hub model.*\(here stage=train_eval, model=tiny\)"):
+        typed_config("eval.revisions=[step-1]")

@@ -69,7 +69,7 @@ def settings(evaluation: EvalConfig, num_fewshot: int, processes: int = 1) -> di
     0.167 in one) and is part of those cells."""
     found = {"backend": "harness", "tasks": sorted(evaluation.tasks), "num_fewshot": num_fewshot,
              "limit": evaluation.limit, "apply_chat_template": evaluation.apply_chat_template,
-             "fewshot_as_multiturn": evaluation.fewshot_as_multiturn,
+             "fewshot_as_multiturn": evaluation.multiturn,
              "gen_kwargs": dict(evaluation.gen_kwargs), "seed": evaluation.seed}
     if processes > 1 and num_fewshot > 0:
         found["processes"] = processes
@@ -159,7 +159,7 @@ def _simple_evaluate(lm, evaluation: EvalConfig, num_fewshot: int, tracker):
             model=lm, tasks=list(evaluation.tasks), num_fewshot=num_fewshot,
             limit=evaluation.limit, task_manager=task_manager(),
             apply_chat_template=evaluation.apply_chat_template,
-            fewshot_as_multiturn=evaluation.fewshot_as_multiturn,
+            fewshot_as_multiturn=evaluation.multiturn,
             gen_kwargs=dict(evaluation.gen_kwargs) or None, log_samples=evaluation.log_samples,
             evaluation_tracker=tracker, random_seed=evaluation.seed,
             numpy_random_seed=evaluation.seed, torch_random_seed=evaluation.seed,
