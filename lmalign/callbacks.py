@@ -113,11 +113,15 @@ class SweepJobsCallback(Callback):
 
     @staticmethod
     def _record(config: Any, status: str, error: str | None = None) -> None:
-        if current_sweep is None or config.hydra.job.get("num") is None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN or config.get("dry_run"):
             return
         from lmalign import report, rundir
 
-        rundir.atomic_write_json(current_sweep / report.JOBS_DIR / f"{config.hydra.job.num}.json", {
+        # A job may run in another process (a SLURM job): the sweep directory comes with it.
+        sweep = current_sweep or Path(OmegaConf.select(config, "hydra.sweep.dir"))
+        rundir.atomic_write_json(sweep / report.JOBS_DIR / f"{config.hydra.job.num}.json", {
             "num": config.hydra.job.num, "overrides": list(config.hydra.overrides.task),
             "run_dir": str(Path(config.hydra.runtime.output_dir).resolve()), "status": status,
             "error": error, "cells": list(job_cells)})
