@@ -134,9 +134,11 @@ def main() -> None:
 
 def _collate_sweep() -> None:
     """A multirun ends with stage=report on its sweep directory, also when a job failed."""
-    if callbacks.current_sweep is None:
-        return
     from lmalign import report as summary
+
+    sweep = callbacks.current_sweep
+    if sweep is None or not any((sweep / summary.JOBS_DIR).glob("[0-9]*.json")):
+        return  # no job started (composition failed): nothing to collate
 
     jobs, rows = summary.collate(callbacks.current_sweep)
     done = sum(job.status == "done" for job in jobs)
@@ -146,7 +148,7 @@ def _collate_sweep() -> None:
         if job.status != "done":
             where = job.run_dir / "lmalign.log" if job.run_dir else "never started"
             print(f"  job {job.name} ({' '.join(job.overrides)}): {job.status}; log: {where}",
-                  file=sys.stderr, flush=True)
+                  flush=True)
 
 
 def _message(exc: BaseException) -> str:

@@ -19,6 +19,16 @@ def lmalign_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lmalign_cache")
 
 
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory, lmalign_cache):
+    """The README's main job (`python -m lmalign`, as run_name=demo), trained once per session:
+    (its result, its run directory, the directory it ran in). Tests that need a trained SFT
+    model copy the run directory rather than change it."""
+    workdir = tmp_path_factory.mktemp("demo")
+    result = lmalign("run_name=demo", cwd=workdir, cache=lmalign_cache, check=True)
+    return result, workdir / "runs" / "demo", workdir
+
+
 def lmalign(*overrides: str, cwd: Path, cache: Path, env: dict[str, str] | None = None,
             timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m lmalign` as a user would, in `cwd` (where runs/ and outputs/ appear)."""

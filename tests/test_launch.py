@@ -137,20 +137,20 @@ def test_bf16_on_a_t4_is_one_line(tmp_path, lmalign_cache):
         "weights and fp16/fp32 precision on this hardware; fix: model.dtype=float16"]
 
 
-def test_gpu_profiles_plan_offline_with_memory_within_15_percent_of_accelerate(
-        tmp_path, lmalign_cache):
+def test_gpu_profiles_plan_with_memory_within_15_percent_of_accelerate(tmp_path):
+    from lmalign import plan
+
     gaps = {}
     for hardware in ("t4", "a100", "8gpu_fsdp", "8gpu_zero3"):
-        result = lmalign("model=smollm2_1.7b", f"hardware={hardware}", "dry_run=true",
-                         cwd=tmp_path, cache=lmalign_cache, env={"HF_HUB_OFFLINE": "1"},
-                         check=True)
-        assert f"hardware       {hardware}: cuda" in result.stdout
-        per_device = float(re.search(r"memory +([\d.]+) GiB per device", result.stdout)[1])
+        text = plan.describe(typed_config("model=smollm2_1.7b", f"hardware={hardware}",
+                                          "dry_run=true"), tmp_path)
+        assert f"hardware       {hardware}: cuda" in text
+        per_device = float(re.search(r"memory +([\d.]+) GiB per device", text)[1])
         accelerate = float(re.search(r"accelerate's estimator on the same model: ([\d.]+) GiB",
-                                     result.stdout)[1])
+                                     text)[1])
         gaps[hardware] = per_device / accelerate - 1
-        fits = "does not fit" not in result.stdout
-        assert fits == (hardware != "t4"), result.stdout  # 1.7B full fine-tuning needs > 16 GB
+        fits = "does not fit" not in text
+        assert fits == (hardware != "t4"), text  # 1.7B full fine-tuning needs > 16 GB
     assert all(abs(gap) <= 0.15 for gap in gaps.values()), gaps
     # Sharded over 8, a device holds an eighth of the single-GPU mixed-precision state.
     assert gaps["8gpu_fsdp"] == pytest.approx(gaps["t4"], abs=0.01)
@@ -170,7 +170,13 @@ def test_cpu_ddp_trains_sft_and_dpo_in_two_processes_and_evaluates(tmp_path, lma
     assert (run_dir / "final" / "model.safetensors").exists()
     record = json.loads((run_dir / "run.json").read_text())
     assert record["train"]["global_step"] == 30 and record["status"] == "done"
-    assert "tiny_mc" in (run_dir / "metrics.csv").read_text()
+    # Evaluation ran in 2 processes too (20 of tiny_gen's 40 generations each), and scores the
+    # base model exactly as one process does.
+    assert "evaluating in 2 processes" in log and "20/20" in log
+    lmalign("run_name=one_process", "stage=eval", "eval.checkpoints=[base]", *short,
+            cwd=tmp_path, cache=lmalign_cache, check=True)
+    split, single = _rows(run_dir, "base"), _rows(tmp_path / "runs" / "one_process", "base")
+    assert split == single and {task for task, _ in split} == {"tiny_mc", "tiny_gen"}
 
     lmalign("run_name=ddp_dpo", "hardware=cpu_ddp", "method=dpo", "dataset=tiny_prefs",
             "model.init_from=ddp_sft", "method.max_steps=10", "eval.tasks=[tiny_prefs]", *short,
@@ -180,24 +186,17 @@ def test_cpu_ddp_trains_sft_and_dpo_in_two_processes_and_evaluates(tmp_path, lma
     assert "tiny_prefs" in (dpo_dir / "metrics.csv").read_text()
 
 
-@pytest.mark.slow
-def test_two_process_evaluation_splits_requests_and_matches_one_process(tmp_path, lmalign_cache):
-    request = ("stage=eval", "eval.tasks=[tiny_mc,tiny_gen]", "eval.num_fewshot=[0,2]",
-               "eval.limit=30")
-    split = lmalign("run_name=two", "hardware=cpu_ddp", *request, cwd=tmp_path,
-                    cache=lmalign_cache, check=True)
-    log = split.stdout + split.stderr
-    assert "evaluating in 2 processes" in log
-    assert "[rank 1]" not in log and "15/15" in log  # 30 generations, half in each process
-    lmalign("run_name=one", *request, cwd=tmp_path, cache=lmalign_cache, check=True)
+def _rows(run_dir, checkpoint):
+    with open(run_dir / "metrics.csv") as handle:
+        return {(r["task"], r["metric"]): (r["value"], r["cell"].split("/")[-1])
+                for r in csv.DictReader(handle) if r["checkpoint"] == checkpoint}
 
-    def values(run):
-        with open(tmp_path / "runs" / run / "metrics.csv") as handle:
-            return {(r["task"], r["num_fewshot"]): (float(r["value"]), r["cell"].split("/")[-1])
-                    for r in csv.DictReader(handle)}
 
-    two, one = values("two"), values("one")
-    for key in (("tiny_mc", "0"), ("tiny_gen", "0")):
-        assert two[key] == one[key]  # same number, same cell
-    # Few-shot examples are drawn per process, so 2-shot cells record the process count.
-    assert two[("tiny_mc", "2")][1] != one[("tiny_mc", "2")][1]
+def test_few_shot_cells_record_the_process_count_zero_shot_cells_do_not():
+    """Split over processes, lm-eval draws few-shot examples per process: different results."""
+    from lmalign.evaluation import harness
+
+    evaluation = typed_config().eval
+    assert harness.settings(evaluation, 0, processes=2) == harness.settings(evaluation, 0)
+    assert harness.settings(evaluation, 2, processes=2) == {
+        **harness.settings(evaluation, 2), "processes": 2}

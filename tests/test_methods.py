@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,8 +128,11 @@ def test_dpo_on_a_lora_sft_adapter_continues_it_against_a_frozen_copy(lora_run, 
 
 
 @pytest.fixture(scope="module")
-def sft_run(runs, lmalign_cache):
-    lmalign("run_name=sft", "eval.tasks=[tiny_prefs]", cwd=runs, cache=lmalign_cache, check=True)
+def sft_run(default_run, runs, lmalign_cache):
+    """The default SFT (the README's main job), copied here and scored on tiny_prefs."""
+    shutil.copytree(default_run[1], runs / "runs" / "sft")
+    lmalign("stage=eval", "run_name=sft", "eval.tasks=[tiny_prefs]", cwd=runs,
+            cache=lmalign_cache, check=True)
     return runs / "runs" / "sft"
 
 

@@ -96,7 +96,7 @@ def test_a_sweep_is_collated_with_its_failed_job_named(trained, lmalign_cache):
                      "hydra.sweep.dir=sweep", cwd=trained, cache=lmalign_cache)
     assert result.returncode == 1
     assert re.search(r"job 3 \(.*eval.checkpoints=20 eval.num_fewshot=2\): failed",
-                     result.stderr), result.stderr[-3000:]
+                     result.stdout), result.stdout[-3000:]
     sweep = trained / "sweep"
     with open(sweep / report.SUMMARY_CSV) as handle:
         rows = [r for r in csv.DictReader(handle) if r["metric"] == "acc"]

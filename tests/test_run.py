@@ -16,10 +16,8 @@ DESIGN_COLUMNS = ["checkpoint", "step", "backend", "task", "metric", "num_fewsho
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, lmalign_cache):
-    workdir = tmp_path_factory.mktemp("demo")
-    result = lmalign("run_name=demo", cwd=workdir, cache=lmalign_cache, check=True)
-    return result, workdir / "runs" / "demo", workdir
+def demo(default_run):
+    return default_run
 
 
 def _metrics(run_dir: Path) -> list[dict[str, str]]:

@@ -19,8 +19,8 @@ from lmalign.rundir import atomic_write_json, atomic_write_text
 
 CELL_RECORD = "cell.json"
 METRICS_CSV = "metrics.csv"
-METRICS_COLUMNS = ["checkpoint", "step", "backend", "task", "group", "metric", "num_fewshot",
-                   "eval_mode", "value", "stderr", "cell"]
+METRICS_COLUMNS = ["checkpoint", "step", "backend", "task", "metric", "num_fewshot", "eval_mode",
+                   "value", "stderr", "cell", "group"]
 
 
 @dataclass(frozen=True)
