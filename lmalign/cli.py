@@ -144,11 +144,8 @@ def _collate_sweep() -> None:
     done = sum(job.status == "done" for job in jobs)
     print(f"\nsweep: {done} of {len(jobs)} job(s) done, {len(rows)} result row(s): "
           f"{callbacks.current_sweep / summary.SUMMARY_MD}", flush=True)
-    for job in jobs:
-        if job.status != "done":
-            where = job.run_dir / "lmalign.log" if job.run_dir else "never started"
-            print(f"  job {job.name} ({' '.join(job.overrides)}): {job.status}; log: {where}",
-                  flush=True)
+    for line in summary.trouble_lines(jobs):
+        print(line, flush=True)
 
 
 def _message(exc: BaseException) -> str:

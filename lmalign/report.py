@@ -149,6 +149,13 @@ def summary_rows(jobs: list[Job]) -> list[dict[str, Any]]:
     return rows
 
 
+def trouble_lines(jobs: list[Job]) -> list[str]:
+    """One line per job that is not done: its overrides, status and where its log is."""
+    return [f"  job {job.name} ({' '.join(job.overrides)}): {job.status}; log: "
+            f"{job.run_dir / 'lmalign.log' if job.run_dir else 'never started'}"
+            for job in jobs if job.status != "done"]
+
+
 def collate(directory: Path) -> tuple[list[Job], list[dict[str, Any]]]:
     """Write summary.csv, summary.md and plots/ into `directory`; failed and missing jobs are
     listed, the rest still collated. Returns (jobs, rows)."""

@@ -62,11 +62,11 @@ def _report(directory: Path, pack: bool) -> None:
                                 "a sweep directory (multirun/...) or a run directory",
                                 "report.dir=<path>, or run_name=<run>"))
     jobs, rows = report.collate(directory)
-    trouble = [j for j in jobs if j.status != "done"]
-    print(f"{len(rows)} result row(s) from {len(jobs) - len(trouble)} of {len(jobs)} job(s): "
+    done = sum(job.status == "done" for job in jobs)
+    print(f"{len(rows)} result row(s) from {done} of {len(jobs)} job(s): "
           f"{directory / report.SUMMARY_CSV}, {directory / report.SUMMARY_MD}", flush=True)
-    for job in trouble:
-        print(f"  job {job.name} ({' '.join(job.overrides)}): {job.status}", flush=True)
+    for line in report.trouble_lines(jobs):
+        print(line, flush=True)
     if pack:
         print(f"packed: {report.pack(directory, jobs)}", flush=True)
 

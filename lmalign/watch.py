@@ -80,9 +80,8 @@ def _training_ended(run_dir: Path) -> str | None:
 
 
 def _done(target: Target, config: Config, run_dir: Path) -> bool:
-    return all(cells.is_complete(cells.cell_dir(run_dir, target, harness.settings(config.eval, n)),
-                                 need_samples=config.eval.log_samples)
-               for n in config.eval.fewshot_values)
+    return all(cells.is_complete(cell, need_samples=config.eval.log_samples)
+               for cell in harness.requested_cells([target], config.eval, run_dir))
 
 
 def _evaluate(target: Target, config: Config, run_dir: Path, model: ModelConfig,
