@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +179,7 @@ def _row_order(row: dict[str, Any]) -> tuple:
 
 
 def _variant(row: dict[str, Any]) -> str:
-    return row.get("variant", "")
+    return row.get("variant", "")  # set by summary_rows; rows of a single run have none
 
 
 def _series(rows: list[dict[str, Any]]) -> dict[tuple, dict[tuple, list[tuple[int, float]]]]:
@@ -245,8 +244,9 @@ def summary_markdown(jobs: list[Job], rows: list[dict[str, Any]], plots: list[Pa
     for row in rows:
         tables.setdefault((row["task"], row["metric"], row["eval_mode"]), []).append(row)
     groups = {row["group"] for row in rows if row.get("group")}
+    subtasks = {row["task"] for row in rows if row.get("group")}
     for (task, metric, mode), found in sorted(tables.items()):
-        if task in {row["task"] for row in rows if row.get("group")}:
+        if task in subtasks:
             continue  # a group's subtasks are tabled under the group, below
         lines += _metric_table(task, metric, mode, found)
     for group in sorted(groups):
@@ -306,7 +306,6 @@ def pack(directory: Path, jobs: list[Job]) -> Path:
     """The result files (no weights) of a sweep or run in one zip, for submission or sharing:
     summaries, plots, metrics, lm-eval's results and samples, and the configs that made them.
     A sweep job contributes the cells it asked for, not everything its run directory holds."""
-    import tempfile
     import zipfile
 
     directory = Path(directory).resolve()
@@ -334,13 +333,8 @@ def pack(directory: Path, jobs: list[Job]) -> Path:
             str(p.relative_to(run_dir)) for p in run_dir.glob("eval/*/*") if p.is_dir()]
         for cell in chosen:
             add(run_dir, prefix, tuple(f"{cell}/{f}" for f in _CELL_FILES))
-    handle, temporary = tempfile.mkstemp(prefix=f".{RESULTS_ZIP}.", dir=directory)
-    os.close(handle)
-    try:
-        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+    with rundir.staged_file(directory / RESULTS_ZIP) as staging:
+        with zipfile.ZipFile(staging, "w", zipfile.ZIP_DEFLATED) as archive:
             for name, path in sorted(members.items()):
                 archive.write(path, name)
-        os.replace(temporary, directory / RESULTS_ZIP)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
     return directory / RESULTS_ZIP
