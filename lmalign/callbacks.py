@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +119,41 @@ class SweepJobsCallback(Callback):
 
         if config.hydra.mode != RunMode.MULTIRUN or config.get("dry_run"):
             return
-        from lmalign import report, rundir
-
+        if os.environ.get("SLURM_PROCID", "0") != "0":
+            return  # a multi-node job's other nodes: the main node records it
         # A job may run in another process (a SLURM job): the sweep directory comes with it.
         sweep = current_sweep or Path(OmegaConf.select(config, "hydra.sweep.dir"))
-        rundir.atomic_write_json(sweep / report.JOBS_DIR / f"{config.hydra.job.num}.json", {
-            "num": config.hydra.job.num, "overrides": list(config.hydra.overrides.task),
-            "run_dir": str(Path(config.hydra.runtime.output_dir).resolve()), "status": status,
-            "error": error, "cells": list(job_cells)})
+        write_job_record(sweep, config.hydra.job.num, list(config.hydra.overrides.task),
+                         Path(config.hydra.runtime.output_dir).resolve(), status, error,
+                         list(job_cells), _cluster_log())
+
+
+def _cluster_log() -> str | None:
+    """The job's log when it runs on a cluster (submitit), where lmalign.log is not all of it."""
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return None
+    import submitit
+
+    return str(submitit.JobEnvironment().paths.stderr)
+
+
+def write_job_record(sweep: Path, number: int, overrides: list[str], run_dir: Path | None,
+                     status: str, error: str | None, cells: list[str], log: str | None) -> None:
+    from lmalign import report, rundir
+
+    rundir.atomic_write_json(sweep / report.JOBS_DIR / f"{number}.json", {
+        "num": number, "overrides": overrides, "run_dir": str(run_dir) if run_dir else None,
+        "status": status, "error": error, "cells": cells, "log": log})
+
+
+def record_lost_job(sweep: Path, number: int, overrides: list[str], error: str, log: str) -> None:
+    """A cluster job that ended without finishing its record (killed, cancelled, timed out)."""
+    from lmalign import report
+
+    path = sweep / report.JOBS_DIR / f"{number}.json"
+    found = json.loads(path.read_text()) if path.exists() else {}
+    if found.get("status") in ("done", "failed"):
+        return  # the job said how it ended
+    run_dir = found.get("run_dir")
+    write_job_record(sweep, number, overrides, Path(run_dir) if run_dir else None, "failed",
+                     error, found.get("cells", []), log)

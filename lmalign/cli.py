@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmalign import callbacks
-from lmalign.errors import EXIT_USER_ERROR, TrainingStopped, UserError, report
+from lmalign.errors import EXIT_USER_ERROR, JobFailed, TrainingStopped, UserError, report
 
 # PEFT calls transformers' renamed property; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -75,9 +75,23 @@ def _record_subdir(stage: str, dry_run: bool = False) -> str | None:
     return ".hydra" if stage in ("train_eval", "train") else f".hydra/{stage}"
 
 
+def _gpus_per_node(accelerator: str, world_size: int, num_nodes: int) -> int | None:
+    """hydra/launcher=slurm: each node's share of the profile's GPUs (none on a CPU profile)."""
+    return world_size // num_nodes if accelerator == "cuda" else None
+
+
+def _launch_mode(launcher: str, dry_run: bool) -> str | None:
+    """hydra.mode: a cluster launcher runs only multiruns, so it makes every run one (a dry run
+    prints its plan here). With Hydra's own launcher, null leaves the choice to -m."""
+    local = launcher.startswith("hydra._internal.core_plugins.") or dry_run
+    return None if local else "MULTIRUN"
+
+
 def register_resolvers() -> None:
     for name, fn in (("lmalign_run_dir", _run_dir), ("lmalign_sweep_subdir", _sweep_subdir),
-                     ("lmalign_record_subdir", _record_subdir)):
+                     ("lmalign_record_subdir", _record_subdir),
+                     ("lmalign_gpus_per_node", _gpus_per_node),
+                     ("lmalign_launch_mode", _launch_mode)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -88,17 +102,12 @@ def _hydra_job(cfg: DictConfig) -> None:
     _task_started = True
     from hydra.core.hydra_config import HydraConfig
 
-    from lmalign.errors import problem
     from lmalign.run import run_job
 
     try:
         job = HydraConfig.get().job
         if job.get("num") in _shared_run_dirs:
-            path, owner = _shared_run_dirs[job.num]
-            raise UserError(problem(
-                "run_name", cfg.run_name, f"sweep job {job.num} ({job.override_dirname}) would "
-                f"share the run directory {path} with job {owner}", "one run_name per sweep job",
-                "sweep run_name too (run_name=a,b), or vary it: run_name=exp_${hydra:job.num}"))
+            raise UserError(_shared_run_dir_problem(job.num, job.override_dirname, cfg.run_name))
         run_job(cfg)
     except UserError as exc:
         _user_errors.append(exc)
@@ -106,39 +115,78 @@ def _hydra_job(cfg: DictConfig) -> None:
     except TrainingStopped as exc:
         _stopped.append(exc)
         callbacks.job_error.append(f"stopped: {exc}")
+        _hand_on_signal(exc.signal_number)
+
+
+def _hand_on_signal(number: int | None) -> None:
+    """The checkpoint is saved: the signal goes on to whoever handled it before training took
+    it over. In a SLURM job that is submitit, which requeues the job (preemption, time limit);
+    the requeued job resumes from the checkpoint in the same run directory."""
+    import signal
+
+    handler = signal.getsignal(number) if number else None
+    if callable(handler):
+        print(f"stopped: handing signal {number} on to the launcher's handler", flush=True)
+        handler(number, None)
+
+
+def _shared_run_dir_problem(number: int, overrides: str, run_name: str) -> str:
+    from lmalign.errors import problem
+
+    path, owner = _shared_run_dirs[number]
+    return problem(
+        "run_name", run_name, f"sweep job {number} ({overrides}) would share the run directory "
+        f"{path} with job {owner}", "one run_name per sweep job",
+        "sweep run_name too (run_name=a,b), or vary it: run_name=exp_${hydra:job.num}")
+
+
+def refuse_shared_run_dirs(jobs: list[tuple[int, DictConfig]]) -> None:
+    """Before a cluster sweep is submitted: training jobs that would share a run directory."""
+    for _, config in jobs:
+        OmegaConf.select(config, "hydra.sweep.subdir")  # registers each job's run directory
+    problems = [_shared_run_dir_problem(number, config.hydra.job.override_dirname,
+                                        config.run_name)
+                for number, config in jobs if number in _shared_run_dirs]
+    if problems:
+        raise UserError(problems)
 
 
 def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach us; Hydra would print and exit 1
     register_resolvers()
+    failed_jobs = 0
     try:
         _hydra_job()
     except UserError as exc:
         _user_errors.append(exc)
+    except JobFailed as exc:  # a cluster job: one line (its traceback is in its log)
+        print(f"error: {exc}", file=sys.stderr)
+        failed_jobs = 1
     except (hydra.errors.HydraException, OmegaConfBaseException) as exc:
         if _task_started:
             raise
         report(diagnose(_overrides_from_argv()) or [_message(exc)])
         sys.exit(EXIT_USER_ERROR)
     finally:
-        _collate_sweep()
+        failed_jobs = max(failed_jobs, _collate_sweep())
     for exc in _stopped:
         print(f"stopped: {exc}", file=sys.stderr)
     if _user_errors:
         for exc in _user_errors:
             report(exc.problems)
         sys.exit(EXIT_USER_ERROR)
-    if _stopped:
+    if _stopped or failed_jobs:
         sys.exit(1)
 
 
-def _collate_sweep() -> None:
-    """A multirun ends with stage=report on its sweep directory, also when a job failed."""
+def _collate_sweep() -> int:
+    """A multirun ends with stage=report on its sweep directory, also when a job failed.
+    Returns how many jobs did not finish (a cluster job's error stays in its own process)."""
     from lmalign import report as summary
 
     sweep = callbacks.current_sweep
     if sweep is None or not any((sweep / summary.JOBS_DIR).glob("[0-9]*.json")):
-        return  # no job started (composition failed): nothing to collate
+        return 0  # no job started (composition failed): nothing to collate
 
     jobs, rows = summary.collate(callbacks.current_sweep)
     done = sum(job.status == "done" for job in jobs)
@@ -146,6 +194,7 @@ def _collate_sweep() -> None:
           f"{callbacks.current_sweep / summary.SUMMARY_MD}", flush=True)
     for line in summary.trouble_lines(jobs):
         print(line, flush=True)
+    return len(jobs) - done
 
 
 def _message(exc: BaseException) -> str:

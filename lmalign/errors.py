@@ -29,3 +29,12 @@ def report(problems: list[str]) -> None:
 class TrainingStopped(Exception):
     """Training stopped on a signal (preemption, time limit) after saving a checkpoint: exit 1
     with one line saying how to resume, no traceback."""
+
+    def __init__(self, message: str, signal_number: int | None = None):
+        super().__init__(message)
+        self.signal_number = signal_number  # what stopped it, for a cluster launcher to requeue
+
+
+class JobFailed(Exception):
+    """A sweep job that failed on a cluster: one line naming the job and its log (the traceback
+    is in that log)."""

@@ -34,7 +34,7 @@ TRAIN_SUMMARY = "train_summary.json"       # the main worker's summary for the d
 EVAL_REQUEST = "eval_request.json"         # what the evaluation workers evaluate
 EVAL_LAUNCH_FILE = "launch/ddp.yaml"       # evaluation is data-parallel under every profile
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-MULTI_NODE_PORT = 29500  # every node must agree on it, so it cannot be picked free
+MULTI_NODE_PORT = 29500  # across nodes outside SLURM (see _multi_node_port)
 
 
 def needs_workers(hardware: HardwareConfig) -> bool:
@@ -70,8 +70,17 @@ def rendezvous(hardware: HardwareConfig, environ: Mapping[str, str] = os.environ
     if problems:
         raise UserError(problems)
     rank = hardware.node_rank if hardware.node_rank is not None else int(environ["SLURM_NODEID"])
-    address = hardware.main_address or _slurm_hostnames(environ["SLURM_JOB_NODELIST"])[0]
-    return Rendezvous(hardware.num_nodes, rank, address, hardware.main_port or MULTI_NODE_PORT)
+    address = hardware.main_address or _slurm_node_address(
+        _slurm_hostnames(environ["SLURM_JOB_NODELIST"])[0])
+    return Rendezvous(hardware.num_nodes, rank, address,
+                      hardware.main_port or _multi_node_port(environ))
+
+
+def _multi_node_port(environ: Mapping[str, str]) -> int:
+    """Every node must agree on the port, so it cannot be picked free. In a SLURM job it comes
+    from the job id, so two jobs sharing a node do not collide."""
+    job = environ.get("SLURM_JOB_ID", "")
+    return 15000 + int(job[-4:]) if job.isdigit() else MULTI_NODE_PORT
 
 
 def rendezvous_problems(hardware: HardwareConfig, environ: Mapping[str, str]) -> list[str]:
@@ -107,6 +116,16 @@ def rendezvous_problems(hardware: HardwareConfig, environ: Mapping[str, str]) ->
 def is_main_node(hardware: HardwareConfig, environ: Mapping[str, str] = os.environ) -> bool:
     """Only the main node's driver records the run and evaluates; the others only train."""
     return hardware.num_nodes == 1 or rendezvous(hardware, environ).machine_rank == 0
+
+
+def _slurm_node_address(node: str) -> str:
+    """The address SLURM reaches the node at (its NodeAddr: often the name itself)."""
+    found = subprocess.run(["scontrol", "show", "node", "--oneliner", node],
+                           capture_output=True, text=True)
+    for field in found.stdout.split():
+        if field.startswith("NodeAddr="):
+            return field.removeprefix("NodeAddr=")
+    return node
 
 
 def _slurm_hostnames(nodelist: str) -> list[str]:
@@ -160,7 +179,8 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
              config.hardware.world_size // meeting.num_machines, config.hardware.distributed,
              f" on node {meeting.machine_rank} of {meeting.num_machines}"
              if meeting.num_machines > 1 else "", shlex.join(args))
-    process = subprocess.Popen(args, env=environment(config.hardware), start_new_session=True)
+    process = subprocess.Popen(args, env=environment(config.hardware), start_new_session=True,
+                               preexec_fn=_ignore_cluster_signals)
     received: list[int] = []
     forwarded = _forward_signals(process, received)
     try:
@@ -182,7 +202,8 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
         saved = rundir.complete_checkpoints(run_dir)
         raise TrainingStopped(
             f"training stopped by {cause} after saving "
-            f"{saved[-1][1] if saved else 'no checkpoint'}; run the same command again to resume")
+            f"{saved[-1][1] if saved else 'no checkpoint'}; run the same command again to resume",
+            received[0] if received else None)
     return json.loads((run_dir / TRAIN_SUMMARY).read_text())
 
 
@@ -203,7 +224,8 @@ def evaluate_in_workers(config: Config, container: dict[str, Any], run_dir: Path
         hardware, world_size=processes)), run_dir,
         Rendezvous(1, 0, "127.0.0.1", _free_port()), evaluate=True)
     log.info("evaluating in %d processes: %s", processes, shlex.join(args))
-    code = subprocess.run(args, env=environment(hardware)).returncode
+    code = subprocess.run(args, env=environment(hardware),
+                          preexec_fn=_ignore_cluster_signals).returncode
     if code != 0:
         raise RuntimeError(f"the {processes} evaluation workers exited {code}; their output is "
                            "above")
@@ -212,6 +234,15 @@ def evaluate_in_workers(config: Config, container: dict[str, Any], run_dir: Path
 def shell_command(hardware: HardwareConfig, args: list[str]) -> str:
     """The launch as a shell line, with the environment it needs (see `environment`)."""
     return ("ACCELERATE_USE_CPU=1 " if hardware.accelerator == "cpu" else "") + shlex.join(args)
+
+
+def _ignore_cluster_signals() -> None:
+    """In the launcher process, before exec: SLURM signals every process of a job step, and
+    SIGUSR1/SIGUSR2's default action would kill accelerate's launcher (and torch's agent) while
+    the workers save. Ignored here, the workers inherit it until they install their own
+    handlers (lmalign.training.catch_stop_signals)."""
+    for number in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def _children(pid: int) -> list[int]:

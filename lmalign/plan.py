@@ -15,9 +15,15 @@ from lmalign import launch, memory, models, training
 from lmalign.schema import Config
 
 
-def describe(config: Config, run_dir: Path) -> str:
+def describe(config: Config, run_dir: Path, submission: dict | None = None) -> str:
+    """submission: the cluster launcher's resolved settings (hydra/launcher=slurm), if any."""
     method, hardware, dataset, model = config.method, config.hardware, config.dataset, config.model
     rows = [("run directory", str(run_dir)), ("stage", config.stage)]
+    if submission:
+        rows.append(("submits", ", ".join(
+            f"{key} {value}" for key, value in submission.items()
+            if value not in (None, {}, []) and key not in ("_target_", "submitit_folder",
+                                                           "name", "stderr_to_stdout"))))
     source = (f"{model.name_or_path} @ {model.revision}" if model.source == "pretrained"
               else "embedded, built from its seed")
     rows.append(("model", f"{model.name} ({source})"))

@@ -89,6 +89,13 @@ class Job:
     status: str  # done | failed | missing | did not finish
     error: str | None = None
     cells: list[str] | None = None  # the cells a sweep job asked for (jobs may share a run)
+    cluster_log: str | None = None  # a cluster job's own log (submitit's)
+
+    @property
+    def log(self) -> str:
+        if self.cluster_log:
+            return self.cluster_log
+        return str(self.run_dir / "lmalign.log") if self.run_dir else "never started"
 
 
 def jobs_of(directory: Path) -> list[Job]:
@@ -108,11 +115,11 @@ def jobs_of(directory: Path) -> list[Job]:
             continue
         job = json.loads(record.read_text())
         status = job["status"]
-        run_dir = Path(job["run_dir"])
-        if status == "running" and _run_status(run_dir) != "running":
+        run_dir = Path(job["run_dir"]) if job["run_dir"] else None
+        if status == "running" and (run_dir is None or _run_status(run_dir) != "running"):
             status = "did not finish"  # killed, or its node was lost
         found.append(Job(str(number), job["overrides"], run_dir, status, job.get("error"),
-                         job.get("cells")))
+                         job.get("cells"), job.get("log")))
     return found
 
 
@@ -150,8 +157,8 @@ def summary_rows(jobs: list[Job]) -> list[dict[str, Any]]:
 
 def trouble_lines(jobs: list[Job]) -> list[str]:
     """One line per job that is not done: its overrides, status and where its log is."""
-    return [f"  job {job.name} ({' '.join(job.overrides)}): {job.status}; log: "
-            f"{job.run_dir / 'lmalign.log' if job.run_dir else 'never started'}"
+    return [f"  job {job.name} ({' '.join(job.overrides)}): {job.status}"
+            f"{f' ({job.error})' if job.error else ''}; log: {job.log}"
             for job in jobs if job.status != "done"]
 
 
@@ -236,9 +243,9 @@ def summary_markdown(jobs: list[Job], rows: list[dict[str, Any]], plots: list[Pa
     if troubled:
         lines += ["| job | overrides | status | log |", "| --- | --- | --- | --- |"]
         for job in troubled:
-            log = job.run_dir / "lmalign.log" if job.run_dir else "-"
             why = f" ({job.error})" if job.error else ""
-            lines.append(f"| {job.name} | {' '.join(job.overrides)} | {job.status}{why} | {log} |")
+            lines.append(f"| {job.name} | {' '.join(job.overrides)} | {job.status}{why} | "
+                         f"{job.log} |")
         lines.append("")
     tables: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:

@@ -39,7 +39,10 @@ def run_job(cfg: DictConfig) -> None:
         if config.dry_run:
             from lmalign import plan
 
-            print(plan.describe(config, run_dir), flush=True)
+            launcher = hydra_cfg.launcher
+            cluster = not str(launcher._target_).startswith("hydra._internal.")
+            print(plan.describe(config, run_dir, OmegaConf.to_container(launcher, resolve=True)
+                                if cluster else None), flush=True)
         else:
             _report(Path(config.report.dir) if config.report.dir else run_dir, config.report.pack)
         if {p.name for p in run_dir.iterdir()} <= {"lmalign.log"}:
@@ -114,7 +117,8 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
     if config.stage == "watch":  # beside a training run: never writes its run.json
         from lmalign import watch
 
-        watch.watch(config, run_dir, _trained_from(config, run_dir))
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        watch.watch(config, run_dir, _trained_from(config, run_dir), overrides)
         return
     record = rundir.RunRecord(run_dir, config.stage)
     log.info("run directory: %s", run_dir.resolve())

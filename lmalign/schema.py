@@ -133,7 +133,7 @@ class HardwareConfig:
     num_nodes: int
     node_rank: int | None  # null: SLURM_NODEID inside a SLURM job, else 0
     main_address: str | None  # null: the first node of the SLURM allocation, else 127.0.0.1
-    main_port: int | None  # null: a free port on one node, 29500 across nodes
+    main_port: int | None  # null: free on one node; across nodes from the SLURM job id, else 29500
     per_device_batch_size: int
     precision: Precision
     supports_bf16: bool  # false for GPUs without bf16 (T4, V100)
@@ -145,6 +145,10 @@ class HardwareConfig:
     dataloader_num_workers: int
     torch_threads: int | None
     device_memory_gib: float | None  # per device; the plan warns when its estimate exceeds it
+    # What hydra/launcher=slurm asks for on each node (null: SLURM's default).
+    cpus_per_node: int | None
+    memory_gib_per_node: int | None
+    time_limit_minutes: int
 
 
 @dataclass(config=STRICT)
@@ -202,6 +206,8 @@ class WatchConfig:
     poll_seconds: float
     # Give up when no new checkpoint appeared and training did not finish for this long.
     idle_timeout_minutes: float
+    # null: evaluate here; a launcher option (slurm): each checkpoint is its own job there.
+    submit_to: str | None
 
 
 @dataclass(config=STRICT)

@@ -181,6 +181,16 @@ def peak_memory(found: dict[str, float | None]):
         found["peak_memory_mib"] = (max(peak[0], resident()) - start) / 2**20
 
 
+_received_early: list[int] = []  # stop signals that came before training began
+
+
+def catch_stop_signals() -> None:
+    """Remember a stop signal that arrives before training begins (a worker loading its model),
+    so that training saves at its first step and stops, instead of the signal being lost."""
+    for number in StopOnSignal.SIGNALS:
+        signal.signal(number, lambda number, _frame: _received_early.append(number))
+
+
 class StopOnSignal(TrainerCallback):
     """DESIGN's signal policy: SIGTERM, SIGUSR1 or SIGUSR2 (what SLURM and submitit send before a
     preemption or time limit) make every rank save a checkpoint at the next step boundary and stop.
@@ -199,6 +209,8 @@ class StopOnSignal(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():
             self._previous = {n: signal.signal(n, self._handle) for n in self.SIGNALS}
+        if _received_early:
+            self.received = _received_early[0]
 
     def on_train_end(self, args, state, control, **kwargs):
         for number, previous in self._previous.items():
@@ -238,7 +250,7 @@ def train_and_save(trainer, config: Config, run_dir: Path) -> dict[str, Any]:
         raise TrainingStopped(
             f"training stopped by a signal at step {stopper.stopped_at} after saving "
             f"{run_dir / rundir.CHECKPOINTS}/checkpoint-{stopper.stopped_at}; run the same "
-            "command again to resume from it")
+            "command again to resume from it", stopper.received)
     save_final(trainer, run_dir)
     return {**parameters, **memory, **summary(trainer, result)}
 

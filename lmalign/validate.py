@@ -22,6 +22,7 @@ from lmalign.errors import UserError, problem
 from lmalign.schema import Config
 
 log = logging.getLogger(__name__)
+LAUNCHER_OPTIONS = Path(__file__).resolve().parent.parent / "conf" / "hydra" / "launcher"
 
 CHECKPOINT_SELECTOR = re.compile(r"^(base|final|latest|all|checkpoint-\d+|\d+)$")
 LOADING_STAGES = ("train_eval", "train", "eval", "merge")
@@ -324,6 +325,12 @@ def check_combinations(config: Config) -> list[str]:
     if config.stage == "watch" and not config.run_name:
         problems.append(problem("run_name", None, "stage=watch watches a training run",
                                 "the run_name of a training run", "stage=watch run_name=<run>"))
+    launchers = sorted(p.stem for p in LAUNCHER_OPTIONS.glob("*.yaml"))
+    if config.watch.submit_to is not None and config.watch.submit_to not in launchers:
+        problems.append(problem(
+            "watch.submit_to", config.watch.submit_to, "not a launcher option in "
+            f"{LAUNCHER_OPTIONS}", f"null (evaluate in the watcher) or {', '.join(launchers)}",
+            "watch.submit_to=slurm, or add your cluster's file there"))
     if config.stage == "report" and not (config.run_name or config.report.dir):
         problems.append(problem("report.dir", None, "stage=report needs a directory to collate",
                                 "a sweep directory (multirun/<date>/<time>) or a run",

@@ -9,13 +9,15 @@ run.json, so it can be killed and restarted at any time: finished cells are skip
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from lmalign import rundir
-from lmalign.errors import UserError, problem
+from lmalign.errors import JobFailed, UserError, problem
 from lmalign.evaluation import cells, harness
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
@@ -24,14 +26,20 @@ log = logging.getLogger(__name__)
 ENDED = ("done", "failed", "failed (user error)", "stopped", "interrupted")
 
 
-def watch(config: Config, run_dir: Path, model: ModelConfig) -> None:
-    """model: the model the run trains (from its own record)."""
+def watch(config: Config, run_dir: Path, model: ModelConfig,
+          overrides: list[str] | None = None) -> None:
+    """model: the model the run trains (from its own record). overrides: the watcher's own
+    command-line overrides, passed on to the evaluation jobs it submits (watch.submit_to)."""
     settings = _training_settings(run_dir)
     harness.check_tasks(config.eval.tasks)
     reported: set[str] = set()
+    submitter = Submitter(config.watch.submit_to, run_dir, overrides or []) \
+        if config.watch.submit_to else None
     idle_since = time.monotonic()
-    log.info("watching %s: every new checkpoint is evaluated on %s, few-shot %s",
-             run_dir, ",".join(config.eval.tasks), config.eval.fewshot_values)
+    log.info("watching %s: every new checkpoint is evaluated on %s, few-shot %s%s",
+             run_dir, ",".join(config.eval.tasks), config.eval.fewshot_values,
+             f", each as its own job (hydra/launcher={config.watch.submit_to})"
+             if submitter else "")
     while True:
         ended = _training_ended(run_dir)  # read before listing: nothing can appear after it
         targets = [Target(path.name, step, str(path))
@@ -41,14 +49,25 @@ def watch(config: Config, run_dir: Path, model: ModelConfig) -> None:
             step = (rundir.read_record(run_dir).get("train") or {}).get("global_step")
             targets.append(Target("final", step, str(final)))
         pending = [t for t in targets if not _done(t, config, run_dir)]
-        for target in pending:
-            _evaluate(target, config, run_dir, model, reported)
+        if submitter:
+            if submitter.collect():
+                _rebuild(run_dir)
+            pending = [t for t in pending if t.label not in submitter.failed]
+            for target in pending:
+                submitter.submit(target)
+        else:
+            for target in pending:
+                _evaluate(target, config, run_dir, model, reported)
+            if pending:
+                _rebuild(run_dir)
         if pending:
             idle_since = time.monotonic()
-            _rebuild(run_dir)
         _report_rotated(run_dir, settings, reported)
-        if ended and not pending:
+        if ended and not pending and not (submitter and submitter.running):
             _rebuild(run_dir)
+            if submitter and submitter.failed:
+                raise JobFailed(f"the evaluation jobs of {', '.join(sorted(submitter.failed))} "
+                                f"failed; their logs: {run_dir / 'watch'}/<checkpoint>.log")
             log.info("training %s and every checkpoint is evaluated: %s", ended,
                      run_dir / cells.METRICS_CSV)
             return
@@ -58,6 +77,50 @@ def watch(config: Config, run_dir: Path, model: ModelConfig) -> None:
                         config.watch.idle_timeout_minutes)
             return
         time.sleep(config.watch.poll_seconds)
+
+
+class Submitter:
+    """Each checkpoint's evaluation as `python -m lmalign stage=eval` on a cluster launcher: the
+    same submission, records and failure reports as any sweep. Each submission waits for its
+    job in a child process; its output goes to <run>/watch/<checkpoint>.log."""
+
+    PASSED_OVER = ("stage", "run_name", "eval.checkpoints", "watch.", "secrets.", "+secrets.")
+
+    def __init__(self, launcher: str, run_dir: Path, overrides: list[str]) -> None:
+        self.launcher = launcher
+        self.run_dir = run_dir
+        self.overrides = [o for o in overrides if not o.startswith(self.PASSED_OVER)]
+        self.running: dict[str, subprocess.Popen] = {}
+        self.failed: set[str] = set()
+
+    def submit(self, target: Target) -> None:
+        if target.label in self.running or target.label in self.failed:
+            return
+        folder = self.run_dir / "watch" / target.label
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "lmalign", *self.overrides, "stage=eval",
+                   f"run_name={self.run_dir.name}", f"runs_root={self.run_dir.parent}",
+                   f"eval.checkpoints={target.label}", f"hydra/launcher={self.launcher}",
+                   f"hydra.sweep.dir={folder}"]
+        with open(self.log_of(target.label), "ab") as output:
+            self.running[target.label] = subprocess.Popen(command, stdout=output,
+                                                          stderr=subprocess.STDOUT)
+        log.info("%s: submitted its evaluation (hydra/launcher=%s); log: %s", target.label,
+                 self.launcher, self.log_of(target.label))
+
+    def collect(self) -> list[str]:
+        """The checkpoints whose submissions ended since the last call."""
+        ended = [label for label, process in self.running.items() if process.poll() is not None]
+        for label in ended:
+            process = self.running.pop(label)
+            if process.returncode != 0:
+                self.failed.add(label)
+                log.warning("%s: its evaluation job failed (exit %d); log: %s", label,
+                            process.returncode, self.log_of(label))
+        return ended
+
+    def log_of(self, label: str) -> Path:
+        return self.run_dir / "watch" / f"{label}.log"
 
 
 def _training_settings(run_dir: Path) -> dict:

@@ -21,6 +21,7 @@ def main(run_dir: Path, evaluating: bool = False) -> None:
 
     from lmalign import launch, models, rundir
     from lmalign.errors import TrainingStopped
+    from lmalign.training import catch_stop_signals
     from lmalign.validate import validate
 
     config = validate(json.loads((run_dir / launch.RESOLVED_CONFIG).read_text()),
@@ -36,6 +37,7 @@ def main(run_dir: Path, evaluating: bool = False) -> None:
     if evaluating:
         _evaluate(config, run_dir)
         return
+    catch_stop_signals()
     train = get_method(config.method._target_)
     try:
         summary = train(config, run_dir, models.starting_point(config))

@@ -57,3 +57,29 @@ def test_defaults_are_the_tiny_demo():
     # The tiny specialisation applies to the tiny model only: real models keep sft.yaml's rate.
     assert config.method.learning_rate == pytest.approx(2e-3)
     assert typed_config("model=smollm2_135m").method.learning_rate == pytest.approx(2e-5)
+
+
+def test_the_slurm_preset_asks_for_what_the_hardware_profile_runs():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from lmalign.cli import register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        def launcher(*overrides: str) -> dict:
+            cfg = compose("config", overrides=["hydra/launcher=slurm", *overrides],
+                          return_hydra_config=True)
+            assert cfg.hydra.mode.name == "MULTIRUN"  # a single run is submitted too
+            return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+        two_nodes = launcher("hardware=8gpu_fsdp", "hardware.num_nodes=2",
+                             "hardware.world_size=16")
+        assert (two_nodes["nodes"], two_nodes["tasks_per_node"], two_nodes["gpus_per_node"],
+                two_nodes["cpus_per_task"], two_nodes["timeout_min"]) == (2, 1, 8, 64, 1440)
+        assert two_nodes["_target_"] == "hydra_plugins.lmalign_slurm.launcher.SlurmLauncher"
+        cpu = launcher("hardware=cpu_ddp", "hydra.launcher.partition=debug")
+        assert (cpu["nodes"], cpu["gpus_per_node"], cpu["cpus_per_task"], cpu["partition"]) == (
+            1, None, 2, "debug")
