@@ -97,12 +97,16 @@ class SweepJobsCallback(Callback):
         from lmalign import report, rundir
 
         current_sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
-        rundir.atomic_write_json(current_sweep / report.JOBS_DIR / report.EXPECTED_JOBS,
-                                 expand_sweep(list(config.hydra.overrides.task)))
+        values = secrets.secret_values(dict(config.get("secrets") or {}))
+        rundir.atomic_write_json(current_sweep / report.JOBS_DIR / report.EXPECTED_JOBS, [
+            [secrets.redact(o, values) for o in job]
+            for job in expand_sweep(list(config.hydra.overrides.task))])
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         job_error.clear()
         job_cells.clear()
+        if current_sweep is not None:
+            redact_sweep_record(current_sweep, config)
         self._record(config, "running")
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
@@ -123,7 +127,9 @@ class SweepJobsCallback(Callback):
             return  # a multi-node job's other nodes: the main node records it
         # A job may run in another process (a SLURM job): the sweep directory comes with it.
         sweep = current_sweep or Path(OmegaConf.select(config, "hydra.sweep.dir"))
-        write_job_record(sweep, config.hydra.job.num, list(config.hydra.overrides.task),
+        values = secrets.secret_values(dict(config.get("secrets") or {}))
+        write_job_record(sweep, config.hydra.job.num,
+                         [secrets.redact(o, values) for o in config.hydra.overrides.task],
                          Path(config.hydra.runtime.output_dir).resolve(), status, error,
                          list(job_cells), _cluster_log())
 
@@ -135,6 +141,16 @@ def _cluster_log() -> str | None:
     import submitit
 
     return str(submitit.JobEnvironment().paths.stderr)
+
+
+def redact_sweep_record(sweep: Path, config: Any) -> None:
+    """Hydra's sweeper saves <sweep>/multirun.yaml, overrides and all, after the sweep starts."""
+    path = Path(sweep) / "multirun.yaml"
+    if path.exists():
+        text = path.read_text()
+        cleaned = secrets.redact(text, secrets.secret_values(dict(config.get("secrets") or {})))
+        if cleaned != text:
+            path.write_text(cleaned)
 
 
 def write_job_record(sweep: Path, number: int, overrides: list[str], run_dir: Path | None,

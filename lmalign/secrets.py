@@ -37,3 +37,19 @@ def export(config_secrets: dict[str, str]) -> None:
 def scrub_argv(values: list[str]) -> None:
     """Libraries that record the command line (W&B, run.json) see it without secrets."""
     sys.argv[:] = [redact(arg, values) for arg in sys.argv]
+
+
+def keep_in_environment(config) -> None:
+    """For a composed config that is saved to run later elsewhere (a SLURM job's pickle): each
+    secret becomes a reference to an environment variable exported here, which the job inherits
+    (sbatch passes the environment on), and the command line recorded in it is redacted."""
+    from omegaconf import open_dict
+
+    found = dict(config.get("secrets") or {})
+    values = secret_values(found)
+    export(found)
+    with open_dict(config):
+        for name in found:
+            config.secrets[name] = "${oc.env:" + name + "}"
+        config.hydra.overrides.task = [redact(o, values) for o in config.hydra.overrides.task]
+        config.hydra.job.override_dirname = redact(config.hydra.job.override_dirname, values)

@@ -29,6 +29,21 @@ def default_run(tmp_path_factory, lmalign_cache):
     return result, workdir / "runs" / "demo", workdir
 
 
+# SFT in 2 processes (DDP over gloo), saving every 20 steps: the local reference that runs on
+# SLURM (tests/test_slurm.py) must reproduce weight for weight.
+DDP_TRAINING = ("hardware=cpu_ddp", "method.max_steps=60", "method.save_steps=20",
+                "dataset.max_samples=1024", "eval.limit=40")
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory, lmalign_cache):
+    """DDP_TRAINING trained and evaluated once per session: (its result, its run directory)."""
+    workdir = tmp_path_factory.mktemp("ddp")
+    result = lmalign("run_name=ddp_sft", *DDP_TRAINING, cwd=workdir, cache=lmalign_cache,
+                     check=True)
+    return result, workdir / "runs" / "ddp_sft"
+
+
 def lmalign(*overrides: str, cwd: Path, cache: Path, env: dict[str, str] | None = None,
             timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m lmalign` as a user would, in `cwd` (where runs/ and outputs/ appear)."""

@@ -157,11 +157,10 @@ def test_gpu_profiles_plan_with_memory_within_15_percent_of_accelerate(tmp_path)
 
 
 @pytest.mark.slow
-def test_cpu_ddp_trains_sft_and_dpo_in_two_processes_and_evaluates(tmp_path, lmalign_cache):
+def test_cpu_ddp_trains_sft_and_dpo_in_two_processes_and_evaluates(ddp_run, tmp_path,
+                                                                    lmalign_cache):
     short = ("dataset.max_samples=1024", "eval.limit=40")
-    sft = lmalign("run_name=ddp_sft", "hardware=cpu_ddp", "method.max_steps=30", *short,
-                  cwd=tmp_path, cache=lmalign_cache, check=True)
-    run_dir = tmp_path / "runs" / "ddp_sft"
+    sft, run_dir = ddp_run
     log = sft.stdout + sft.stderr
     assert "launching 2 worker processes (ddp)" in log
     assert "[rank 1]" not in log  # only the main worker logs at INFO
@@ -169,7 +168,7 @@ def test_cpu_ddp_trains_sft_and_dpo_in_two_processes_and_evaluates(tmp_path, lma
     assert "ACCELERATE_USE_CPU=1" in command and "--num_processes 2" in command
     assert (run_dir / "final" / "model.safetensors").exists()
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["train"]["global_step"] == 30 and record["status"] == "done"
+    assert record["train"]["global_step"] == 60 and record["status"] == "done"
     # Evaluation ran in 2 processes too (20 of tiny_gen's 40 generations each), and scores the
     # base model exactly as one process does.
     assert "evaluating in 2 processes" in log and "20/20" in log
@@ -179,7 +178,7 @@ def test_cpu_ddp_trains_sft_and_dpo_in_two_processes_and_evaluates(tmp_path, lma
     assert split == single and {task for task, _ in split} == {"tiny_mc", "tiny_gen"}
 
     lmalign("run_name=ddp_dpo", "hardware=cpu_ddp", "method=dpo", "dataset=tiny_prefs",
-            "model.init_from=ddp_sft", "method.max_steps=10", "eval.tasks=[tiny_prefs]", *short,
+            f"model.init_from={run_dir}", "method.max_steps=10", "eval.tasks=[tiny_prefs]", *short,
             cwd=tmp_path, cache=lmalign_cache, check=True)
     dpo_dir = tmp_path / "runs" / "ddp_dpo"
     assert (dpo_dir / "final" / "model.safetensors").exists()

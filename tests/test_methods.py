@@ -82,7 +82,8 @@ def _metric(run_dir: Path, checkpoint: str, task: str) -> float:
 
 @pytest.fixture(scope="module")
 def lora_run(runs, lmalign_cache):
-    result = lmalign("run_name=lora", "method=lora", "eval.tasks=[tiny_mc]", cwd=runs,
+    result = lmalign("run_name=lora", "method=lora", "eval.tasks=[tiny_mc]",
+                     "method.max_steps=250", "method.eval_steps=null", cwd=runs,
                      cache=lmalign_cache, check=True)
     return runs / "runs" / "lora", result.stdout + result.stderr
 
@@ -141,7 +142,8 @@ def test_dpo_after_sft_learns_the_preference_the_sft_data_ignored(sft_run, runs,
     """Scored by the policy's own log-likelihood on held-out pairs (lm-eval's tiny_prefs), not by
     TRL's reward accuracy."""
     result = lmalign("run_name=dpo", "method=dpo", "dataset=tiny_prefs", "model.init_from=sft",
-                     "eval.tasks=[tiny_prefs]", cwd=runs, cache=lmalign_cache, check=True)
+                     "eval.tasks=[tiny_prefs]", "method.eval_steps=null", cwd=runs,
+                     cache=lmalign_cache, check=True)
     dpo_dir = runs / "runs" / "dpo"
     sft_score = _metric(sft_run, "final", "tiny_prefs")
     assert _metric(dpo_dir, "base", "tiny_prefs") == sft_score  # base = where DPO started

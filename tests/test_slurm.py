@@ -16,14 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import lmalign, lmalign_background
+from conftest import DDP_TRAINING, lmalign, lmalign_background
 
 pytestmark = pytest.mark.slow
 
-# One training config for every run here: the 2-node run and the requeued run must end with
-# the weights of the one-node run.
-TRAIN = ("hardware=cpu_ddp", "method.max_steps=60", "method.save_steps=20",
-         "eval.tasks=[tiny_mc]", "eval.limit=40")
 SLURM = "hydra/launcher=slurm"
 CLUSTER_SCRIPT = Path(__file__).resolve().parent / "local_slurm.sh"
 
@@ -81,11 +77,11 @@ def background():
 
 
 @pytest.fixture(scope="module")
-def reference(workdir, lmalign_cache):
-    """A training run submitted to SLURM on one node (2 processes): its result and run dir."""
-    result = lmalign(SLURM, "run_name=ref", *TRAIN, cwd=workdir, cache=lmalign_cache,
-                     check=True)
-    return result, workdir / "runs" / "ref"
+def two_nodes(workdir, lmalign_cache):
+    """The session's DDP training, submitted as one SLURM job of 2 nodes, 1 process each."""
+    result = lmalign(SLURM, "run_name=two_nodes", *DDP_TRAINING, "hardware.num_nodes=2",
+                     cwd=workdir, cache=lmalign_cache, check=True)
+    return result, workdir / "runs" / "two_nodes"
 
 
 def _weights(run_dir: Path):
@@ -120,10 +116,18 @@ def _queue_state(job: str) -> str:
                           text=True).stdout.strip()
 
 
-def test_a_training_run_submitted_to_slurm_trains_and_its_final_model_evaluates(reference):
-    result, run_dir = reference
+def test_a_two_node_job_trains_across_both_nodes_to_the_local_weights_and_evaluates(
+        two_nodes, ddp_run):
+    result, run_dir = two_nodes
     (job,) = _slurm_ids(result.stdout + result.stderr)
-    assert _sacct(job, "State") == "COMPLETED"
+    assert _sacct(job, "State") == "COMPLETED" and _sacct(job, "NodeList") == "n[1-2]"
+    log = Path(re.search(r"log: (\S+)", result.stdout + result.stderr).group(1))
+    main_node, other_node = (log.with_name(f"{job}_{task}_log.out").read_text() for task in (0, 1))
+    assert "--num_machines 2 --machine_rank 0" in main_node
+    assert "--num_machines 2 --machine_rank 1" in other_node
+    assert "node 1 of 2: training done" in other_node
+    _assert_same_weights(run_dir, ddp_run[1])  # = 2 processes on one node, run here
+
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "done" and record["train"]["global_step"] == 60
     with open(run_dir / "metrics.csv") as handle:
@@ -135,14 +139,14 @@ def test_a_training_run_submitted_to_slurm_trains_and_its_final_model_evaluates(
 
 
 def test_an_eval_sweep_on_slurm_gives_the_summary_of_the_local_launcher(
-        reference, workdir, lmalign_cache):
-    shutil.copytree(reference[1], workdir / "runs" / "ref_local")
+        two_nodes, workdir, lmalign_cache):
+    shutil.copytree(two_nodes[1], workdir / "runs" / "local_copy")
     sweep = ("stage=eval", "eval.checkpoints=20,40", "eval.num_fewshot=0,2", "hardware=cpu",
              "eval.tasks=[tiny_mc]", "eval.limit=40")
-    on_slurm = lmalign(SLURM, "run_name=ref", *sweep, "hydra.sweep.dir=sweeps/slurm",
+    on_slurm = lmalign(SLURM, "run_name=two_nodes", *sweep, "hydra.sweep.dir=sweeps/slurm",
                        cwd=workdir, cache=lmalign_cache, check=True)
     assert len(_slurm_ids(on_slurm.stdout + on_slurm.stderr)) == 4
-    lmalign("-m", "run_name=ref_local", *sweep, "hydra.sweep.dir=sweeps/local", cwd=workdir,
+    lmalign("-m", "run_name=local_copy", *sweep, "hydra.sweep.dir=sweeps/local", cwd=workdir,
             cache=lmalign_cache, check=True)
 
     def summary(name: str) -> list[tuple]:
@@ -154,20 +158,6 @@ def test_an_eval_sweep_on_slurm_gives_the_summary_of_the_local_launcher(
     local = summary("local")
     assert len(local) == 4 and {r[1] for r in local} == {"checkpoint-20", "checkpoint-40"}
     assert summary("slurm") == local
-
-
-def test_a_two_node_run_trains_across_both_nodes_to_the_one_node_weights(
-        reference, workdir, lmalign_cache):
-    result = lmalign(SLURM, "run_name=two_nodes", *TRAIN, "hardware.num_nodes=2", "stage=train",
-                     cwd=workdir, cache=lmalign_cache, check=True)
-    (job,) = _slurm_ids(result.stdout + result.stderr)
-    assert _sacct(job, "NodeList") == "n[1-2]"
-    log = Path(re.search(r"log: (\S+)", result.stdout + result.stderr).group(1))
-    main_node, other_node = (log.with_name(f"{job}_{task}_log.out").read_text() for task in (0, 1))
-    assert "--num_machines 2 --machine_rank 0" in main_node
-    assert "--num_machines 2 --machine_rank 1" in other_node
-    assert "node 1 of 2: training done" in other_node
-    _assert_same_weights(workdir / "runs" / "two_nodes", reference[1])
 
 
 def _job_processes(job: str, command: str) -> list[str]:
@@ -195,9 +185,9 @@ def _wait_for(condition, what: str, submitter: subprocess.Popen | None = None,
 
 
 def test_usr2_requeues_the_job_which_resumes_to_the_uninterrupted_weights(
-        reference, workdir, lmalign_cache, background):
+        ddp_run, workdir, lmalign_cache, background):
     log = workdir / "requeued.log"
-    submitter = background(SLURM, "run_name=requeued", *TRAIN, "stage=train",
+    submitter = background(SLURM, "run_name=requeued", *DDP_TRAINING, "stage=train",
                                    cwd=workdir, cache=lmalign_cache, log=log)
     run_dir = workdir / "runs" / "requeued"
     _wait_for(lambda: (run_dir / "checkpoints" / "checkpoint-20" / "trainer_state.json").exists(),
@@ -217,7 +207,7 @@ def test_usr2_requeues_the_job_which_resumes_to_the_uninterrupted_weights(
     assert "Requeued job" in text and f"checkpoint-{stopped_at[0]} (step {stopped_at[0]})" in text
     record = json.loads((run_dir / "run.json").read_text())
     assert [a["status"] for a in record["attempts"]] == ["stopped", "done"]
-    _assert_same_weights(run_dir, reference[1])
+    _assert_same_weights(run_dir, ddp_run[1])
 
 
 def test_crashed_and_cancelled_jobs_fail_the_sweep_within_a_minute_naming_their_logs(
@@ -250,37 +240,60 @@ def test_crashed_and_cancelled_jobs_fail_the_sweep_within_a_minute_naming_their_
     assert "2 job(s): 2 failed." in summary and f"{killed}_0_log.err" in summary
 
 
-def test_a_queued_job_runs_the_config_of_its_submission_not_later_edits(
-        workdir, lmalign_cache, tmp_path, background):
-    recipe = tmp_path / "extra" / "experiment" / "edited.yaml"
+SECRET = "hf_lmalign_test_secret_value"
+
+
+@pytest.fixture(scope="module")
+def held(workdir, lmalign_cache, tmp_path_factory):
+    """A run submitted on hold; the experiment file it composed from is edited while it waits,
+    then the job is released: (its run directory, its submission's output)."""
+    extra = tmp_path_factory.mktemp("extra")
+    recipe = extra / "experiment" / "edited.yaml"
     recipe.parent.mkdir(parents=True)
     recipe.write_text("# @package _global_\nmethod:\n  max_steps: 3\n")
     log = workdir / "held.log"
-    submitter = background(
-        "--config-dir", str(tmp_path / "extra"), SLURM, "+experiment=edited", "run_name=held",
-        "stage=train", "eval=none", "+hydra.launcher.additional_parameters.hold=true",
-        cwd=workdir, cache=lmalign_cache, log=log)
-    _wait_for(lambda: _slurm_ids(log.read_text()), "the submission", submitter)
-    (job,) = _slurm_ids(log.read_text())
-    assert _queue_state(job) == "PENDING"
-    recipe.write_text("# @package _global_\nmethod:\n  max_steps: 7\n")  # while it is queued
-    subprocess.run(["scontrol", "release", job], check=True)
-    assert submitter.wait(timeout=300) == 0, log.read_text()[-3000:]
-    record = json.loads((workdir / "runs" / "held" / "run.json").read_text())
+    submitter = lmalign_background(
+        "--config-dir", str(extra), SLURM, "+experiment=edited", "run_name=held", "stage=train",
+        "eval=none", "method.save_steps=2", f"+secrets.HF_TOKEN={SECRET}",
+        "+hydra.launcher.additional_parameters.hold=true", cwd=workdir, cache=lmalign_cache,
+        log=log)
+    try:
+        _wait_for(lambda: _slurm_ids(log.read_text()), "the submission", submitter)
+        (job,) = _slurm_ids(log.read_text())
+        assert _queue_state(job) == "PENDING"
+        recipe.write_text("# @package _global_\nmethod:\n  max_steps: 7\n")  # while queued
+        subprocess.run(["scontrol", "release", job], check=True)
+        assert submitter.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if submitter.poll() is None:
+            submitter.kill()
+    return workdir / "runs" / "held", log.read_text()
+
+
+def test_a_queued_job_runs_the_config_of_its_submission_not_later_edits(held):
+    run_dir, _ = held
+    record = json.loads((run_dir / "run.json").read_text())
     assert record["train"]["global_step"] == 3
 
 
-def test_the_watcher_submits_each_checkpoint_as_its_own_slurm_job(
-        reference, workdir, lmalign_cache):
-    run_dir = reference[1]
-    before = set((run_dir / "eval").glob("*/*/cell.json"))
-    result = lmalign("stage=watch", "run_name=ref", "watch.submit_to=slurm", "hardware=cpu",
+def test_no_secret_lands_in_what_a_slurm_submission_writes(held, workdir):
+    run_dir, output = held
+    assert SECRET not in output
+    sweep = Path(re.search(r"log: (\S+)/\.submitit/", output).group(1))
+    written = [p for root in (sweep, run_dir) for p in root.rglob("*") if p.is_file()]
+    assert any(p.name.endswith("_submitted.pkl") for p in written)
+    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
+
+
+def test_the_watcher_submits_each_checkpoint_as_its_own_slurm_job(held, workdir, lmalign_cache):
+    run_dir, _ = held
+    result = lmalign("stage=watch", "run_name=held", "watch.submit_to=slurm", "hardware=cpu",
                      "eval.tasks=[tiny_mc]", "eval.limit=20", "watch.poll_seconds=1",
                      cwd=workdir, cache=lmalign_cache, check=True)
-    labels = ["checkpoint-20", "checkpoint-40", "checkpoint-60", "final"]
+    labels = ["checkpoint-2", "checkpoint-3", "final"]  # trainer saves the last step too
     for label in labels:
         submitted = (run_dir / "watch" / f"{label}.log").read_text()
         (job,) = _slurm_ids(submitted)
         assert f"finished (SLURM job {job})" in submitted, submitted[-2000:]
-    new_cells = set((run_dir / "eval").glob("*/*/cell.json")) - before
-    assert sorted(cell.parent.parent.name for cell in new_cells) == labels, result.stdout[-2000:]
+    cells = sorted(cell.parent.parent.name for cell in (run_dir / "eval").glob("*/*/cell.json"))
+    assert cells == labels, result.stdout[-2000:]

@@ -37,7 +37,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
                initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
-        from lmalign import callbacks
+        from lmalign import callbacks, secrets
         from lmalign.cli import refuse_shared_run_dirs
 
         assert self.config is not None and self.hydra_context is not None
@@ -51,8 +51,14 @@ class SlurmLauncher(SubmititSlurmLauncher):
             with open_dict(config):
                 config.hydra.sweep.dir = str(sweep_dir)  # fixed now: the same after a requeue
                 config.hydra.job.num = number
-            jobs.append((number, list(overrides), config))
+            # What is pickled to disk for the job holds no secret: they travel in the
+            # environment, which sbatch passes on.
+            secrets.keep_in_environment(config)
+            jobs.append((number, list(config.hydra.overrides.task), config))
         refuse_shared_run_dirs([(number, config) for number, _, config in jobs])
+        self.config = copy.deepcopy(self.config)  # pickled with the launcher: no secret in it
+        secrets.keep_in_environment(self.config)
+        callbacks.redact_sweep_record(sweep_dir, self.config)
 
         groups: dict[str, list[tuple[int, list[str], DictConfig]]] = {}
         for job in jobs:
