@@ -23,7 +23,7 @@ start() {
   [ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key
   chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
   mkdir -p /run/munge /var/log/munge /var/lib/munge /run/mysqld /var/log/slurm \
-    /var/spool/slurmctld /var/spool/slurmd/n1 /var/spool/slurmd/n2
+    /var/spool/lmalign-slurmctld /var/spool/slurmd/n1 /var/spool/slurmd/n2
   chown munge:munge /run/munge /var/log/munge /var/lib/munge
   chown mysql:mysql /run/mysqld
   runuser -u munge -- /usr/sbin/munged
@@ -31,7 +31,8 @@ start() {
   /usr/sbin/mariadbd --user=mysql --bind-address=127.0.0.1 >/var/log/lmalign-mariadb.log 2>&1 &
   echo $! >/run/lmalign-mariadb.pid
   for _ in $(seq 120); do mariadb -uroot -e 'select 1' >/dev/null 2>&1 && break; sleep 0.5; done
-  mariadb -uroot -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
+  mariadb -uroot -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost';
+    ALTER USER 'slurm'@'localhost' IDENTIFIED BY 'slurm';
     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
   cat >/etc/slurm/slurmdbd.conf <<'EOF'
 AuthType=auth/munge
@@ -66,7 +67,8 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
-StateSaveLocation=/var/spool/slurmctld
+# its own state: job ids go on across restarts, so accounting never sees one id twice
+StateSaveLocation=/var/spool/lmalign-slurmctld
 SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd-%n.pid
