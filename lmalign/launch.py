@@ -203,7 +203,7 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
         raise TrainingStopped(
             f"training stopped by {cause} after saving "
             f"{saved[-1][1] if saved else 'no checkpoint'}; run the same command again to resume",
-            received[0] if received else None)
+            received[-1] if received else None)  # the last, as the workers take it
     return json.loads((run_dir / TRAIN_SUMMARY).read_text())
 
 

@@ -210,7 +210,7 @@ class StopOnSignal(TrainerCallback):
         if threading.current_thread() is threading.main_thread():
             self._previous = {n: signal.signal(n, self._handle) for n in self.SIGNALS}
         if _received_early:
-            self.received = _received_early[0]
+            self.received = _received_early[-1]
 
     def on_train_end(self, args, state, control, **kwargs):
         for number, previous in self._previous.items():
