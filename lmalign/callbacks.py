@@ -97,9 +97,9 @@ class SweepJobsCallback(Callback):
         from lmalign import report, rundir
 
         current_sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
-        values = secrets.secret_values(dict(config.get("secrets") or {}))
+        found = dict(config.get("secrets") or {})
         rundir.atomic_write_json(current_sweep / report.JOBS_DIR / report.EXPECTED_JOBS, [
-            [secrets.redact(o, values) for o in job]
+            secrets.redact_overrides(job, found)
             for job in expand_sweep(list(config.hydra.overrides.task))])
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
@@ -127,9 +127,8 @@ class SweepJobsCallback(Callback):
             return  # a multi-node job's other nodes: the main node records it
         # A job may run in another process (a SLURM job): the sweep directory comes with it.
         sweep = current_sweep or Path(OmegaConf.select(config, "hydra.sweep.dir"))
-        values = secrets.secret_values(dict(config.get("secrets") or {}))
-        write_job_record(sweep, config.hydra.job.num,
-                         [secrets.redact(o, values) for o in config.hydra.overrides.task],
+        write_job_record(sweep, config.hydra.job.num, secrets.redact_overrides(
+                             config.hydra.overrides.task, dict(config.get("secrets") or {})),
                          Path(config.hydra.runtime.output_dir).resolve(), status, error,
                          list(job_cells), _cluster_log())
 

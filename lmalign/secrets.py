@@ -30,6 +30,12 @@ def redact(text: str, values: list[str]) -> str:
     return text
 
 
+def redact_overrides(overrides, config_secrets: dict[str, Any] | None) -> list[str]:
+    """Command-line overrides as records may keep them (`+secrets.HF_TOKEN=***`)."""
+    values = secret_values(config_secrets)
+    return [redact(str(o), values) for o in overrides]
+
+
 def export(config_secrets: dict[str, str]) -> None:
     os.environ.update({k: str(v) for k, v in config_secrets.items()})
 
@@ -46,10 +52,10 @@ def keep_in_environment(config) -> None:
     from omegaconf import open_dict
 
     found = dict(config.get("secrets") or {})
-    values = secret_values(found)
     export(found)
     with open_dict(config):
         for name in found:
             config.secrets[name] = "${oc.env:" + name + "}"
-        config.hydra.overrides.task = [redact(o, values) for o in config.hydra.overrides.task]
-        config.hydra.job.override_dirname = redact(config.hydra.job.override_dirname, values)
+        config.hydra.overrides.task = redact_overrides(config.hydra.overrides.task, found)
+        (config.hydra.job.override_dirname,) = redact_overrides(
+            [config.hydra.job.override_dirname], found)
