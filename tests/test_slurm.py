@@ -142,7 +142,7 @@ def test_an_eval_sweep_on_slurm_gives_the_summary_of_the_local_launcher(
         two_nodes, workdir, lmalign_cache):
     shutil.copytree(two_nodes[1], workdir / "runs" / "local_copy")
     sweep = ("stage=eval", "eval.checkpoints=20,40", "eval.num_fewshot=0,2", "hardware=cpu",
-             "eval.tasks=[tiny_mc]", "eval.limit=40")
+             "eval.tasks=[tiny_mc]", "eval.limit=20")
     on_slurm = lmalign(SLURM, "run_name=two_nodes", *sweep, "hydra.sweep.dir=sweeps/slurm",
                        cwd=workdir, cache=lmalign_cache, check=True)
     assert len(_slurm_ids(on_slurm.stdout + on_slurm.stderr)) == 4
