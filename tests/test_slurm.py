@@ -120,7 +120,10 @@ def test_a_two_node_job_trains_across_both_nodes_to_the_local_weights_and_evalua
         two_nodes, ddp_run):
     result, run_dir = two_nodes
     (job,) = _slurm_ids(result.stdout + result.stderr)
-    assert _sacct(job, "State") == "COMPLETED" and _sacct(job, "NodeList") == "n[1-2]"
+    # The job's result can be read before SLURM's accounting has closed the job.
+    _wait_for(lambda: _sacct(job, "State") == "COMPLETED", "SLURM to record the job COMPLETED",
+              seconds=60)
+    assert _sacct(job, "NodeList") == "n[1-2]"
     log = Path(re.search(r"log: (\S+)", result.stdout + result.stderr).group(1))
     main_node, other_node = (log.with_name(f"{job}_{task}_log.out").read_text() for task in (0, 1))
     assert "--num_machines 2 --machine_rank 0" in main_node
