@@ -60,12 +60,13 @@ class SlurmLauncher(SubmititSlurmLauncher):
         secrets.keep_in_environment(self.config)
         callbacks.redact_sweep_record(sweep_dir, self.config)
 
-        groups: dict[str, list[tuple[int, list[str], DictConfig]]] = {}
+        groups: dict[str, tuple[dict[str, Any], list[tuple[int, list[str], DictConfig]]]] = {}
         for job in jobs:
-            groups.setdefault(repr(sorted(self._resources(job[2]).items())), []).append(job)
+            resources = self._resources(job[2])
+            groups.setdefault(repr(sorted(resources.items())), (resources, []))[1].append(job)
         submitted = []
-        for group in groups.values():
-            executor = self._executor(self._resources(group[0][2]))
+        for resources, group in groups.values():
+            executor = self._executor(resources)
             arguments = [(config, "hydra.sweep.dir", number, f"job_id_for_{number}",
                           Singleton.get_state()) for number, _, config in group]
             for (number, overrides, _), job in zip(group, executor.map_array(
