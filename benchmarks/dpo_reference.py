@@ -31,7 +31,7 @@ def measure(steps: int, precompute: bool, cache: Path) -> tuple[float, float]:
 
     rows = steps * PER_DEVICE * ACCUMULATION  # precompute scores exactly the rows trained on
     config = typed_config(
-        "method=dpo", "dataset=tiny_prefs", "eval=none", f"cache_dir={cache}",
+        "method=dpo", "dataset=tiny_prefs", "eval=none", f"cache.build_dir={cache}",
         f"method.max_steps={steps}", f"dataset.max_samples={rows}", "dataset.eval_split=null",
         f"hardware.per_device_batch_size={PER_DEVICE}",
         f"method.global_batch_size={PER_DEVICE * ACCUMULATION}", "method.eval_steps=null",

@@ -85,6 +85,11 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def _collated(config: Any) -> bool:
+    """Dry runs and the cache stages have no results to collate."""
+    return not config.get("dry_run") and not str(config.get("stage")).startswith("cache_")
+
+
 class SweepJobsCallback(Callback):
     """<sweep>/jobs/: the expected jobs, then one record per started job (overrides, run
     directory, outcome), so stage=report names failed and missing jobs. Hydra's sweeper raises
@@ -92,7 +97,7 @@ class SweepJobsCallback(Callback):
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         global current_sweep
-        if config.get("dry_run"):
+        if not _collated(config):
             return
         from lmalign import report, rundir
 
@@ -121,7 +126,7 @@ class SweepJobsCallback(Callback):
     def _record(config: Any, status: str, error: str | None = None) -> None:
         from hydra.types import RunMode
 
-        if config.hydra.mode != RunMode.MULTIRUN or config.get("dry_run"):
+        if config.hydra.mode != RunMode.MULTIRUN or not _collated(config):
             return
         if os.environ.get("SLURM_PROCID", "0") != "0":
             return  # a multi-node job's other nodes: the main node records it

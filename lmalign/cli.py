@@ -70,7 +70,7 @@ def _record_subdir(stage: str, dry_run: bool = False) -> str | None:
     # Training writes `.hydra/`; a later eval of the same run keeps its own record beside it.
     # A dry run records nothing: it must not overwrite the record of a run that has trained.
     # Nor does a report: it only reads.
-    if dry_run or stage == "report":
+    if dry_run or stage == "report" or stage.startswith("cache_"):
         return None
     return ".hydra" if stage in ("train_eval", "train") else f".hydra/{stage}"
 
@@ -102,9 +102,13 @@ def _hydra_job(cfg: DictConfig) -> None:
     _task_started = True
     from hydra.core.hydra_config import HydraConfig
 
-    from lmalign.run import run_job
+    from lmalign import cache
 
     try:
+        # The hub libraries read their offline switches and cache paths once, when imported.
+        cache.use_environment(bool(cfg.offline), cfg.cache.dir, str(cfg.stage))
+        from lmalign.run import run_job
+
         job = HydraConfig.get().job
         if job.get("num") in _shared_run_dirs:
             raise UserError(_shared_run_dir_problem(job.num, job.override_dirname, cfg.run_name))
@@ -159,8 +163,9 @@ def main() -> None:
         _hydra_job()
     except UserError as exc:
         _user_errors.append(exc)
-    except JobFailed as exc:  # a cluster job: one line (its traceback is in its log)
-        print(f"error: {exc}", file=sys.stderr)
+    except JobFailed as exc:  # a cluster job or a cache stage: no traceback
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         failed_jobs = 1
     except (hydra.errors.HydraException, OmegaConfBaseException) as exc:
         if _task_started:

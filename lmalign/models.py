@@ -72,7 +72,7 @@ def init_from_dir(init_from: str, runs_root: str) -> Path | None:
 def starting_point(config: Config) -> Start:
     model = config.model
     if model.init_from is None:
-        path = resolve(model, config.cache_dir)
+        path = resolve(model, config.cache.build_dir)
         revision = model.revision if model.source == "pretrained" else None
         return Start(path, revision, tokenizer=path)
     found = init_from_dir(model.init_from, config.runs_root)

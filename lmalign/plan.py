@@ -27,6 +27,9 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
     source = (f"{model.name_or_path} @ {model.revision}" if model.source == "pretrained"
               else "embedded, built from its seed")
     rows.append(("model", f"{model.name} ({source})"))
+    if config.offline:
+        rows.append(("offline", f"models and datasets from {config.cache.dir} (the hub "
+                     "libraries' offline switches on; checked against its manifest at start)"))
     start_note, architecture = _start(config)
     if start_note:
         rows.append(("starts from", start_note))

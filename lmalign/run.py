@@ -26,6 +26,7 @@ TRAINING_KEYS = ("model", "dataset", "method", "seed")
 TRAINING_STAGES = ("train_eval", "train")
 MERGED = "merged"
 EVAL_STAGES = ("train_eval", "eval")
+LOADING_STAGES = ("train_eval", "train", "eval", "merge", "watch")
 
 
 def run_job(cfg: DictConfig) -> None:
@@ -35,7 +36,13 @@ def run_job(cfg: DictConfig) -> None:
     secrets.export(config.secrets)
     secrets.scrub_argv(secrets.secret_values(config.secrets))
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if config.dry_run or config.stage == "report":
+    if config.offline and not config.dry_run and config.stage in LOADING_STAGES:
+        from lmalign import cache
+
+        problems = cache.offline_problems(config, list(hydra_cfg.overrides.task))
+        if problems:
+            raise UserError(problems)
+    if config.dry_run or config.stage == "report" or config.stage.startswith("cache_"):
         if config.dry_run:
             from lmalign import plan
 
@@ -43,8 +50,12 @@ def run_job(cfg: DictConfig) -> None:
             cluster = not str(launcher._target_).startswith("hydra._internal.")
             print(plan.describe(config, run_dir, OmegaConf.to_container(launcher, resolve=True)
                                 if cluster else None), flush=True)
-        else:
+        elif config.stage == "report":
             _report(Path(config.report.dir) if config.report.dir else run_dir, config.report.pack)
+        else:
+            from lmalign import cache
+
+            cache.run_stage(config, list(hydra_cfg.overrides.task))
         if {p.name for p in run_dir.iterdir()} <= {"lmalign.log"}:
             shutil.rmtree(run_dir)  # made by Hydra for this dry run or report alone
             for parent in run_dir.resolve().parents:  # outputs/<date>/ when nothing else is there
@@ -55,6 +66,20 @@ def run_job(cfg: DictConfig) -> None:
     if config.stage in TRAINING_STAGES:
         _refuse_changed_settings(cfg, run_dir / hydra_cfg.output_subdir)
     run(config, run_dir, explicit_keys=explicit)
+
+
+def _offline_miss(exc: BaseException) -> bool:
+    from lmalign import cache
+
+    return cache.offline_failure(exc)
+
+
+def _prepare_command(config: Config) -> str:
+    from lmalign import cache
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return cache.prepare_command(Path(str(config.cache.dir)).expanduser().resolve(), overrides) \
+        + ", then copy the cache here"
 
 
 def _report(directory: Path, pack: bool) -> None:
@@ -166,6 +191,12 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
         record.finish("failed (user error)")
         raise
     except BaseException as exc:
+        if config.offline and _offline_miss(exc):
+            record.finish("failed (user error)")
+            raise UserError(problem(
+                "offline", True, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                f"what stage=cache_prepare fetched into {config.cache.dir}",
+                "on a connected machine: " + _prepare_command(config))) from None
         record.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:

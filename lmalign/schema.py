@@ -15,7 +15,8 @@ from pydantic.dataclasses import dataclass
 
 STRICT = ConfigDict(extra="forbid")
 
-Stage = Literal["train_eval", "train", "eval", "merge", "watch", "report"]
+Stage = Literal["train_eval", "train", "eval", "merge", "watch", "report", "cache_plan",
+                "cache_prepare", "cache_verify"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DatasetFormat = Literal["messages", "prompt_completion", "preference", "text"]
 
@@ -211,6 +212,18 @@ class WatchConfig:
 
 
 @dataclass(config=STRICT)
+class CacheConfig:
+    # The offline cache: hub models and datasets in the libraries' own layouts (hub/, datasets/)
+    # and manifest.json, which lists what stage=cache_prepare fetched.
+    dir: str | None
+    # lmalign's own builds (the embedded model), which need no network.
+    build_dir: str
+    retries: int  # fetch attempts per item after the first
+    pack: bool  # cache_prepare: also write <dir>.tar.gz with the manifest inside
+    pack_part_gib: float | None  # split the pack into parts of at most this size
+
+
+@dataclass(config=STRICT)
 class Config:
     stage: Stage
     # Print the plan (batch split, parameters, starting point) and exit without loading weights.
@@ -221,7 +234,9 @@ class Config:
     runs_root: str
     resume: Literal["auto", "never"]
     seed: int
-    cache_dir: str
+    # Run with the hub libraries' offline switches on, reading everything from cache.dir.
+    offline: bool
+    cache: CacheConfig
     # Environment variables the run needs but must never record (e.g. HF_TOKEN). Saved as ***.
     secrets: dict[str, str]
     model: ModelConfig

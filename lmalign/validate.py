@@ -335,11 +335,36 @@ def check_combinations(config: Config) -> list[str]:
         problems.append(problem("report.dir", None, "stage=report needs a directory to collate",
                                 "a sweep directory (multirun/<date>/<time>) or a run",
                                 "report.dir=<sweep dir>, or run_name=<run>"))
+    problems += _cache_problems(config)
     if config.run_name is not None and (
         not config.run_name or "/" in config.run_name or config.run_name.startswith(".")
     ):
         problems.append(problem("run_name", config.run_name, "not a plain directory name",
                                 "letters, digits, - _ . (no /)", "run_name=my_run"))
+    return problems
+
+
+def _cache_problems(config: Config) -> list[str]:
+    problems = []
+    if config.stage in ("cache_prepare", "cache_verify") and not config.cache.dir:
+        problems.append(problem("cache.dir", None, f"stage={config.stage} needs the cache "
+                                "directory", "a directory (created if missing)",
+                                f"stage={config.stage} cache.dir=/path/to/lmalign-cache"))
+    if config.offline and not config.cache.dir:
+        problems.append(problem("cache.dir", None, "offline=true reads every model and dataset "
+                                "from the offline cache", "the directory stage=cache_prepare "
+                                "filled", "offline=true cache.dir=/path/to/lmalign-cache"))
+    if config.offline and config.stage == "cache_prepare":
+        problems.append(problem("offline", True, "stage=cache_prepare fetches from the hub",
+                                "offline=false on a connected machine",
+                                "drop offline=true for the prepare"))
+    if config.cache.retries < 0:
+        problems.append(problem("cache.retries", config.cache.retries, "negative",
+                                "0 or more attempts after the first", "cache.retries=3"))
+    if config.cache.pack_part_gib is not None and config.cache.pack_part_gib <= 0:
+        problems.append(problem("cache.pack_part_gib", config.cache.pack_part_gib,
+                                "not a size", "null (one file) or a size in GiB",
+                                "cache.pack_part_gib=4"))
     return problems
 
 
@@ -353,7 +378,8 @@ def check_environment_for(config: Config,
     problems: list[str] = []
     if config.stage not in LOADING_STAGES or config.dry_run:
         return config, problems
-    if config.model.source == "pretrained" and not config.model.init_from:
+    # offline=true: the run's needs are checked against the cache's manifest instead.
+    if config.model.source == "pretrained" and not config.model.init_from and not config.offline:
         issue = model_availability(config.model.name_or_path, config.model.revision)
         if issue:
             problems.append(issue)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import lmalign
@@ -60,3 +62,19 @@ def test_intermediate_checkpoints_recipe_plans_revisions_by_tasks_offline(tmp_pa
     assert "revisions ['step-125000', 'step-250000', 'step-500000']; per-sample logs" in plan
     assert "3 model(s) x 2 few-shot value(s), each model loaded once" in plan
     assert "3.19 GiB of weights per loaded model" in plan and "optimizer" not in plan
+
+
+def test_offline_evaluation_recipe_plans_every_model_and_task_into_one_cache(tmp_path,
+                                                                            lmalign_cache):
+    cache = tmp_path / "cache"
+    result = lmalign("-m", "+experiment=offline_evaluation", "stage=cache_plan",
+                     f"cache.dir={cache}", cwd=tmp_path, cache=lmalign_cache, check=True)
+    assert result.stdout.count("cache plan: 63 item(s) from the hub") == 3  # one per model
+    manifest = json.loads((cache / "manifest.json").read_text())
+    models = sorted(i["repo"] for i in manifest["items"] if i["kind"] == "model")
+    assert models == ["HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-360M",
+                      "Qwen/Qwen3-0.6B-Base"]
+    assert set(manifest["tasks"]) == {"hellaswag", "arc_easy", "arc_challenge", "mmlu", "piqa",
+                                      "winogrande"}
+    assert len(manifest["tasks"]["mmlu"]) == 57 and len(manifest["items"]) == 65
+    assert not (tmp_path / "runs").exists()  # planning leaves no run directories

@@ -13,7 +13,7 @@ def _prompt_tuned(tmp_path, cache):
     """A prompt-tuned tiny model saved as PEFT saves it, with virtual tokens that matter."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
-    config = typed_config(f"cache_dir={cache}")
+    config = typed_config(f"cache.build_dir={cache}")
     base = models.load_model(models.resolve(config.model, str(cache)), config.model,
                              config.hardware)
     torch.manual_seed(0)

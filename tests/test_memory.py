@@ -30,7 +30,7 @@ def _bytes(tensors) -> int:
     ("method=dpo", "dataset=tiny_prefs"),
 ], ids=["sft-fp32", "sft-bf16", "lora-bf16", "qlora-4bit", "prompt_tuning", "dpo-fp32"])
 def test_estimate_equals_the_bytes_a_trained_model_holds(overrides, tmp_path, lmalign_cache):
-    config = typed_config(*overrides, *QUICK, f"cache_dir={lmalign_cache}")
+    config = typed_config(*overrides, *QUICK, f"cache.build_dir={lmalign_cache}")
     found = memory.estimate(config, plan.meta_model(config, None))
 
     module = dpo if config.method.name == "dpo" else sft

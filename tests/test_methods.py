@@ -17,7 +17,7 @@ QUICK = ("eval=none", "dataset.max_samples=256", "dataset.max_eval_samples=32")
 
 
 def _trainer(module, tmp_path, cache, *overrides):
-    config = typed_config(*overrides, f"cache_dir={cache}", "method.logging_steps=1",
+    config = typed_config(*overrides, f"cache.build_dir={cache}", "method.logging_steps=1",
                           "method.eval_steps=null")
     return module.build(config, tmp_path, models.starting_point(config))
 

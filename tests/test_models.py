@@ -101,7 +101,7 @@ def test_an_fsdp_sharded_checkpoint_is_consolidated_once_into_a_loadable_model(t
     import torch
     import torch.distributed.checkpoint as dcp
 
-    config = typed_config(f"cache_dir={lmalign_cache}")
+    config = typed_config(f"cache.build_dir={lmalign_cache}")
     trained = models.load_model(models.resolve(config.model, lmalign_cache), config.model,
                                 config.hardware)
     with torch.no_grad():

@@ -57,3 +57,21 @@ def test_revisions_belong_to_a_hub_model_evaluation():
     with pytest.raises(UserError, match=r"eval.revisions=\['step-1'\]: revisions are versions of "
                        r"a hub model.*\(here stage=train_eval, model=tiny\)"):
         typed_config("eval.revisions=[step-1]")
+
+
+def test_cache_stages_need_the_cache_directory():
+    with pytest.raises(UserError, match=r"cache.dir=None: stage=cache_prepare needs the cache "
+                       r"directory.*fix: stage=cache_prepare cache.dir="):
+        typed_config("stage=cache_prepare")
+
+
+def test_offline_runs_read_from_a_cache_directory():
+    with pytest.raises(UserError, match=r"cache.dir=None: offline=true reads every model and "
+                       r"dataset from the offline cache.*fix: offline=true cache.dir="):
+        typed_config("offline=true")
+
+
+def test_prepare_is_refused_offline():
+    with pytest.raises(UserError, match=r"offline=True: stage=cache_prepare fetches from the hub"
+                       r".*fix: drop offline=true"):
+        typed_config("stage=cache_prepare", "offline=true", "cache.dir=/tmp/c")
