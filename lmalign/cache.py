@@ -204,7 +204,7 @@ def task_items(tasks: list[str]) -> dict[str, list[Item]]:
     from lmalign.evaluation import harness
 
     harness.check_tasks(tasks)
-    index = harness.task_manager().task_index
+    index = harness.task_manager(tasks).task_index
     found: dict[str, list[Item]] = {}
     for task in tasks:
         found[task] = [item for leaf, settings in _leaf_tasks(index, task, {})

@@ -53,7 +53,7 @@ def test_lm_eval_loglikelihood_of_a_prompt_tuned_model_matches_its_forward_pass(
                                       config.model)
     results = simple_evaluate(model=harness.harness_model(model, tokenizer, batch_size=4),
                               tasks=["tiny_mc"], limit=3, log_samples=True,
-                              apply_chat_template=True, task_manager=harness.task_manager())
+                              apply_chat_template=True, task_manager=harness.task_manager(["tiny_mc"]))
     requests = [(args, response[0][0]) for sample in results["samples"]["tiny_mc"]
                 for args, response in zip(sample["arguments"], sample["resps"])]
     assert len(requests) == 12  # 3 questions x 4 choices, batched with padding
