@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 
 from lmalign import callbacks, launch, loggers, models, rundir, secrets
 from lmalign.errors import TrainingStopped, UserError, problem
+from lmalign import evaluation
 from lmalign.evaluation import cells, harness
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
@@ -150,7 +151,7 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
     evaluating = config.stage in EVAL_STAGES and config.eval.backend != "none"
     try:
         if evaluating:
-            harness.check_tasks(config.eval.tasks)  # before training, not after it
+            evaluation.check(config.eval)  # before training, not after it
         base_config = _trained_from(config, run_dir)
         start = models.starting_point(dataclasses.replace(config, model=base_config))
         if config.stage == "merge":
@@ -163,9 +164,14 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
         if evaluating:
             targets = _targets(config, run_dir, start, explicit_keys or set())
             processes = launch.evaluation_processes(config.hardware)
-            callbacks.job_cells[:] = [str(c.relative_to(run_dir)) for c in harness.requested_cells(
-                targets, config.eval, run_dir, processes)]
-            if processes > 1:
+            callbacks.job_cells[:] = [str(c.relative_to(run_dir)) for c in
+                                      evaluation.requested_cells(targets, config.eval, run_dir,
+                                                                 processes)]
+            if config.eval.backend == "nemo":  # the server takes the GPUs; ns runs on the CPU
+                from lmalign.evaluation import nemo
+
+                nemo.evaluate(targets, config.eval, run_dir, config.hardware)
+            elif processes > 1:
                 launch.evaluate_in_workers(config, _worker_config(config), run_dir, {
                     "targets": [dataclasses.asdict(t) for t in targets],
                     "model": TypeAdapter(ModelConfig).dump_python(base_config, mode="json")})

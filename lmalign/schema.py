@@ -154,7 +154,7 @@ class HardwareConfig:
 
 @dataclass(config=STRICT)
 class EvalConfig:
-    backend: Literal["harness", "none"]
+    backend: Literal["harness", "nemo", "none"]
     tasks: list[str]
     num_fewshot: int | list[int]
     limit: int | float | None
@@ -170,6 +170,14 @@ class EvalConfig:
     log_samples: bool
     gen_kwargs: dict[str, Any]
     seed: int
+    # eval=nemo only (conf/eval/nemo.yaml sets them): NeMo-Skills benchmarks through a server.
+    benchmarks: str | None = None  # NeMo-Skills' syntax: gsm8k:4,ifeval (:4 = 4 sampled runs)
+    server: Literal["vllm", "sglang", "transformers", "external"] | None = None
+    server_address: str | None = None  # server=external: its OpenAI base URL (.../v1)
+    server_startup_timeout_s: float | None = None
+    nemo_env: str | None = None  # NeMo-Skills' own virtualenv (it pins datasets<4)
+    inference: dict[str, Any] | None = None  # ++inference.<key>=<value>: temperature, top_p, ...
+    nemo_args: list[str] | None = None  # more `ns eval` arguments, e.g. ['++max_samples=20']
 
     @property
     def fewshot_values(self) -> list[int]:

@@ -297,8 +297,9 @@ def check_combinations(config: Config) -> list[str]:
             "hardware.precision", "fp16", "fp16 mixed precision needs a GPU",
             "fp32 or bf16 on CPU", "hardware.precision=fp32"))
 
+    problems += _nemo_problems(evaluation)
     if evaluation.backend != "none":
-        if not evaluation.tasks:
+        if evaluation.backend == "harness" and not evaluation.tasks:
             problems.append(problem("eval.tasks", [], "no tasks to evaluate",
                                     "lm-eval task or group names", "eval.tasks=[tiny_mc]"))
         bad = [c for c in evaluation.checkpoint_selectors if not CHECKPOINT_SELECTOR.match(c)]
@@ -341,6 +342,36 @@ def check_combinations(config: Config) -> list[str]:
     ):
         problems.append(problem("run_name", config.run_name, "not a plain directory name",
                                 "letters, digits, - _ . (no /)", "run_name=my_run"))
+    return problems
+
+
+NEMO_KEYS = ("benchmarks", "server", "server_address", "server_startup_timeout_s", "nemo_env",
+             "inference", "nemo_args")
+
+
+def _nemo_problems(evaluation) -> list[str]:
+    if evaluation.backend != "nemo":
+        return [problem(f"eval.{key}", getattr(evaluation, key), "a NeMo-Skills setting",
+                        "only with eval=nemo", f"eval=nemo, or drop eval.{key}")
+                for key in NEMO_KEYS if getattr(evaluation, key) is not None]
+    from lmalign.evaluation import nemo
+
+    problems = []
+    if not evaluation.benchmarks:
+        problems.append(problem("eval.benchmarks", evaluation.benchmarks, "no benchmarks",
+                                "NeMo-Skills benchmarks", "eval.benchmarks=gsm8k:4,ifeval"))
+    else:
+        try:
+            nemo.parse_benchmarks(evaluation.benchmarks)
+        except UserError as exc:
+            problems += exc.problems
+    if evaluation.server is None:
+        problems.append(problem("eval.server", None, "eval=nemo needs an inference server",
+                                "vllm, sglang, transformers or external", "eval.server=vllm"))
+    if evaluation.server == "external" and not evaluation.server_address:
+        problems.append(problem("eval.server_address", None, "eval.server=external sends the "
+                                "benchmarks' requests to a server you run", "its OpenAI base "
+                                "URL", "eval.server_address=http://<host>:8000/v1"))
     return problems
 
 

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from lmalign import rundir
 from lmalign.errors import JobFailed, UserError, problem
+from lmalign import evaluation
 from lmalign.evaluation import cells, harness
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
@@ -31,13 +32,13 @@ def watch(config: Config, run_dir: Path, model: ModelConfig,
     """model: the model the run trains (from its own record). overrides: the watcher's own
     command-line overrides, passed on to the evaluation jobs it submits (watch.submit_to)."""
     settings = _training_settings(run_dir)
-    harness.check_tasks(config.eval.tasks)
+    evaluation.check(config.eval)
     reported: set[str] = set()
     submitter = Submitter(config.watch.submit_to, run_dir, overrides or []) \
         if config.watch.submit_to else None
     idle_since = time.monotonic()
-    log.info("watching %s: every new checkpoint is evaluated on %s, few-shot %s%s",
-             run_dir, ",".join(config.eval.tasks), config.eval.fewshot_values,
+    log.info("watching %s: every new checkpoint is evaluated on %s%s",
+             run_dir, evaluation.describe(config.eval),
              f", each as its own job (hydra/launcher={config.watch.submit_to})"
              if submitter else "")
     while True:
@@ -144,13 +145,18 @@ def _training_ended(run_dir: Path) -> str | None:
 
 def _done(target: Target, config: Config, run_dir: Path) -> bool:
     return all(cells.is_complete(cell, need_samples=config.eval.log_samples)
-               for cell in harness.requested_cells([target], config.eval, run_dir))
+               for cell in evaluation.requested_cells([target], config.eval, run_dir))
 
 
 def _evaluate(target: Target, config: Config, run_dir: Path, model: ModelConfig,
               reported: set[str]) -> None:
     try:
-        harness.evaluate([target], config.eval, run_dir, model, config.hardware)
+        if config.eval.backend == "nemo":
+            from lmalign.evaluation import nemo
+
+            nemo.evaluate([target], config.eval, run_dir, config.hardware)
+        else:
+            harness.evaluate([target], config.eval, run_dir, model, config.hardware)
     except (OSError, ValueError) as exc:
         if Path(target.path).exists():
             raise

@@ -78,3 +78,14 @@ def test_offline_evaluation_recipe_plans_every_model_and_task_into_one_cache(tmp
                                       "winogrande"}
     assert len(manifest["tasks"]["mmlu"]) == 57 and len(manifest["items"]) == 65
     assert not (tmp_path / "runs").exists()  # planning leaves no run directories
+
+
+def test_chat_sft_nemo_recipe_plans_packed_chat_sft_and_nemo_skills_on_every_checkpoint(
+        tmp_path, lmalign_cache):
+    result = lmalign("+experiment=chat_sft_nemo", "dry_run=true", cwd=tmp_path,
+                     cache=lmalign_cache, env={"HF_HUB_OFFLINE": "1"}, check=True)
+    plan = result.stdout
+    assert "tulu3_sft_mixture" in plan and "packing bfd" in plan
+    assert "attention flash_attention_2" in plan
+    assert "nemo: NeMo-Skills ifeval,gsm8k,human-eval,mbpp through a vllm server" in plan
+    assert "checkpoints ['all']" in plan

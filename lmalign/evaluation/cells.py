@@ -38,7 +38,8 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 def cell_dir(run_dir: Path, target: Target, settings: dict[str, Any]) -> Path:
-    name = f"{settings['backend']}-fs{settings['num_fewshot']}-{settings_hash(settings)}"
+    shots = f"-fs{settings['num_fewshot']}" if "num_fewshot" in settings else ""
+    name = f"{settings['backend']}{shots}-{settings_hash(settings)}"
     return Path(run_dir) / "eval" / target.label / name
 
 

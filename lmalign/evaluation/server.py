@@ -1,0 +1,176 @@
+"""An OpenAI-compatible inference server for one model, started, awaited and always stopped.
+
+Generation benchmarks (eval=nemo) send their requests to a server: vLLM (`vllm serve`), SGLang
+(`python -m sglang.launch_server`), transformers (`transformers serve`, which runs on a CPU and
+is what the tests use), or an `external` address the user already runs. lmalign picks a free
+port on 127.0.0.1, starts the server in its own process group with its log in the run
+directory, waits until `/health` answers, and stops the whole group on the way out: after
+the benchmarks, on an error, and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+ServerKind = Literal["vllm", "sglang", "transformers", "external"]
+STOP_GRACE_SECONDS = 30
+
+
+class ServerFailed(Exception):
+    """The server exited or never answered; the message ends with the tail of its log."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    kind: ServerKind
+    model: str  # a directory written by save_pretrained (or a hub id)
+    served_name: str  # the name requests use as `model`
+    device: Literal["cpu", "cuda"]
+    tensor_parallel: int = 1
+    data_parallel: int = 1
+    dtype: str = "auto"
+    extra_args: tuple[str, ...] = ()
+
+
+def command(launch: Launch, port: int) -> list[str]:
+    """The server's command line: each server's own flags for address, parallelism, dtype."""
+    where = ["--host", "127.0.0.1", "--port", str(port)]
+    if launch.kind == "vllm":
+        return ["vllm", "serve", launch.model, *where, "--served-model-name", launch.served_name,
+                "--tensor-parallel-size", str(launch.tensor_parallel),
+                "--data-parallel-size", str(launch.data_parallel), "--dtype", launch.dtype,
+                *launch.extra_args]
+    if launch.kind == "sglang":
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", launch.model,
+                *where, "--served-model-name", launch.served_name,
+                "--tp-size", str(launch.tensor_parallel), "--dp-size", str(launch.data_parallel),
+                "--dtype", launch.dtype, *launch.extra_args]
+    if launch.kind == "transformers":
+        return [sys.executable, "-m", "transformers.cli.transformers", "serve", launch.model,
+                *where, "--device", launch.device, "--dtype", launch.dtype, *launch.extra_args]
+    raise ValueError(f"no command for an {launch.kind} server")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def healthy(base_url: str, timeout: float = 2.0) -> bool:
+    """GET /health, which vLLM, SGLang and transformers serve all answer with 200 once ready."""
+    root = base_url.removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(f"{root}/health", timeout=timeout) as answer:
+            return answer.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str  # OpenAI-compatible: http://127.0.0.1:<port>/v1
+    pid: int | None  # leader of its process group; None for an external server
+
+
+@contextmanager
+def serving(launch: Launch, log_path: Path, startup_timeout: float,
+            address: str | None = None) -> Iterator[Server]:
+    """A healthy server while the block runs; stopped, with its processes, when it ends."""
+    if launch.kind == "external":
+        if not address:
+            raise ValueError("an external server needs its address")
+        yield Server(address.rstrip("/"), None)
+        return
+    port = free_port()
+    argv = command(launch, port)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as server_log:
+        server_log.write(f"$ {' '.join(argv)}\n".encode())
+        server_log.flush()
+        try:
+            process = subprocess.Popen(argv, stdout=server_log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except FileNotFoundError as exc:
+            raise ServerFailed(f"cannot start the {launch.kind} server: {exc}") from None
+    base_url = f"http://127.0.0.1:{port}/v1"
+    log.info("starting the %s server on %s (log: %s)", launch.kind, base_url, log_path)
+    try:
+        _await_health(process, base_url, launch, log_path, startup_timeout)
+        yield Server(base_url, process.pid)
+    finally:
+        stop(process)
+
+
+def _await_health(process: subprocess.Popen, base_url: str, launch: Launch, log_path: Path,
+                  startup_timeout: float) -> None:
+    started = time.monotonic()
+    while True:
+        if process.poll() is not None:
+            raise ServerFailed(f"the {launch.kind} server exited with status {process.returncode} "
+                               f"while starting; its log ({log_path}) ends:\n{_tail(log_path)}")
+        if healthy(base_url):
+            log.info("the %s server answers after %.0f s", launch.kind,
+                     time.monotonic() - started)
+            return
+        if time.monotonic() - started > startup_timeout:
+            raise ServerFailed(f"the {launch.kind} server did not answer at {base_url} within "
+                               f"{startup_timeout:.0f} s; its log ({log_path}) ends:\n"
+                               f"{_tail(log_path)}")
+        time.sleep(0.5)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's whole process group (vLLM and SGLang start workers), then
+    SIGKILL to whatever is left after the grace period."""
+    if process.poll() is not None and not _group_alive(process.pid):
+        return
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        log.warning("the server did not stop within %d s: killing it", STOP_GRACE_SECONDS)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(group: int, number: int) -> None:
+    try:
+        os.killpg(group, number)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
