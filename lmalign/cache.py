@@ -129,7 +129,9 @@ def use_environment(offline: bool, cache_dir: str | None, stage: str) -> None:
 # Plan: everything the config names, whatever stage it will run (a run's needs are a subset).
 
 
-def plan(config: Config) -> Plan:
+def plan(config: Config, planned: Manifest | None = None) -> Plan:
+    """planned: a manifest whose task expansions are reused (lm-eval's registry takes ~9 s to
+    build, so a re-run of cache_prepare only builds it for tasks the manifest lacks)."""
     items: dict[str, Item] = {}
     local: list[str] = []
 
@@ -147,8 +149,16 @@ def plan(config: Config) -> Plan:
         add(dataset)
     tasks: dict[str, list[str]] = {}
     if config.eval.backend == "harness":
-        for task, needed in task_items(config.eval.tasks).items():
+        known = planned.tasks if planned else {}
+        for task in config.eval.tasks:
+            if task in known and all(key in planned.items for key in known[task]):
+                tasks[task] = [add(planned.items[key]) for key in known[task]]
+        new = [task for task in config.eval.tasks if task not in tasks]
+        for task, needed in (task_items(new) if new else {}).items():
             tasks[task] = [add(item) for item in needed]
+    if config.eval.backend == "nemo":  # not fetched by cache_prepare yet
+        local.append(f"eval=nemo: the data of {config.eval.benchmarks} (run `ns prepare_data "
+                     "<benchmarks>` in NeMo-Skills' environment and copy that environment over)")
     return Plan(list(items.values()), tasks, local)
 
 
@@ -411,7 +421,7 @@ def _damage(item: Item, cache_dir: Path) -> list[str]:
 
 def prepare(config: Config, cache_dir: Path) -> None:
     with updating(cache_dir) as manifest:
-        manifest.merge(plan(config))
+        manifest.merge(plan(config, manifest))
     todo = [item for item in manifest.items.values() if _damage(item, cache_dir)]
     print(f"cache_prepare: {len(manifest.items)} item(s) in {manifest_path(cache_dir)}, "
           f"{len(todo)} to fetch", flush=True)
@@ -557,9 +567,9 @@ def verify(cache_dir: Path) -> None:
 
 def version_warnings(recorded: dict[str, str | None]) -> list[str]:
     here = library_versions()
+    trap = {"datasets": "datasets caches from another major version may not load; "}
     return [f"the cache was written with {name} {version} and this machine has {here[name]}: "
-            f"{'datasets caches from another major version may not load; ' if name == 'datasets' else ''}"
-            f"install {name}=={version} here if loading fails"
+            f"{trap.get(name, '')}install {name}=={version} here if loading fails"
             for name, version in recorded.items()
             if name in here and version and here[name] and version != here[name]
             and name in ("datasets", "huggingface_hub", "transformers")]

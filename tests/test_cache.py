@@ -203,3 +203,13 @@ def test_offline_run_missing_from_the_cache_exits_2_naming_the_prepare(cluster_c
     assert errors[0].endswith(f"fix: on a connected machine: python -m lmalign stage=cache_prepare"
                               f" cache.dir={cluster_cache} model=smollm2_1.7b "
                               "eval.tasks=[arc_easy], then copy the cache here")
+
+
+def test_verify_warns_of_a_datasets_version_unlike_the_one_that_wrote_the_cache():
+    from lmalign import cache
+
+    here = cache.library_versions()
+    (line,) = cache.version_warnings({**here, "datasets": "3.6.0"})
+    assert line.startswith(f"the cache was written with datasets 3.6.0 and this machine has "
+                           f"{here['datasets']}: datasets caches from another major version")
+    assert cache.version_warnings(here) == []

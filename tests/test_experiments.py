@@ -16,7 +16,7 @@ ARMS = ["method_comparison-sft", "method_comparison-lora", "method_comparison-pr
 def test_method_comparison_prints_one_table_of_all_four_methods(tmp_path, lmalign_cache):
     # Short arms: what each method learns is tested in test_methods.py.
     result = lmalign("+experiment=method_comparison", "method.max_steps=20", "eval.limit=40",
-                     cwd=tmp_path, cache=lmalign_cache, check=True)
+                     "dataset.max_samples=1024", cwd=tmp_path, cache=lmalign_cache, check=True)
     out = result.stdout
     header = next(line for line in out.splitlines() if line.startswith("| run "))
     for column in ("method", "trainable params", "of total", "peak memory MiB", "train time s",

@@ -144,11 +144,12 @@ def test_a_two_node_job_trains_across_both_nodes_to_the_local_weights_and_evalua
 def test_an_eval_sweep_on_slurm_gives_the_summary_of_the_local_launcher(
         two_nodes, workdir, lmalign_cache):
     shutil.copytree(two_nodes[1], workdir / "runs" / "local_copy")
-    sweep = ("stage=eval", "eval.checkpoints=20,40", "eval.num_fewshot=0,2", "hardware=cpu",
+    # One job per checkpoint, each scoring both few-shot counts (a list runs inside a job).
+    sweep = ("stage=eval", "eval.checkpoints=20,40", "eval.num_fewshot=[0,2]", "hardware=cpu",
              "eval.tasks=[tiny_mc]", "eval.limit=20")
     on_slurm = lmalign(SLURM, "run_name=two_nodes", *sweep, "hydra.sweep.dir=sweeps/slurm",
                        cwd=workdir, cache=lmalign_cache, check=True)
-    assert len(_slurm_ids(on_slurm.stdout + on_slurm.stderr)) == 4
+    assert len(_slurm_ids(on_slurm.stdout + on_slurm.stderr)) == 2
     lmalign("-m", "run_name=local_copy", *sweep, "hydra.sweep.dir=sweeps/local", cwd=workdir,
             cache=lmalign_cache, check=True)
 
@@ -160,6 +161,7 @@ def test_an_eval_sweep_on_slurm_gives_the_summary_of_the_local_launcher(
 
     local = summary("local")
     assert len(local) == 4 and {r[1] for r in local} == {"checkpoint-20", "checkpoint-40"}
+    assert {r[5] for r in local} == {"0", "2"}
     assert summary("slurm") == local
 
 
@@ -257,7 +259,8 @@ def held(workdir, lmalign_cache, tmp_path_factory):
     log = workdir / "held.log"
     submitter = lmalign_background(
         "--config-dir", str(extra), SLURM, "+experiment=edited", "run_name=held", "stage=train",
-        "eval=none", "method.save_steps=2", f"+secrets.HF_TOKEN={SECRET}",
+        "eval=none", "method.save_steps=2", "dataset.max_samples=256",
+        f"+secrets.HF_TOKEN={SECRET}",
         "+hydra.launcher.additional_parameters.hold=true", cwd=workdir, cache=lmalign_cache,
         log=log)
     try:
