@@ -14,9 +14,8 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from pydantic import TypeAdapter
 
-from lmalign import callbacks, launch, loggers, models, rundir, secrets
+from lmalign import cache, callbacks, evaluation, launch, loggers, models, rundir, secrets
 from lmalign.errors import TrainingStopped, UserError, problem
-from lmalign import evaluation
 from lmalign.evaluation import cells, harness
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
@@ -27,7 +26,8 @@ TRAINING_KEYS = ("model", "dataset", "method", "seed")
 TRAINING_STAGES = ("train_eval", "train")
 MERGED = "merged"
 EVAL_STAGES = ("train_eval", "eval")
-LOADING_STAGES = ("train_eval", "train", "eval", "merge", "watch")
+# What offline=true checks against the cache's manifest before it starts: stages that load.
+OFFLINE_CHECKED_STAGES = ("train_eval", "train", "eval", "merge", "watch")
 
 
 def run_job(cfg: DictConfig) -> None:
@@ -37,9 +37,7 @@ def run_job(cfg: DictConfig) -> None:
     secrets.export(config.secrets)
     secrets.scrub_argv(secrets.secret_values(config.secrets))
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if config.offline and not config.dry_run and config.stage in LOADING_STAGES:
-        from lmalign import cache
-
+    if config.offline and not config.dry_run and config.stage in OFFLINE_CHECKED_STAGES:
         problems = cache.offline_problems(config, list(hydra_cfg.overrides.task))
         if problems:
             raise UserError(problems)
@@ -54,8 +52,6 @@ def run_job(cfg: DictConfig) -> None:
         elif config.stage == "report":
             _report(Path(config.report.dir) if config.report.dir else run_dir, config.report.pack)
         else:
-            from lmalign import cache
-
             cache.run_stage(config, list(hydra_cfg.overrides.task))
         if {p.name for p in run_dir.iterdir()} <= {"lmalign.log"}:
             shutil.rmtree(run_dir)  # made by Hydra for this dry run or report alone
@@ -67,20 +63,6 @@ def run_job(cfg: DictConfig) -> None:
     if config.stage in TRAINING_STAGES:
         _refuse_changed_settings(cfg, run_dir / hydra_cfg.output_subdir)
     run(config, run_dir, explicit_keys=explicit)
-
-
-def _offline_miss(exc: BaseException) -> bool:
-    from lmalign import cache
-
-    return cache.offline_failure(exc)
-
-
-def _prepare_command(config: Config) -> str:
-    from lmalign import cache
-
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    return cache.prepare_command(Path(str(config.cache.dir)).expanduser().resolve(), overrides) \
-        + ", then copy the cache here"
 
 
 def _report(directory: Path, pack: bool) -> None:
@@ -197,12 +179,15 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
         record.finish("failed (user error)")
         raise
     except BaseException as exc:
-        if config.offline and _offline_miss(exc):
+        if config.offline and cache.offline_failure(exc):  # a library found the cache lacking
             record.finish("failed (user error)")
+            overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+            command = cache.prepare_command(Path(str(config.cache.dir)).expanduser().resolve(),
+                                            overrides)
             raise UserError(problem(
                 "offline", True, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
                 f"what stage=cache_prepare fetched into {config.cache.dir}",
-                "on a connected machine: " + _prepare_command(config))) from None
+                f"on a connected machine: {command}, then copy the cache here")) from None
         record.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lmalign import rundir
+from lmalign import evaluation, rundir
 from lmalign.errors import JobFailed, UserError, problem
-from lmalign import evaluation
 from lmalign.evaluation import cells, harness
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
