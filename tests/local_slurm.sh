@@ -31,9 +31,12 @@ start() {
   /usr/sbin/mariadbd --user=mysql --bind-address=127.0.0.1 >/var/log/lmalign-mariadb.log 2>&1 &
   echo $! >/run/lmalign-mariadb.pid
   for _ in $(seq 120); do mariadb -uroot -e 'select 1' >/dev/null 2>&1 && break; sleep 0.5; done
-  mariadb -uroot -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost';
+  # Accounting starts empty on every start: sacct -j <id> reports any older job of the same id
+  # (ids restart whenever a cluster's state is new), and submitit would take its state.
+  mariadb -uroot -e "DROP DATABASE IF EXISTS lmalign_acct_db;
+    CREATE USER IF NOT EXISTS 'slurm'@'localhost';
     ALTER USER 'slurm'@'localhost' IDENTIFIED BY 'slurm';
-    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
+    GRANT ALL ON lmalign_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
   cat >/etc/slurm/slurmdbd.conf <<'EOF'
 AuthType=auth/munge
 DbdHost=localhost
@@ -42,7 +45,7 @@ StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
 StorageUser=slurm
 StoragePass=slurm
-StorageLoc=slurm_acct_db
+StorageLoc=lmalign_acct_db
 LogFile=/var/log/slurm/slurmdbd.log
 PidFile=/run/slurmdbd.pid
 EOF
@@ -67,7 +70,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
-# its own state: job ids go on across restarts, so accounting never sees one id twice
+# its own state (job ids go on across restarts), beside its own accounting database
 StateSaveLocation=/var/spool/lmalign-slurmctld
 SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=/run/slurmctld.pid
