@@ -136,11 +136,7 @@ def plan(config: Config, planned: Manifest | None = None) -> Plan:
     local: list[str] = []
 
     def add(item: Item) -> str:
-        kept = items.setdefault(item.key, item)
-        if kept is not item:
-            kept.splits = list(dict.fromkeys(kept.splits + item.splits))
-            kept.needed_by = list(dict.fromkeys(kept.needed_by + item.needed_by))
-        return kept.key
+        return _keep(items, item).key
 
     for item in model_items(config, local, training=True, evaluating=True):
         add(item)
@@ -160,6 +156,15 @@ def plan(config: Config, planned: Manifest | None = None) -> Plan:
         local.append(f"eval=nemo: the data of {config.eval.benchmarks} (run `ns prepare_data "
                      "<benchmarks>` in NeMo-Skills' environment and copy that environment over)")
     return Plan(list(items.values()), tasks, local)
+
+
+def _keep(items: dict[str, Item], item: Item) -> Item:
+    """The item under its key: a second request for it adds its splits and users."""
+    kept = items.setdefault(item.key, item)
+    if kept is not item:
+        kept.splits = list(dict.fromkeys(kept.splits + item.splits))
+        kept.needed_by = list(dict.fromkeys(kept.needed_by + item.needed_by))
+    return kept
 
 
 def model_items(config: Config, local: list[str], training: bool,
@@ -335,9 +340,7 @@ class Manifest:
 
     def merge(self, found: Plan) -> None:
         for item in found.items:
-            kept = self.items.setdefault(item.key, item)
-            kept.splits = list(dict.fromkeys(kept.splits + item.splits))
-            kept.needed_by = list(dict.fromkeys(kept.needed_by + item.needed_by))
+            _keep(self.items, item)
         self.tasks |= found.tasks
         self.local = list(dict.fromkeys(self.local + found.local))
 

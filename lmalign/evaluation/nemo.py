@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ def parse_benchmarks(text: str) -> list[Benchmark]:
     return found
 
 
+@lru_cache(maxsize=4)
 def ns_executable(env: str | None) -> Path:
     """`ns` of NeMo-Skills' own environment; one line saying how to install it when missing."""
     where = Path(env).expanduser() / "bin" / "ns" if env else None
@@ -157,12 +159,18 @@ def _ns_environment(ns: Path) -> dict[str, str]:
             "VIRTUAL_ENV": str(env_dir)}
 
 
+@lru_cache(maxsize=4)
+def _eval_help(ns: Path, env: tuple[tuple[str, str], ...]) -> str:
+    """`ns eval --help`, once per process (the watcher evaluates checkpoint after checkpoint)."""
+    return subprocess.run([str(ns), "eval", "--help"], env=dict(env), capture_output=True,
+                          text=True).stdout
+
+
 def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
              hardware: HardwareConfig) -> None:
     ns = check(evaluation)
     env = _ns_environment(ns)
-    help_text = subprocess.run([str(ns), "eval", "--help"], env=env, capture_output=True,
-                               text=True).stdout
+    help_text = _eval_help(ns, tuple(sorted(env.items())))
     benchmarks = parse_benchmarks(str(evaluation.benchmarks))
     for target in targets:
         cell = cells.cell_dir(run_dir, target, settings(evaluation))
