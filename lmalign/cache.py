@@ -55,7 +55,7 @@ LOCAL_TASK = "generated locally (lmalign's tiny tasks, custom_dataset): nothing 
 class Item:
     """One thing a run loads from the hub, and what cache_prepare found when it fetched it."""
 
-    kind: Literal["model", "dataset"]
+    kind: Literal["model", "dataset", "nemo-benchmark"]
     repo: str
     revision: str | None = None
     subset: str | None = None  # a dataset's config name (load_dataset's name=)
@@ -152,10 +152,20 @@ def plan(config: Config, planned: Manifest | None = None) -> Plan:
         new = [task for task in config.eval.tasks if task not in tasks]
         for task, needed in (task_items(new) if new else {}).items():
             tasks[task] = [add(item) for item in needed]
-    if config.eval.backend == "nemo":  # not fetched by cache_prepare yet
-        local.append(f"eval=nemo: the data of {config.eval.benchmarks} (run `ns prepare_data "
-                     "<benchmarks>` in NeMo-Skills' environment and copy that environment over)")
+    if config.eval.backend == "nemo":
+        for item in nemo_items(config):
+            add(item)
+        local.append("eval=nemo: NeMo-Skills' own environment (eval.nemo_env); install it on "
+                     "the cluster too (README: NeMo-Skills)")
     return Plan(list(items.values()), tasks, local)
+
+
+def nemo_items(config: Config) -> list[Item]:
+    """Each NeMo-Skills benchmark's data, which `ns prepare_data` downloads."""
+    from lmalign.evaluation import nemo
+
+    names = dict.fromkeys(b.name for b in nemo.parse_benchmarks(str(config.eval.benchmark_spec)))
+    return [Item("nemo-benchmark", name, needed_by=["eval=nemo"]) for name in names]
 
 
 def _keep(items: dict[str, Item], item: Item) -> Item:
@@ -309,7 +319,7 @@ def describe(found: Plan, manifest_path: Path | None) -> str:
         name = item.repo + (f" ({item.subset})" if item.subset else "")
         rows.append((item.kind, name, item.revision or "-", ", ".join(users), item.size))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = [f"cache plan: {len(found.items)} item(s) from the hub"]
+    lines = [f"cache plan: {len(found.items)} item(s) to fetch"]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4]
               for row in rows]
     if found.tasks:
@@ -431,7 +441,8 @@ def prepare(config: Config, cache_dir: Path) -> None:
     for number, item in enumerate(todo, 1):
         print(f"[{number}/{len(todo)}] {item.label}", flush=True)
         _remove_damaged(item, cache_dir)
-        fetched = _fetch_with_retries(item, cache_dir, config.cache.retries)
+        fetched = _fetch_with_retries(item, cache_dir, config.cache.retries,
+                                      config.eval.nemo_env)
         with updating(cache_dir) as latest:  # each item is kept as soon as it is fetched
             latest.items[fetched.key] = fetched
     with updating(cache_dir) as manifest:
@@ -457,11 +468,15 @@ def prepare(config: Config, cache_dir: Path) -> None:
                                     else f"tar xzf {parts[0].name}"), flush=True)
 
 
-def _fetch_with_retries(item: Item, cache_dir: Path, retries: int) -> Item:
+def _fetch_with_retries(item: Item, cache_dir: Path, retries: int,
+                        nemo_env: str | None) -> Item:
     fetched = dataclasses.replace(item, status="planned", error=None, files=[], rows={})
     for attempt in range(retries + 1):
         try:
-            (_fetch_model if item.kind == "model" else _fetch_dataset)(fetched, cache_dir)
+            if item.kind == "nemo-benchmark":
+                _fetch_nemo_benchmark(fetched, cache_dir, nemo_env)
+            else:
+                (_fetch_model if item.kind == "model" else _fetch_dataset)(fetched, cache_dir)
             fetched.status = "done"
             return fetched
         except Exception as exc:
@@ -485,7 +500,7 @@ def _worth_retrying(exc: Exception) -> bool:
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     return not isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError,
-                                EntryNotFoundError, MissingSplit))
+                                EntryNotFoundError, MissingSplit, UserError))
 
 
 class MissingSplit(Exception):
@@ -523,6 +538,21 @@ def _fetch_dataset(item: Item, cache_dir: Path) -> None:
                   for p in paths]
 
 
+def _fetch_nemo_benchmark(item: Item, cache_dir: Path, nemo_env: str | None) -> None:
+    from lmalign.evaluation import nemo
+
+    prepared = nemo.prepare_data(nemo.ns_executable(nemo_env), item.repo,
+                                 cache_dir / nemo.DATA_DIR / item.repo)
+    item.rows = {prepared.name: _jsonl_rows(prepared)}
+    item.files = [{"path": os.path.relpath(path, cache_dir), "size": path.stat().st_size}
+                  for path in sorted(prepared.parent.rglob("*")) if path.is_file()]
+
+
+def _jsonl_rows(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
 def _load_dataset(item: Item, **kwargs):
     """The call lm-eval and lmalign's data loading make, so the run finds what this cached."""
     import datasets
@@ -554,7 +584,7 @@ def verify(cache_dir: Path) -> None:
         print(f"warning: {line}", flush=True)
     problems = []
     for item in manifest.items.values():
-        found = _damage(item, cache_dir) or _load_problems(item)
+        found = _damage(item, cache_dir) or _load_problems(item, cache_dir)
         print(f"  {'ok' if not found else 'BROKEN':6}  {item.label}", flush=True)
         problems += [f"{item.label}: {what}" for what in found]
     nothing = [task for task, keys in manifest.tasks.items() if not keys]
@@ -578,10 +608,16 @@ def version_warnings(recorded: dict[str, str | None]) -> list[str]:
             and name in ("datasets", "huggingface_hub", "transformers")]
 
 
-def _load_problems(item: Item) -> list[str]:
+def _load_problems(item: Item, cache_dir: Path) -> list[str]:
     try:
         if item.kind == "model":
             return _load_model_parts(item)
+        if item.kind == "nemo-benchmark":  # the jsonl files ns eval reads, row for row
+            from lmalign.evaluation import nemo
+
+            folder = cache_dir / nemo.DATA_DIR / item.repo
+            return [f"{name} has {found} rows, {rows} expected" for name, rows in item.rows.items()
+                    if (found := _jsonl_rows(folder / name)) != rows]
         loaded = _load_dataset(item)
         return [f"split {split} has {len(loaded[split]) if split in loaded else 'no'} rows, "
                 f"{rows} expected" for split, rows in item.rows.items()
@@ -699,6 +735,8 @@ def offline_problems(config: Config, overrides: list[str]) -> list[str]:
               for item in model_items(config, [], training or config.stage != "eval", evaluating)]
     if training and (dataset := training_dataset_item(config, [])):
         needed.append((("dataset.path", config.dataset.path), dataset))
+    if evaluating and config.eval.backend == "nemo":
+        needed += [(("eval.benchmarks", item.repo), item) for item in nemo_items(config)]
     problems = []
     for (key, value), item in needed:
         kept = manifest.items.get(item.key)

@@ -8,6 +8,7 @@ directory works, lmalign's or not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -258,6 +259,20 @@ def load_trained(path: str, model: ModelConfig, hardware: HardwareConfig,
 
     base = load_model(info["base_model_name_or_path"], model, hardware, info.get("revision"))
     return PeftModel.from_pretrained(base, path).eval()
+
+
+def merge_adapter(adapter: str, model: ModelConfig, hardware: HardwareConfig,
+                  target: Path) -> None:
+    """A LoRA adapter merged into its base: a full model (weights and tokenizer) in `target`,
+    written whole or not at all."""
+    if model.quantization != "none":
+        model = dataclasses.replace(model, quantization="none")  # merge into full weights
+        log.info("merging into the unquantized base weights")
+    loaded = load_trained(adapter, model, hardware)
+    tokenizer = load_tokenizer(adapter, model)
+    with rundir.staged_directory(target) as staging:
+        loaded.merge_and_unload().save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def quantization_problem(model: ModelConfig, hardware: HardwareConfig) -> str | None:

@@ -72,7 +72,7 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
 def _eval_row(config: Config) -> tuple[str, str]:
     evaluation = config.eval
     if evaluation.backend == "nemo":
-        return ("eval", f"nemo: NeMo-Skills {evaluation.benchmarks} through a "
+        return ("eval", f"nemo: NeMo-Skills {evaluation.benchmark_spec} through a "
                 f"{evaluation.server} server ({evaluation.server_address or '127.0.0.1'}), "
                 f"inference {evaluation.inference}; checkpoints {evaluation.checkpoint_selectors}")
     return ("eval", f"{evaluation.backend}: {', '.join(evaluation.tasks)}; few-shot "

@@ -152,7 +152,8 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
             if config.eval.backend == "nemo":  # the server takes the GPUs; ns runs on the CPU
                 from lmalign.evaluation import nemo
 
-                nemo.evaluate(targets, config.eval, run_dir, config.hardware)
+                nemo.evaluate(targets, config.eval, run_dir, base_config, config.hardware,
+                              config.cache.dir)
             elif processes > 1:
                 launch.evaluate_in_workers(config, _worker_config(config), run_dir, {
                     "targets": [dataclasses.asdict(t) for t in targets],
@@ -242,14 +243,7 @@ def merge_final(run_dir: Path, model: ModelConfig, config: Config) -> Path:
                 else f"a {kind} adapter, which has no weights to merge into"),
             "stage=merge on a run whose final/ is a LoRA adapter",
             "evaluate or serve final/ as it is, or train with method=lora first"))
-    if model.quantization != "none":
-        model = dataclasses.replace(model, quantization="none")  # merge into full weights
-        log.info("merging into the unquantized base weights")
-    loaded = models.load_trained(str(final), model, config.hardware)
-    tokenizer = models.load_tokenizer(str(final), model)
-    with rundir.staged_directory(merged) as staging:
-        loaded.merge_and_unload().save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    models.merge_adapter(str(final), model, config.hardware, merged)
     log.info("merged %s into its base model: %s", final, merged)
     return merged
 

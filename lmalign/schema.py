@@ -153,6 +153,19 @@ class HardwareConfig:
 
 
 @dataclass(config=STRICT)
+class JudgeConfig:
+    """eval=nemo: the judge of judge-based benchmarks (arena-hard, hle, ...); a null key keeps
+    the benchmark's own default (arena-hard: gpt-4.1 at https://api.openai.com/v1)."""
+
+    model: str | None
+    server_type: str | None  # NeMo-Skills' server types: openai, vllm, sglang, ...
+    server_address: str | None
+    # The NAME of the environment variable that holds the judge's API key; the key itself is
+    # never written anywhere. null: NeMo-Skills' own lookup (OPENAI_API_KEY, NVIDIA_API_KEY).
+    api_key_env: str | None
+
+
+@dataclass(config=STRICT)
 class EvalConfig:
     backend: Literal["harness", "nemo", "none"]
     tasks: list[str]
@@ -171,13 +184,22 @@ class EvalConfig:
     gen_kwargs: dict[str, Any]
     seed: int
     # eval=nemo only (conf/eval/nemo.yaml sets them): NeMo-Skills benchmarks through a server.
-    benchmarks: str | None = None  # NeMo-Skills' syntax: gsm8k:4,ifeval (:4 = 4 sampled runs)
+    # NeMo-Skills' names, :4 = 4 sampled runs: [gsm8k:4,ifeval], or its own "gsm8k:4,ifeval"
+    benchmarks: str | list[str] | None = None
     server: Literal["vllm", "sglang", "transformers", "external"] | None = None
     server_address: str | None = None  # server=external: its OpenAI base URL (.../v1)
     server_startup_timeout_s: float | None = None
     nemo_env: str | None = None  # NeMo-Skills' own virtualenv (it pins datasets<4)
     inference: dict[str, Any] | None = None  # ++inference.<key>=<value>: temperature, top_p, ...
     nemo_args: list[str] | None = None  # more `ns eval` arguments, e.g. ['++max_samples=20']
+    judge: JudgeConfig | None = None
+
+    @property
+    def benchmark_spec(self) -> str | None:
+        """The benchmarks in NeMo-Skills' one-string form: gsm8k:4,ifeval."""
+        if isinstance(self.benchmarks, list):
+            return ",".join(str(b) for b in self.benchmarks)
+        return self.benchmarks
 
     @property
     def fewshot_values(self) -> list[int]:

@@ -346,7 +346,7 @@ def check_combinations(config: Config) -> list[str]:
 
 
 NEMO_KEYS = ("benchmarks", "server", "server_address", "server_startup_timeout_s", "nemo_env",
-             "inference", "nemo_args")
+             "inference", "nemo_args", "judge")
 
 
 def _nemo_problems(evaluation) -> list[str]:
@@ -359,10 +359,10 @@ def _nemo_problems(evaluation) -> list[str]:
     problems = []
     if not evaluation.benchmarks:
         problems.append(problem("eval.benchmarks", evaluation.benchmarks, "no benchmarks",
-                                "NeMo-Skills benchmarks", "eval.benchmarks=gsm8k:4,ifeval"))
+                                "NeMo-Skills benchmarks", "eval.benchmarks=[gsm8k:4,ifeval]"))
     else:
         try:
-            nemo.parse_benchmarks(evaluation.benchmarks)
+            nemo.parse_benchmarks(evaluation.benchmark_spec)
         except UserError as exc:
             problems += exc.problems
     if evaluation.server is None:

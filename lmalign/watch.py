@@ -153,7 +153,8 @@ def _evaluate(target: Target, config: Config, run_dir: Path, model: ModelConfig,
         if config.eval.backend == "nemo":
             from lmalign.evaluation import nemo
 
-            nemo.evaluate([target], config.eval, run_dir, config.hardware)
+            nemo.evaluate([target], config.eval, run_dir, model, config.hardware,
+                          config.cache.dir)
         else:
             harness.evaluate([target], config.eval, run_dir, model, config.hardware)
     except (OSError, ValueError) as exc:

@@ -65,6 +65,13 @@ def lmalign_background(*overrides: str, cwd: Path, cache: Path, log: Path) -> su
                                 stdout=handle, stderr=subprocess.STDOUT)
 
 
+def guarded(log: Path) -> dict[str, str]:
+    """Environment for a run in which any connection beyond loopback is refused and logged to
+    `log` (tests/network_guard), in every process it starts."""
+    guard = Path(__file__).resolve().parent / "network_guard"
+    return {"PYTHONPATH": str(guard), "LMALIGN_NETWORK_GUARD_LOG": str(log)}
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

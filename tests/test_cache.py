@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import lmalign
+from conftest import guarded, lmalign
 from hub_server import HubServer, write_parquet_dataset_repo
 
-GUARD = Path(__file__).resolve().parent / "network_guard"
 # The run the cache is for: the embedded tiny model and tiny chats, published on the local hub,
 # trained briefly, then evaluated on arc_easy (a real lm-eval task whose dataset is on the hub
 # as allenai/ai2_arc) and tiny_mc (generated locally).
@@ -23,10 +22,6 @@ RUN = ("model=tiny", "model.source=pretrained", "model.name_or_path=lmalign-test
        "model.revision=main", "dataset=tulu3_sft_mixture", "dataset.path=lmalign-test/tiny-chat",
        "dataset.eval_size=0", "method.max_steps=3", "method.eval_steps=null",
        "eval.tasks=[arc_easy,tiny_mc]", "eval.limit=8", "eval.apply_chat_template=false")
-
-
-def guarded(log: Path) -> dict[str, str]:
-    return {"PYTHONPATH": str(GUARD), "LMALIGN_NETWORK_GUARD_LOG": str(log)}
 
 
 def test_plan_expands_lm_eval_groups_without_network(tmp_path, lmalign_cache):

@@ -69,7 +69,7 @@ def test_offline_evaluation_recipe_plans_every_model_and_task_into_one_cache(tmp
     cache = tmp_path / "cache"
     result = lmalign("-m", "+experiment=offline_evaluation", "stage=cache_plan",
                      f"cache.dir={cache}", cwd=tmp_path, cache=lmalign_cache, check=True)
-    assert result.stdout.count("cache plan: 63 item(s) from the hub") == 3  # one per model
+    assert result.stdout.count("cache plan: 63 item(s) to fetch") == 3  # one per model
     manifest = json.loads((cache / "manifest.json").read_text())
     models = sorted(i["repo"] for i in manifest["items"] if i["kind"] == "model")
     assert models == ["HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-360M",

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import lmalign, shared_path
-from lmalign.errors import UserError
+from conftest import guarded, lmalign, shared_path, typed_config
+from lmalign.errors import JobFailed, UserError
 from lmalign.evaluation import nemo
+from lmalign.evaluation.cells import Target
+from lmalign.schema import JudgeConfig
+
+STAND_IN = Path(__file__).resolve().parent / "nemo_stand_in"
 
 
 def fixture(case: str):
@@ -56,8 +63,13 @@ def test_benchmark_syntax_is_nemo_skills_own():
     assert nemo.parse_benchmarks("gsm8k:4,ifeval") == [nemo.Benchmark("gsm8k", 4),
                                                        nemo.Benchmark("ifeval", None)]
     with pytest.raises(UserError, match=r"eval.benchmarks='gsm8k:x': cannot read 'gsm8k:x'.*"
-                       r"fix: eval.benchmarks=gsm8k:4,ifeval"):
+                       r"fix: eval.benchmarks=\[gsm8k:4,ifeval\]"):
         nemo.parse_benchmarks("gsm8k:x")
+    # On the command line a list (a bare comma would be a sweep); both forms are one cell.
+    as_list = _nemo_config("eval.benchmarks=[gsm8k:4,ifeval]").eval
+    as_string = _nemo_config("eval.benchmarks='gsm8k:4, ifeval'").eval
+    assert as_list.benchmark_spec == "gsm8k:4,ifeval"
+    assert nemo.settings(as_list) == nemo.settings(as_string)
 
 
 def test_command_uses_the_flags_of_the_recorded_commands_and_typer_027_spelling(tmp_path):
@@ -83,11 +95,124 @@ def test_missing_nemo_skills_is_one_line_saying_how_to_install(tmp_path):
         nemo.ns_executable(str(tmp_path))
 
 
+def test_judge_settings_name_the_key_variable_never_the_key(tmp_path):
+    judge = JudgeConfig("gpt-4.1", "openai", "https://api.openai.com/v1", "TEAM_JUDGE_KEY")
+    argv = nemo.eval_command(tmp_path / "ns", "--judge_model", nemo.parse_benchmarks("arena-hard"),
+                             "/models/m", "http://127.0.0.1:8765/v1", tmp_path / "out", "x", {},
+                             [], judge)
+    assert {"--judge_model=gpt-4.1", "--judge_server_type=openai",
+            "--judge_server_address=https://api.openai.com/v1",
+            "--extra_judge_args=++server.api_key_env_var=TEAM_JUDGE_KEY"} <= set(argv)
+
+
+def _nemo_config(*overrides: str):
+    return typed_config("stage=eval", "eval=nemo", "eval.server=transformers",
+                        f"eval.nemo_env={STAND_IN}", *overrides)
+
+
+def test_an_unknown_benchmark_is_refused_with_the_ones_nemo_skills_has():
+    with pytest.raises(UserError, match=r"eval.benchmarks='gsm9k': not a benchmark of the "
+                       r"NeMo-Skills in .*nemo_stand_in; allowed: arena-hard, gsm8k, human-eval"):
+        nemo.check(_nemo_config("eval.benchmarks=[gsm9k,gsm8k]").eval)
+
+
+def test_a_judged_benchmark_without_its_api_key_is_refused_before_anything_runs(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(UserError, match=r"eval.judge.api_key_env='OPENAI_API_KEY': arena-hard "
+                       r"is judged by gpt-4.1, whose API key NeMo-Skills reads from "
+                       r"\$OPENAI_API_KEY, which is not set.*fix: export OPENAI_API_KEY=<key>, "
+                       r"or \+secrets.OPENAI_API_KEY=<key>"):
+        nemo.check(_nemo_config("eval.benchmarks=arena-hard").eval)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789")
+    nemo.check(_nemo_config("eval.benchmarks=arena-hard").eval)
+    with pytest.raises(UserError, match=r"eval.judge.api_key_env='TEAM_JUDGE_KEY': gsm8k is "
+                       r"judged by my-judge"):  # any benchmark is judged once a judge is set
+        nemo.check(_nemo_config("eval.benchmarks=gsm8k", "eval.judge.model=my-judge",
+                                "eval.judge.api_key_env=TEAM_JUDGE_KEY").eval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving what training wrote: a LoRA adapter the way each server takes it.
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(default_run, tmp_path_factory):
+    """A LoRA adapter on the demo's final model, with nonzero weights (merging changes it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    final = default_run[1] / "final"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(final), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path_factory.mktemp("lora") / "checkpoint-5"
+    model.save_pretrained(adapter)
+    shutil.copy(final / "tokenizer.json", adapter)
+    shutil.copy(final / "tokenizer_config.json", adapter)
+    return adapter, model
+
+
+def test_a_lora_adapter_is_served_by_vllm_and_sglang_as_an_adapter(lora_adapter, tmp_path):
+    adapter, _ = lora_adapter
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    config = _nemo_config()
+    target = Target("checkpoint-5", 5, str(adapter))
+    vllm = nemo.served_model(target, _nemo_config("eval.server=vllm").eval, config.model,
+                             config.hardware, tmp_path)
+    assert vllm.name == "lmalign-checkpoint-5" and vllm.launch.model == base
+    assert vllm.launch.extra_args == ("--enable-lora", "--lora-modules",
+                                      f"lmalign-checkpoint-5={adapter}", "--max-lora-rank", "8")
+    sglang = nemo.served_model(target, _nemo_config("eval.server=sglang").eval, config.model,
+                               config.hardware, tmp_path)
+    assert sglang.launch.extra_args == ("--lora-paths", f"lmalign-checkpoint-5={adapter}")
+    assert not list(tmp_path.iterdir())  # nothing merged for servers that take adapters
+
+
+def test_a_lora_adapter_is_merged_for_transformers_serve(lora_adapter, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    adapter, peft_model = lora_adapter
+    config = _nemo_config()
+    served = nemo.served_model(Target("checkpoint-5", 5, str(adapter)), config.eval, config.model,
+                               config.hardware, tmp_path)
+    assert served.merged == tmp_path / "merged-model" and served.launch.model == served.name
+    merged = AutoModelForCausalLM.from_pretrained(served.merged)
+    tokens = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        expected = peft_model(tokens).logits
+        base = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            unadapted = base(tokens).logits
+        assert torch.allclose(merged(tokens).logits, expected, atol=1e-5)
+    assert not torch.allclose(expected, unadapted, atol=1e-3)
+
+
+def test_a_hub_revision_is_served_from_its_snapshot_in_the_hub_cache(tmp_path):
+    from hub_server import HubServer, write_tiny_model_repo
+
+    write_tiny_model_repo(tmp_path / "hub" / "models" / "lmalign-test" / "tiny")
+    script = (  # huggingface_hub reads HF_ENDPOINT when imported: a process of its own
+        "import sys; sys.path.insert(0, sys.argv[1]); from conftest import typed_config\n"
+        "from lmalign.evaluation import nemo; from lmalign.evaluation.cells import Target\n"
+        "config = typed_config('stage=eval', 'eval=nemo', 'eval.server=vllm')\n"
+        "served = nemo.served_model(Target('main', None, 'lmalign-test/tiny', 'main'), "
+        "config.eval, config.model, config.hardware, None)\n"
+        "print(served.launch.model, served.name)")
+    with HubServer(tmp_path / "hub") as hub:
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True,
+            text=True, timeout=120, env={**os.environ, "HF_ENDPOINT": hub.url,
+                                         "HF_HUB_CACHE": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, name = result.stdout.split()
+    assert model == name and Path(model).parent.parent.name == "models--lmalign-test--tiny"
+    assert (Path(model) / "config.json").exists() and (Path(model) / "model.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: `python -m lmalign ... eval=nemo` with a real transformers server on the tiny model
 # and the stand-in `ns` (tests/nemo_stand_in) replaying the real output trees.
 
-STAND_IN = Path(__file__).resolve().parent / "nemo_stand_in"
 NEMO = ("stage=eval", "run_name=sft", "eval=nemo", "eval.server=transformers",
         "eval.checkpoints=[final]", f"eval.nemo_env={STAND_IN}")
 
@@ -113,11 +238,31 @@ def test_eval_without_nemo_skills_exits_2_with_the_install_line(tmp_path, lmalig
 
 
 @pytest.mark.slow
-def test_nemo_cells_land_in_metrics_csv_and_a_rerun_skips_them(trained, tmp_path, lmalign_cache):
-    env = _stand_in_env(tmp_path)
-    first = lmalign(*NEMO, "eval.benchmarks=gsm8k:2", cwd=tmp_path, cache=lmalign_cache, env=env,
-                    timeout=300)
+def test_offline_from_prepared_benchmark_data_cells_land_in_metrics_csv_and_a_rerun_skips_them(
+        trained, tmp_path, lmalign_cache):
+    from lmalign import cache
+
+    nemo_env = tmp_path / "nemo-env"  # ns prepare_data writes into its environment: a copy
+    shutil.copytree(STAND_IN, nemo_env)
+    env, lmalign_dir = _stand_in_env(tmp_path), tmp_path / "lmalign-cache"
+    request = (*NEMO, "eval.benchmarks=gsm8k:2", f"eval.nemo_env={nemo_env}",
+               f"cache.dir={lmalign_dir}")
+    plan = lmalign(*request[:-1], "stage=cache_plan", cwd=tmp_path, cache=lmalign_cache,
+                   env=env)
+    assert re.search(r"nemo-benchmark\s+gsm8k\s+-\s+eval=nemo", plan.stdout), plan.stdout
+    prepared = lmalign(*request, "stage=cache_prepare", cwd=tmp_path, cache=lmalign_cache,
+                       env=env, timeout=120)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    (item,) = json.loads((lmalign_dir / "manifest.json").read_text())["items"]
+    assert (item["kind"], item["repo"], item["status"], item["rows"]) == (
+        "nemo-benchmark", "gsm8k", "done", {"test.jsonl": 1319})
+    cache.verify(lmalign_dir)  # every file, and its rows
+
+    log = tmp_path / "network.log"
+    first = lmalign(*request, "offline=true", cwd=tmp_path, cache=lmalign_cache,
+                    env={**env, **guarded(log)}, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert not log.exists(), log.read_text()
     with open(trained / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r["backend"] == "nemo"]
     assert {(r["checkpoint"], r["task"], r["eval_mode"], r["metric"], r["value"]) for r in rows
@@ -130,10 +275,17 @@ def test_nemo_cells_land_in_metrics_csv_and_a_rerun_skips_them(trained, tmp_path
     assert "transformers serve" in server_log and "POST /v1/chat/completions" in server_log
     call = (tmp_path / "calls").read_text()
     assert "--benchmarks=gsm8k:2" in call and "++inference.temperature=0.6" in call
-    second = lmalign(*NEMO, "eval.benchmarks=gsm8k:2", cwd=tmp_path, cache=lmalign_cache,
-                     env=env, timeout=300)
+    assert f"read {lmalign_dir / 'nemo-skills' / 'gsm8k' / 'test.jsonl'}" in call  # the cache's
+    second = lmalign(*request, "offline=true", cwd=tmp_path, cache=lmalign_cache, env=env,
+                     timeout=300)
     assert second.returncode == 0 and "nemo cell done, skipping" in second.stdout + second.stderr
     assert (tmp_path / "calls").read_text() == call  # no server, no ns: the cell was done
+
+    data = lmalign_dir / "nemo-skills" / "gsm8k" / "test.jsonl"
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:100]))
+    with pytest.raises(JobFailed, match=r"nemo-benchmark gsm8k: file of the wrong size "
+                       r"nemo-skills/gsm8k/test.jsonl"):
+        cache.verify(lmalign_dir)
 
 
 @pytest.mark.slow
@@ -146,3 +298,49 @@ def test_a_benchmark_ns_left_incomplete_fails_the_job_and_writes_no_cell(trained
         "output.jsonl.done, metrics.json; ns eval exited 0)" in result.stderr
     assert not [p for p in (trained / "eval" / "final").glob("nemo-*")
                 if not p.name.endswith(".partial")]
+
+
+SECRET = "judge-key-5f3a9c1e7b"
+JUDGED = ("eval=nemo", "eval.server=transformers", "eval.benchmarks=gsm8k",
+          f"eval.nemo_env={STAND_IN}", "eval.judge.model=judge-7b",
+          "eval.judge.server_type=openai", "eval.judge.server_address=http://127.0.0.1:9/v1",
+          "eval.judge.api_key_env=LMALIGN_TEST_JUDGE_KEY")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_sweep_and_the_watcher_share_nemo_cells_and_never_write_the_judge_key(
+        ddp_run, tmp_path, lmalign_cache):
+    run = tmp_path / "runs" / "ddp_sft"  # checkpoints 20, 40 (60 left out) and final/
+    shutil.copytree(ddp_run[1], run, ignore=shutil.ignore_patterns("checkpoint-60"))
+    env = {**_stand_in_env(tmp_path), "LMALIGN_TEST_JUDGE_KEY": SECRET}
+    sweep = lmalign("-m", "stage=eval", "run_name=ddp_sft", *JUDGED, "eval.checkpoints=20,final",
+                    "hydra.sweep.dir=sweep", cwd=tmp_path, cache=lmalign_cache, env=env,
+                    timeout=300)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    with open(tmp_path / "sweep" / "summary.csv") as handle:
+        swept = {(r["checkpoint"], r["metric"]) for r in csv.DictReader(handle)
+                 if r["eval_mode"] == "pass@1"}
+    assert swept == {(c, m) for c in ("checkpoint-20", "final")
+                     for m in ("symbolic_correct", "no_answer")}
+
+    watcher = lmalign("stage=watch", "run_name=ddp_sft", *JUDGED, "watch.poll_seconds=0.5",
+                      cwd=tmp_path, cache=lmalign_cache, env=env, timeout=300)
+    assert watcher.returncode == 0, watcher.stderr[-3000:]
+    assert "every checkpoint is evaluated" in watcher.stdout + watcher.stderr
+    calls = [line for line in (tmp_path / "calls").read_text().splitlines()
+             if line.startswith("eval ")]
+    assert len(calls) == 3 and "checkpoint-40" in calls[2]  # the sweep's cells were reused
+    assert all("--judge_model=judge-7b" in c and
+               "--extra_judge_args=++server.api_key_env_var=LMALIGN_TEST_JUDGE_KEY" in c
+               for c in calls)
+    with open(run / "metrics.csv") as handle:
+        assert {r["checkpoint"] for r in csv.DictReader(handle) if r["backend"] == "nemo"} == {
+            "checkpoint-20", "checkpoint-40", "final"}
+
+    # ns printed the key it was given (a tool that logs its environment): the log keeps ***.
+    logs = list(run.glob("eval/*/nemo-*/ns_eval.log"))
+    assert len(logs) == 3 and all("from $LMALIGN_TEST_JUDGE_KEY: ***" in log.read_text()
+                                  for log in logs)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if SECRET.encode() in p.read_bytes()]
+    assert SECRET not in sweep.stdout + sweep.stderr + watcher.stdout + watcher.stderr

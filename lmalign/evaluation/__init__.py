@@ -37,5 +37,5 @@ def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path
 
 def describe(evaluation: EvalConfig) -> str:
     if evaluation.backend == "nemo":
-        return f"NeMo-Skills {evaluation.benchmarks} ({evaluation.server} server)"
+        return f"NeMo-Skills {evaluation.benchmark_spec} ({evaluation.server} server)"
     return f"{','.join(evaluation.tasks)}, few-shot {evaluation.fewshot_values}"

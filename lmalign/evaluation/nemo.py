@@ -15,21 +15,26 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from lmalign import models
+from lmalign import models, rundir, secrets
 from lmalign.errors import JobFailed, UserError, problem
 from lmalign.evaluation import cells, server
 from lmalign.evaluation.cells import Target
-from lmalign.schema import EvalConfig, HardwareConfig
+from lmalign.schema import EvalConfig, HardwareConfig, JudgeConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
 RESULTS_DIR = "eval-results"
+DATA_DIR = "nemo-skills"  # under cache.dir: each benchmark's prepared data, as ns prepare_data left it
+DATA_LINK = "nemo-skills-data"  # in a cell's work directory: a link to the cached data
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's choices for --max-lora-rank
 INSTALL = ("python -m venv ~/venvs/nemo-skills && ~/venvs/nemo-skills/bin/pip install "
            "git+https://github.com/NVIDIA-NeMo/Skills.git (README: NeMo-Skills)")
 # Per-benchmark counts and timings in metrics.json: not scores, not percentages.
@@ -54,7 +59,7 @@ def parse_benchmarks(text: str) -> list[Benchmark]:
         if not match:
             raise UserError(problem("eval.benchmarks", text, f"cannot read {part!r}",
                                     "NeMo-Skills benchmarks, comma-separated, each optionally "
-                                    "with :<repeats>", "eval.benchmarks=gsm8k:4,ifeval"))
+                                    "with :<repeats>", "eval.benchmarks=[gsm8k:4,ifeval]"))
         found.append(Benchmark(match.group(1), int(match.group(2)) if match.group(2) else None))
     return found
 
@@ -75,6 +80,66 @@ def ns_executable(env: str | None) -> Path:
         f"{INSTALL}, then eval.nemo_env=~/venvs/nemo-skills"))
 
 
+# Run with NeMo-Skills' own python: what it knows of each benchmark (its dataset module's
+# settings), without building anything. A module that exists but fails to import raises.
+_CATALOG_QUERY = r"""
+import importlib, json, os, sys
+import nemo_skills.dataset as datasets
+root = os.path.dirname(datasets.__file__)
+found = {}
+for name in sys.argv[1:]:
+    try:
+        module = importlib.import_module("nemo_skills.dataset." + name)
+    except ModuleNotFoundError as exc:
+        if exc.name != "nemo_skills.dataset." + name:
+            raise
+        continue
+    found[name] = {"split": getattr(module, "EVAL_SPLIT", "test"),
+                   "judge": getattr(module, "JUDGE_PIPELINE_ARGS", None) or None,
+                   "group": bool(getattr(module, "IS_BENCHMARK_GROUP", False))}
+known = sorted(n for n in os.listdir(root) if os.path.exists(os.path.join(root, n, "__init__.py")))
+print(json.dumps({"root": root, "benchmarks": found, "known": known}, default=str))
+"""
+
+
+@dataclass(frozen=True)
+class Catalog:
+    root: Path  # nemo_skills/dataset in NeMo-Skills' environment (ns prepare_data writes there)
+    benchmarks: dict[str, dict[str, Any]]  # name -> split, judge (its default), group
+    known: list[str]
+
+
+@lru_cache(maxsize=8)
+def catalog(ns: Path, names: tuple[str, ...]) -> Catalog:
+    found = subprocess.run([str(ns.parent / "python"), "-c", _CATALOG_QUERY, *names],
+                           env=_ns_environment(ns), capture_output=True, text=True)
+    if found.returncode != 0:
+        raise UserError(problem("eval.nemo_env", str(ns.parent.parent), "NeMo-Skills there "
+                                "cannot read its benchmarks: " + " ".join(
+                                    found.stderr.strip().splitlines()[-1:]),
+                                "a working NeMo-Skills installation", INSTALL))
+    data = json.loads(found.stdout.strip().splitlines()[-1])
+    return Catalog(Path(data["root"]), data["benchmarks"], data["known"])
+
+
+def judge_key_variable(evaluation: EvalConfig, default_judge: dict[str, Any] | None) -> str | None:
+    """The environment variable the judge's API key must be in (NeMo-Skills reads it there):
+    eval.judge.api_key_env, else NeMo-Skills' own choice by the judge's address."""
+    judge = evaluation.judge
+    if judge and judge.api_key_env:
+        return judge.api_key_env
+    address = (judge.server_address if judge else None) or \
+        (default_judge or {}).get("server_address") or ""
+    if "api.nvidia.com" in address:
+        return "NVIDIA_API_KEY"
+    return "OPENAI_API_KEY" if "api.openai.com" in address else None
+
+
+def _judged(evaluation: EvalConfig) -> bool:
+    judge = evaluation.judge
+    return bool(judge and (judge.model or judge.server_type or judge.server_address))
+
+
 def flag_spelling(help_text: str, name: str) -> str:
     """typer >= 0.27 spells `--output_dir` as `--output-dir`: use what this `ns` accepts."""
     dashed = "--" + name.replace("_", "-")
@@ -83,14 +148,24 @@ def flag_spelling(help_text: str, name: str) -> str:
 
 def eval_command(ns: Path, help_text: str, benchmarks: list[Benchmark], model: str,
                  base_url: str, output_dir: Path, expname: str, inference: dict[str, Any],
-                 extra: list[str]) -> list[str]:
-    """`ns eval` against a running OpenAI-compatible server, without a cluster (executor none)."""
+                 extra: list[str], judge: JudgeConfig | None = None,
+                 data_dir: Path | None = None) -> list[str]:
+    """`ns eval` against a running OpenAI-compatible server, without a cluster (executor none).
+    The judge's key is named (++server.api_key_env_var), never given."""
     flag = lambda name: flag_spelling(help_text, name)  # noqa: E731
-    return [str(ns), "eval", f"{flag('server_type')}=openai", f"{flag('model')}={model}",
+    argv = [str(ns), "eval", f"{flag('server_type')}=openai", f"{flag('model')}={model}",
             f"{flag('server_address')}={base_url}",
             f"{flag('benchmarks')}={','.join(b.spec for b in benchmarks)}",
-            f"{flag('output_dir')}={output_dir}", f"{flag('expname')}={expname}",
-            *[f"++inference.{key}={value}" for key, value in inference.items()], *extra]
+            f"{flag('output_dir')}={output_dir}", f"{flag('expname')}={expname}"]
+    if data_dir:
+        argv.append(f"{flag('data_dir')}={data_dir}")
+    for key in ("model", "server_type", "server_address"):
+        value = getattr(judge, key) if judge else None
+        if value:
+            argv.append(f"{flag('judge_' + key)}={value}")
+    if judge and judge.api_key_env:
+        argv.append(f"{flag('extra_judge_args')}=++server.api_key_env_var={judge.api_key_env}")
+    return argv + [f"++inference.{key}={value}" for key, value in inference.items()] + extra
 
 
 @dataclass
@@ -136,10 +211,16 @@ def metric_rows(outcome: Outcome) -> list[dict[str, Any]]:
 
 
 def settings(evaluation: EvalConfig) -> dict[str, Any]:
-    """Everything that changes results; part of a cell's identity."""
-    return {"backend": "nemo", "benchmarks": evaluation.benchmarks,
-            "inference": dict(evaluation.inference or {}),
-            "nemo_args": list(evaluation.nemo_args or [])}
+    """Everything that changes results; part of a cell's identity (the judge's key does not)."""
+    spec = ",".join(b.spec for b in parse_benchmarks(str(evaluation.benchmark_spec)))
+    found = {"backend": "nemo", "benchmarks": spec,
+             "inference": dict(evaluation.inference or {}),
+             "nemo_args": list(evaluation.nemo_args or [])}
+    if _judged(evaluation):
+        judge = evaluation.judge
+        found["judge"] = {"model": judge.model, "server_type": judge.server_type,
+                          "server_address": judge.server_address}
+    return found
 
 
 def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path) -> list[Path]:
@@ -147,9 +228,33 @@ def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path
 
 
 def check(evaluation: EvalConfig) -> Path:
-    """Before any training: NeMo-Skills is there and the benchmarks read."""
-    parse_benchmarks(str(evaluation.benchmarks))
-    return ns_executable(evaluation.nemo_env)
+    """Before any training: NeMo-Skills is there, it knows every benchmark, and each judge's
+    API key is in the environment. Every problem at once."""
+    benchmarks = parse_benchmarks(str(evaluation.benchmark_spec))
+    ns = ns_executable(evaluation.nemo_env)
+    known = catalog(ns, tuple(dict.fromkeys(b.name for b in benchmarks)))
+    problems = []
+    for name in dict.fromkeys(b.name for b in benchmarks):
+        if name not in known.benchmarks:
+            problems.append(problem("eval.benchmarks", name, "not a benchmark of the NeMo-Skills "
+                                    f"in {ns.parent.parent}", ", ".join(known.known),
+                                    "a name from that list (eval.benchmarks=[gsm8k:4,ifeval])"))
+            continue
+        default_judge = known.benchmarks[name]["judge"]
+        if not (default_judge or _judged(evaluation)):
+            continue
+        variable = judge_key_variable(evaluation, default_judge)
+        if variable and not os.environ.get(variable):
+            who = (evaluation.judge.model if evaluation.judge and evaluation.judge.model else
+                   (default_judge or {}).get("model", "its judge"))
+            problems.append(problem(
+                "eval.judge.api_key_env", variable, f"{name} is judged by {who}, whose API key "
+                f"NeMo-Skills reads from ${variable}, which is not set", "the variable's name "
+                "(the key itself is never written)", f"export {variable}=<key>, or "
+                f"+secrets.{variable}=<key> (kept out of every saved file)"))
+    if problems:
+        raise UserError(problems)
+    return ns
 
 
 def _ns_environment(ns: Path) -> dict[str, str]:
@@ -166,49 +271,144 @@ def _eval_help(ns: Path, env: tuple[tuple[str, str], ...]) -> str:
                           text=True).stdout
 
 
-def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
-             hardware: HardwareConfig) -> None:
+def prepare_data(ns: Path, name: str, target: Path) -> Path:
+    """`ns prepare_data <name>`, which without a cluster writes into NeMo-Skills' own
+    nemo_skills/dataset/<name>/, then that folder copied whole to `target` (ns eval's
+    --data_dir layout). Judged by the file ns eval reads, never by the exit status. Returns
+    that file in `target`."""
+    found = catalog(ns, (name,))
+    info = found.benchmarks.get(name)
+    if info is None or info["group"]:
+        raise UserError(problem(
+            "eval.benchmarks", name, "a benchmark group (cache its members)" if info else
+            f"not a benchmark of the NeMo-Skills in {ns.parent.parent}",
+            ", ".join(found.known), "list the benchmarks themselves in eval.benchmarks"))
+    with tempfile.TemporaryDirectory() as scratch:
+        code = subprocess.run([str(ns), "prepare_data", name], cwd=scratch,
+                              env=_ns_environment(ns)).returncode
+    source = found.root / name
+    split = source / f"{info['split']}.jsonl"
+    if not split.exists() or split.stat().st_size == 0:
+        raise RuntimeError(f"ns prepare_data {name} exited {code} and wrote no {split}")
+    with rundir.staged_directory(target) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return target / split.name
+
+
+def cached_data(cache_dir: str | None, benchmarks: list[Benchmark]) -> Path | None:
+    """<cache.dir>/nemo-skills when stage=cache_prepare put every benchmark's data there."""
+    if not cache_dir:
+        return None
+    root = Path(cache_dir).expanduser().resolve() / DATA_DIR
+    return root if all((root / b.name / "__init__.py").exists() for b in benchmarks) else None
+
+
+def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model: ModelConfig,
+             hardware: HardwareConfig, cache_dir: str | None = None) -> None:
+    """model: the run's model settings (dtype, for merging a LoRA adapter); cache_dir: the
+    offline cache, whose prepared benchmark data is used when it has all of it."""
     ns = check(evaluation)
     env = _ns_environment(ns)
     help_text = _eval_help(ns, tuple(sorted(env.items())))
-    benchmarks = parse_benchmarks(str(evaluation.benchmarks))
+    benchmarks = parse_benchmarks(str(evaluation.benchmark_spec))
+    data = cached_data(cache_dir, benchmarks)
     for target in targets:
         cell = cells.cell_dir(run_dir, target, settings(evaluation))
         if cells.is_complete(cell):
             log.info("eval %s: nemo cell done, skipping", target.label)
             continue
-        _serve_and_evaluate(target, evaluation, hardware, benchmarks, cell, ns, env, help_text)
+        _serve_and_evaluate(target, evaluation, model, hardware, benchmarks, cell, ns, env,
+                            help_text, data)
 
 
-def _serve_and_evaluate(target: Target, evaluation: EvalConfig, hardware: HardwareConfig,
-                        benchmarks: list[Benchmark], cell: Path, ns: Path, env: dict[str, str],
-                        help_text: str) -> None:
-    if target.revision or models.adapter_config(target.path):
+@dataclass(frozen=True)
+class Served:
+    launch: server.Launch
+    name: str  # what `ns eval --model` asks the server for
+    merged: Path | None = None  # a LoRA adapter merged for a server without adapters
+
+
+def served_model(target: Target, evaluation: EvalConfig, model: ModelConfig,
+                 hardware: HardwareConfig, work: Path) -> Served:
+    """How a target is served: a hub revision from its snapshot in the hub cache (so the offline
+    cache serves too), a LoRA adapter the way each server supports it, or merged first."""
+    kind = evaluation.server
+    per_node = max(1, hardware.world_size // hardware.num_nodes)
+
+    def launch(weights: str, name: str, *extra: str) -> server.Launch:
+        return server.Launch(kind, weights, name, hardware.accelerator,
+                             tensor_parallel=per_node, extra_args=extra)
+
+    path = target.path
+    if kind == "external":  # it serves what it serves, under the name it was given
+        return Served(launch(path, path), path)
+    if target.revision:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(target.path, revision=target.revision)
+    elif Path(path).is_dir():
+        path = str(models.loadable(Path(path)))  # an FSDP checkpoint, consolidated once
+    info = models.adapter_config(path)
+    if info is None:
+        return Served(launch(path, path), path)
+    if models.adapter_kind(info) != "lora":
         raise UserError(problem(
-            "eval.checkpoints", target.label, "eval=nemo serves full model directories; this "
-            "is " + ("a hub revision" if target.revision else "an adapter"),
-            "full models (final/ of a full fine-tune, merged/ of a LoRA run)",
-            "stage=merge run_name=<run>, then evaluate merged/ (model.name_or_path=<run>/merged)"))
+            "eval.checkpoints", target.label, f"a {models.adapter_kind(info)} adapter, which no "
+            "inference server serves", "full models and LoRA adapters", "eval=harness evaluates "
+            "this run's checkpoints"))
+    base, name = info["base_model_name_or_path"], f"lmalign-{target.label}"
+    if kind == "vllm":  # the base with the adapter beside it, asked for by its name
+        rank = next((r for r in VLLM_LORA_RANKS if r >= int(info.get("r", 8))), VLLM_LORA_RANKS[-1])
+        return Served(launch(base, base, "--enable-lora", "--lora-modules", f"{name}={path}",
+                             "--max-lora-rank", str(rank)), name)
+    if kind == "sglang":
+        return Served(launch(base, base, "--lora-paths", f"{name}={path}"), name)
+    merged = work / "merged-model"  # transformers serve has no adapters: merge into the work dir
+    if not (merged / "config.json").exists():
+        log.info("eval %s: merging the LoRA adapter into %s to serve it", target.label, base)
+        models.merge_adapter(path, model, hardware, merged)
+    return Served(launch(str(merged), str(merged)), str(merged), merged)
+
+
+def _serve_and_evaluate(target: Target, evaluation: EvalConfig, model: ModelConfig,
+                        hardware: HardwareConfig, benchmarks: list[Benchmark], cell: Path,
+                        ns: Path, env: dict[str, str], help_text: str,
+                        data: Path | None) -> None:
     # NeMo-Skills' own output files stay in the work directory until every benchmark is
     # complete: a re-run continues there (ns eval skips what has its .done), then it becomes
     # the cell at once.
     work = cell.with_name(cell.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
-    per_node = max(1, hardware.world_size // hardware.num_nodes)
-    launch = server.Launch(str(evaluation.server), target.path, target.path,
-                           hardware.accelerator, tensor_parallel=per_node)
-    log.info("eval %s: NeMo-Skills %s -> %s", target.label, evaluation.benchmarks,
+    served = served_model(target, evaluation, model, hardware, work)
+    data_dir = None
+    if data is not None:
+        # Without a cluster, ns eval reads `./<data_dir's name>/<benchmark>/<split>.jsonl`
+        # relative to where it runs: the cached data is linked into the work directory.
+        data_dir = work / DATA_LINK
+        if not data_dir.is_symlink():
+            data_dir.symlink_to(data, target_is_directory=True)
+    log.info("eval %s: NeMo-Skills %s -> %s", target.label, evaluation.benchmark_spec,
              work.relative_to(work.parent.parent.parent))
-    with server.serving(launch, work / "server.log", float(evaluation.server_startup_timeout_s),
-                        evaluation.server_address) as running:
-        argv = eval_command(ns, help_text, benchmarks, target.path, running.base_url, work,
-                            f"lmalign-{target.label}", dict(evaluation.inference or {}),
-                            list(evaluation.nemo_args or []))
-        with open(work / "ns_eval.log", "a") as output:
-            output.write(f"$ {' '.join(argv)}\n")
-            output.flush()
-            code = subprocess.run(argv, cwd=work, env=env, stdout=output,
-                                  stderr=subprocess.STDOUT).returncode
+    keys = secrets.secret_values() + [value for name in [
+        judge_key_variable(evaluation, None)] if name and (value := os.environ.get(name))]
+    try:
+        with server.serving(served.launch, work / "server.log",
+                            float(evaluation.server_startup_timeout_s),
+                            evaluation.server_address) as running:
+            argv = eval_command(ns, help_text, benchmarks, served.name, running.base_url, work,
+                                f"lmalign-{target.label}", dict(evaluation.inference or {}),
+                                list(evaluation.nemo_args or []), evaluation.judge, data_dir)
+            with open(work / "ns_eval.log", "a") as output:
+                output.write(f"$ {' '.join(argv)}\n")
+                output.flush()
+                code = subprocess.run(argv, cwd=work, env=env, stdout=output,
+                                      stderr=subprocess.STDOUT).returncode
+    finally:
+        for written in (work / "ns_eval.log", work / "server.log"):
+            _redact_file(written, keys)
+    if served.merged:
+        shutil.rmtree(served.merged)  # a copy of the weights; merged again if ever needed
     outcomes = [read_benchmark(work, benchmark) for benchmark in benchmarks]
     incomplete = [o for o in outcomes if not o.complete]
     if incomplete:  # ns eval's exit status says nothing about this (it was {code})
@@ -221,3 +421,13 @@ def _serve_and_evaluate(target: Target, evaluation: EvalConfig, hardware: Hardwa
             for outcome in outcomes for row in metric_rows(outcome)]
     cells.write_record(work, target, settings(evaluation), rows)
     os.replace(work, cell)
+
+
+def _redact_file(path: Path, values: list[str]) -> None:
+    """A key that a tool printed never stays in the run directory."""
+    if not values or not path.exists():
+        return
+    text = path.read_text(errors="replace")
+    cleaned = secrets.redact(text, sorted(set(values), key=len, reverse=True))
+    if cleaned != text:
+        rundir.atomic_write_text(path, cleaned)

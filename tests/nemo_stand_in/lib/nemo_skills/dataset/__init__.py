@@ -1,0 +1,1 @@
+"""TEST STAND-IN: NeMo-Skills' benchmark modules, one folder each (settings only)."""
