@@ -239,7 +239,7 @@ def test_eval_without_nemo_skills_exits_2_with_the_install_line(tmp_path, lmalig
 
 @pytest.mark.slow
 def test_offline_from_prepared_benchmark_data_cells_land_in_metrics_csv_and_a_rerun_skips_them(
-        trained, tmp_path, lmalign_cache):
+        trained, tmp_path, lmalign_cache, monkeypatch):
     from lmalign import cache
 
     nemo_env = tmp_path / "nemo-env"  # ns prepare_data writes into its environment: a copy
@@ -247,12 +247,12 @@ def test_offline_from_prepared_benchmark_data_cells_land_in_metrics_csv_and_a_re
     env, lmalign_dir = _stand_in_env(tmp_path), tmp_path / "lmalign-cache"
     request = (*NEMO, "eval.benchmarks=gsm8k:2", f"eval.nemo_env={nemo_env}",
                f"cache.dir={lmalign_dir}")
-    plan = lmalign(*request[:-1], "stage=cache_plan", cwd=tmp_path, cache=lmalign_cache,
-                   env=env)
-    assert re.search(r"nemo-benchmark\s+gsm8k\s+-\s+eval=nemo", plan.stdout), plan.stdout
-    prepared = lmalign(*request, "stage=cache_prepare", cwd=tmp_path, cache=lmalign_cache,
-                       env=env, timeout=120)
-    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    for name, value in env.items():  # plan and prepare run here; the evaluations as a user's
+        monkeypatch.setenv(name, value)
+    planned = cache.plan(typed_config(*request, "stage=cache_plan"))
+    assert re.search(r"nemo-benchmark\s+gsm8k\s+-\s+eval=nemo",
+                     cache.describe(planned, None))
+    cache.prepare(typed_config(*request, "stage=cache_prepare"), lmalign_dir)
     (item,) = json.loads((lmalign_dir / "manifest.json").read_text())["items"]
     assert (item["kind"], item["repo"], item["status"], item["rows"]) == (
         "nemo-benchmark", "gsm8k", "done", {"test.jsonl": 1319})
