@@ -390,8 +390,9 @@ def _serve_and_evaluate(target: Target, evaluation: EvalConfig, model: ModelConf
             data_dir.symlink_to(data, target_is_directory=True)
     log.info("eval %s: NeMo-Skills %s -> %s", target.label, evaluation.benchmark_spec,
              work.relative_to(work.parent.parent.parent))
-    keys = secrets.secret_values() + [value for name in [
-        judge_key_variable(evaluation, None)] if name and (value := os.environ.get(name))]
+    variable = judge_key_variable(evaluation, None)  # named by the user, maybe not like a key
+    keys = secrets.secret_values() + ([os.environ[variable]] if os.environ.get(variable or "")
+                                      else [])
     try:
         with server.serving(served.launch, work / "server.log",
                             float(evaluation.server_startup_timeout_s),
