@@ -76,8 +76,7 @@ def _eval_row(config: Config) -> tuple[str, str]:
                 f"{evaluation.server} server ({evaluation.server_address or '127.0.0.1'}), "
                 f"inference {evaluation.inference}; checkpoints {evaluation.checkpoint_selectors}"
                 + (f"; judge {evaluation.judge.model or evaluation.judge.server_address}"
-                   if evaluation.judge and (evaluation.judge.model or
-                                            evaluation.judge.server_address) else ""))
+                   if evaluation.judge and evaluation.judge.chosen else ""))
     return ("eval", f"{evaluation.backend}: {', '.join(evaluation.tasks)}; few-shot "
             f"{evaluation.fewshot_values}; " + (f"revisions {evaluation.revisions}"
             if evaluation.revisions else f"checkpoints {evaluation.checkpoint_selectors}")

@@ -164,6 +164,11 @@ class JudgeConfig:
     # never written anywhere. null: NeMo-Skills' own lookup (OPENAI_API_KEY, NVIDIA_API_KEY).
     api_key_env: str | None
 
+    @property
+    def chosen(self) -> bool:
+        """A judge is named: then every benchmark is judged, by it."""
+        return bool(self.model or self.server_type or self.server_address)
+
 
 @dataclass(config=STRICT)
 class EvalConfig:

@@ -32,7 +32,7 @@ from lmalign.schema import EvalConfig, HardwareConfig, JudgeConfig, ModelConfig
 log = logging.getLogger(__name__)
 
 RESULTS_DIR = "eval-results"
-DATA_DIR = "nemo-skills"  # under cache.dir: each benchmark's prepared data, as ns prepare_data left it
+DATA_DIR = "nemo-skills"  # under cache.dir: each benchmark's data, as ns prepare_data left it
 DATA_LINK = "nemo-skills-data"  # in a cell's work directory: a link to the cached data
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's choices for --max-lora-rank
 INSTALL = ("python -m venv ~/venvs/nemo-skills && ~/venvs/nemo-skills/bin/pip install "
@@ -136,8 +136,7 @@ def judge_key_variable(evaluation: EvalConfig, default_judge: dict[str, Any] | N
 
 
 def _judged(evaluation: EvalConfig) -> bool:
-    judge = evaluation.judge
-    return bool(judge and (judge.model or judge.server_type or judge.server_address))
+    return bool(evaluation.judge and evaluation.judge.chosen)
 
 
 def flag_spelling(help_text: str, name: str) -> str:
