@@ -727,9 +727,8 @@ def offline_problems(config: Config, overrides: list[str]) -> list[str]:
         return [problem("cache.dir", str(cache_dir), "offline=true but it holds no manifest.json",
                         "a cache that stage=cache_prepare filled", f"on a connected machine: "
                         f"{command}, then copy {cache_dir} here")]
-    training = config.stage in ("train_eval", "train")
-    evaluating = config.stage in ("train_eval", "eval", "watch") and \
-        config.eval.backend != "none"
+    training = config.trains
+    evaluating = config.evaluates or (config.stage == "watch" and config.eval.backend != "none")
     needed = [(("model.init_from", config.model.init_from) if config.model.init_from else
                ("model.name_or_path", config.model.name_or_path), item)
               for item in model_items(config, [], training or config.stage != "eval", evaluating)]

@@ -1,4 +1,4 @@
-"""Hydra callbacks that keep the run directory's record true and free of secrets."""
+"""Hydra callbacks: a sweep's job records and its comparison table, free of secrets."""
 
 from __future__ import annotations
 
@@ -12,41 +12,6 @@ from omegaconf import OmegaConf
 
 from lmalign import secrets
 
-# Hydra rewrites `.hydra/*.yaml` before the job starts. What was there before, so that a re-run
-# with different training settings can be refused with the original record restored.
-previous_record: dict[str, str] = {}
-
-
-def stash_record(record: Path | None) -> None:
-    previous_record.clear()
-    if record is not None:
-        for path in Path(record).glob("*.yaml"):
-            previous_record[path.name] = path.read_text()
-
-
-class RunRecordCallback(Callback):
-    def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        subdir = config.hydra.output_subdir
-        stash_record(None if subdir is None else
-                     Path(OmegaConf.select(config, "hydra.run.dir")) / subdir)
-
-    def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        if config.hydra.output_subdir is None:
-            return
-        values = secrets.secret_values(dict(config.get("secrets") or {}))
-        record = Path(config.hydra.runtime.output_dir) / config.hydra.output_subdir
-        for path in record.glob("*.yaml"):
-            text = path.read_text()
-            cleaned = secrets.redact(text, values)
-            if cleaned != text:
-                path.write_text(cleaned)
-
-
-def restore_previous_record(record_dir: Path) -> None:
-    for name, text in previous_record.items():
-        (record_dir / name).write_text(text)
-
-
 class ComparisonTableCallback(Callback):
     """At the end of a comparison sweep, one table across its runs (printed and in the sweep dir)."""
 
@@ -55,7 +20,9 @@ class ComparisonTableCallback(Callback):
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.runtime.output_dir)
-        if (run_dir / ".hydra" / "config.yaml").exists() and not config.get("dry_run"):
+        from lmalign import rundir
+
+        if rundir.has_config_record(run_dir) and not config.get("dry_run"):
             self.run_dirs.append(run_dir)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:

@@ -2,7 +2,7 @@
 
 Hydra prints its own composition errors and exits 1. We let its exceptions through instead
 (HYDRA_FULL_ERROR=1) and, when composition fails, diagnose every override so the user sees all
-problems at once, one `error:` line each, exit 2 (DESIGN, Errors and exit codes).
+problems at once, one `error:` line each, exit 2 (docs/design.md, Errors and exit codes).
 """
 
 from __future__ import annotations
@@ -17,83 +17,18 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lmalign import callbacks
+from lmalign import callbacks, config_tree
+from lmalign.config_tree import CONF_DIR, CONFIG_NAME, register_resolvers
 from lmalign.errors import EXIT_USER_ERROR, JobFailed, TrainingStopped, UserError, report
 
 # PEFT calls transformers' renamed property; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient")
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-CONFIG_NAME = "config"
-
 _task_started = False
 # Jobs that stopped on a user error; reported once Hydra returns (Hydra would add its own line).
 _user_errors: list[UserError] = []
 _stopped: list[TrainingStopped] = []  # jobs that saved a checkpoint and stopped on a signal
-
-
-def _run_dir(root: str, run_name: str | None, timestamped: str) -> str:
-    return f"{root}/{run_name}" if run_name else timestamped
-
-
-# Sweep jobs with a run_name: which job owns each run directory, and jobs that would share one.
-_sweep_run_dirs: dict[str, int] = {}
-_shared_run_dirs: dict[int, tuple[str, int]] = {}
-_stashed_for: dict[str, int] = {}
-
-
-def _sweep_subdir(root: str, run_name: str | None, job_num: int, stage: str = "train_eval") -> str:
-    # A sweep job with a run_name lives in <runs_root>/<run_name> like a single run, so chained
-    # runs find each other (Hydra joins the sweep dir with an absolute subdir to the subdir).
-    # Two training jobs of one sweep must not share it: the later one is kept in the sweep
-    # directory and refused before it starts (see _hydra_job), so it cannot overwrite the other's
-    # record. Evaluation jobs may share a run: each writes its own cells.
-    # Hydra rewrites the job's record right after resolving this, before any callback runs: keep
-    # what was there, as RunRecordCallback does for single runs.
-    if not run_name:
-        callbacks.stash_record(None)
-        return str(job_num)
-    path = os.path.abspath(os.path.join(root, run_name))
-    owner = _sweep_run_dirs.setdefault(path, job_num)
-    if owner != job_num and stage not in ("eval", "report"):
-        _shared_run_dirs[job_num] = (path, owner)
-        callbacks.stash_record(None)
-        return str(job_num)
-    if _stashed_for.get(path) != job_num:
-        _stashed_for[path] = job_num
-        callbacks.stash_record(Path(path) / ".hydra")
-    return path
-
-
-def _record_subdir(stage: str, dry_run: bool = False) -> str | None:
-    # Training writes `.hydra/`; a later eval of the same run keeps its own record beside it.
-    # A dry run records nothing: it must not overwrite the record of a run that has trained.
-    # Nor does a report: it only reads.
-    if dry_run or stage == "report" or stage.startswith("cache_"):
-        return None
-    return ".hydra" if stage in ("train_eval", "train") else f".hydra/{stage}"
-
-
-def _gpus_per_node(accelerator: str, world_size: int, num_nodes: int) -> int | None:
-    """hydra/launcher=slurm: each node's share of the profile's GPUs (none on a CPU profile)."""
-    return world_size // num_nodes if accelerator == "cuda" else None
-
-
-def _launch_mode(launcher: str, dry_run: bool) -> str | None:
-    """hydra.mode: a cluster launcher runs only multiruns, so it makes every run one (a dry run
-    prints its plan here). With Hydra's own launcher, null leaves the choice to -m."""
-    local = launcher.startswith("hydra._internal.core_plugins.") or dry_run
-    return None if local else "MULTIRUN"
-
-
-def register_resolvers() -> None:
-    for name, fn in (("lmalign_run_dir", _run_dir), ("lmalign_sweep_subdir", _sweep_subdir),
-                     ("lmalign_record_subdir", _record_subdir),
-                     ("lmalign_gpus_per_node", _gpus_per_node),
-                     ("lmalign_launch_mode", _launch_mode)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
 
 
 @hydra.main(config_path=CONF_DIR, config_name=CONFIG_NAME, version_base="1.3")
@@ -110,8 +45,9 @@ def _hydra_job(cfg: DictConfig) -> None:
         from lmalign.run import run_job
 
         job = HydraConfig.get().job
-        if job.get("num") in _shared_run_dirs:
-            raise UserError(_shared_run_dir_problem(job.num, job.override_dirname, cfg.run_name))
+        if job.get("num") in config_tree.shared_run_dirs:
+            raise UserError(config_tree.shared_run_dir_problem(job.num, job.override_dirname,
+                                                               cfg.run_name))
         run_job(cfg)
     except UserError as exc:
         _user_errors.append(exc)
@@ -132,27 +68,6 @@ def _hand_on_signal(number: int | None) -> None:
     if callable(handler):
         print(f"stopped: handing signal {number} on to the launcher's handler", flush=True)
         handler(number, None)
-
-
-def _shared_run_dir_problem(number: int, overrides: str, run_name: str) -> str:
-    from lmalign.errors import problem
-
-    path, owner = _shared_run_dirs[number]
-    return problem(
-        "run_name", run_name, f"sweep job {number} ({overrides}) would share the run directory "
-        f"{path} with job {owner}", "one run_name per sweep job",
-        "sweep run_name too (run_name=a,b), or vary it: run_name=exp_${hydra:job.num}")
-
-
-def refuse_shared_run_dirs(jobs: list[tuple[int, DictConfig]]) -> None:
-    """Before a cluster sweep is submitted: training jobs that would share a run directory."""
-    for _, config in jobs:
-        OmegaConf.select(config, "hydra.sweep.subdir")  # registers each job's run directory
-    problems = [_shared_run_dir_problem(number, config.hydra.job.override_dirname,
-                                        config.run_name)
-                for number, config in jobs if number in _shared_run_dirs]
-    if problems:
-        raise UserError(problems)
 
 
 def main() -> None:

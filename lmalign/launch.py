@@ -1,5 +1,6 @@
-"""Driver/worker launch (DESIGN, Launch): the Hydra job saves the resolved config and starts
-`accelerate launch` on `lmalign.worker`, which reads it back; workers never compose config.
+"""Driver/worker launch (docs/design.md, Launch and signals): the Hydra job saves the validated
+config in its handoff folder and starts `accelerate launch` on `lmalign.worker`, which reads it
+back; workers never compose config.
 
 The distributed settings live in the hardware profile's file in launch/; world size, precision
 and rendezvous are added here as launch arguments. The exact command goes into the run directory.
@@ -28,6 +29,9 @@ from lmalign.schema import Config, HardwareConfig
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
+# What a driver hands its workers lives in a folder of its own invocation, so a watcher and a
+# training run (or two evaluations of one run) never read each other's files.
+HANDOFF_DIR = "handoff"
 RESOLVED_CONFIG = "resolved_config.json"   # what the workers read
 LAUNCH_COMMAND = "launch_command.sh"       # what was run, to re-run by hand
 TRAIN_SUMMARY = "train_summary.json"       # the main worker's summary for the driver's run.json
@@ -135,7 +139,19 @@ def _slurm_hostnames(nodelist: str) -> list[str]:
     return found.stdout.split()
 
 
-def command(config: Config, run_dir: Path, meeting: Rendezvous | None = None,
+def handoff_dir(run_dir: Path, config: Config) -> Path:
+    """This invocation's folder for its workers: <run>/handoff/<stage>-<host>-<pid>/ holding
+    the config they read (secrets as ***: they stay in the environment)."""
+    from pydantic import TypeAdapter
+
+    folder = Path(run_dir) / HANDOFF_DIR / f"{config.stage}-{socket.gethostname()}-{os.getpid()}"
+    saved = TypeAdapter(Config).dump_python(config, mode="json")
+    saved["secrets"] = {name: "***" for name in saved["secrets"]}
+    rundir.atomic_write_json(folder / RESOLVED_CONFIG, saved)
+    return folder
+
+
+def command(config: Config, run_dir: Path, handoff: Path, meeting: Rendezvous | None = None,
             evaluate: bool = False) -> list[str]:
     """The launch of the workers. Evaluation is data-parallel whatever the profile shards in
     training: every process holds the whole model and scores its share of the requests."""
@@ -152,8 +168,8 @@ def command(config: Config, run_dir: Path, meeting: Rendezvous | None = None,
             "--main_process_port", str(meeting.main_port)]
     if hardware.distributed == "deepspeed" and not evaluate:
         args += ["--deepspeed_config_file", str(launch_file(hardware).with_suffix(".json"))]
-    return args + ["-m", "lmalign.worker", str(Path(run_dir).resolve())] + (
-        ["--evaluate"] if evaluate else [])
+    return args + ["-m", "lmalign.worker", str(Path(run_dir).resolve()),
+                   str(Path(handoff).resolve())] + (["--evaluate"] if evaluate else [])
 
 
 def environment(hardware: HardwareConfig) -> dict[str, str]:
@@ -166,12 +182,11 @@ def environment(hardware: HardwareConfig) -> dict[str, str]:
     return env
 
 
-def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def train_in_workers(config: Config, run_dir: Path) -> dict[str, Any]:
     """Run training in `world_size` worker processes; return the main worker's summary."""
-    rundir.atomic_write_json(run_dir / RESOLVED_CONFIG, container)
-    (run_dir / TRAIN_SUMMARY).unlink(missing_ok=True)
+    handoff = handoff_dir(run_dir, config)
     meeting = rendezvous(config.hardware)
-    args = command(config, run_dir, meeting)
+    args = command(config, run_dir, handoff, meeting)
     if meeting.machine_rank == 0:
         rundir.atomic_write_text(run_dir / LAUNCH_COMMAND, "#!/usr/bin/env bash\n"
                                  + shell_command(config.hardware, args) + "\n")
@@ -197,14 +212,14 @@ def train_in_workers(config: Config, container: dict[str, Any], run_dir: Path) -
                            f"their output is above, the command in {run_dir / LAUNCH_COMMAND}")
     if meeting.machine_rank != 0:
         return {}  # the main node's driver reads the summary and records the run
-    if not (run_dir / TRAIN_SUMMARY).exists():  # the workers stopped on a signal, cleanly
+    if not (handoff / TRAIN_SUMMARY).exists():  # the workers stopped on a signal, cleanly
         cause = f"signal {received[0]} (forwarded to the workers)" if received else "a signal"
         saved = rundir.complete_checkpoints(run_dir)
         raise TrainingStopped(
             f"training stopped by {cause} after saving "
             f"{saved[-1][1] if saved else 'no checkpoint'}; run the same command again to resume",
             received[-1] if received else None)  # the last, as the workers take it
-    return json.loads((run_dir / TRAIN_SUMMARY).read_text())
+    return json.loads((handoff / TRAIN_SUMMARY).read_text())
 
 
 def evaluation_processes(hardware: HardwareConfig) -> int:
@@ -212,16 +227,15 @@ def evaluation_processes(hardware: HardwareConfig) -> int:
     return hardware.world_size // hardware.num_nodes if needs_workers(hardware) else 1
 
 
-def evaluate_in_workers(config: Config, container: dict[str, Any], run_dir: Path,
-                        request: dict[str, Any]) -> None:
+def evaluate_in_workers(config: Config, run_dir: Path, request: dict[str, Any]) -> None:
     """Evaluate in this node's processes, each scoring its share of every cell's requests; the
     main one writes the cells."""
     processes = evaluation_processes(config.hardware)
-    rundir.atomic_write_json(run_dir / RESOLVED_CONFIG, container)
-    rundir.atomic_write_json(run_dir / EVAL_REQUEST, request)
+    handoff = handoff_dir(run_dir, config)
+    rundir.atomic_write_json(handoff / EVAL_REQUEST, request)
     hardware = config.hardware
     args = command(dataclasses.replace(config, hardware=dataclasses.replace(
-        hardware, world_size=processes)), run_dir,
+        hardware, world_size=processes)), run_dir, handoff,
         Rendezvous(1, 0, "127.0.0.1", _free_port()), evaluate=True)
     log.info("evaluating in %d processes: %s", processes, shlex.join(args))
     code = subprocess.run(args, env=environment(hardware),

@@ -61,7 +61,8 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
     rows += memory.describe(config, memory.estimate(config, meta))
     if launch.needs_workers(hardware):
         rows.append(("launch", launch.shell_command(
-            hardware, launch.command(config, run_dir, _meeting(hardware)))))
+            hardware, launch.command(config, run_dir, Path(run_dir) / launch.HANDOFF_DIR / "<invocation>",
+                           _meeting(hardware)))))
     else:
         rows.append(("launch", "in this process"))
     if config.eval.backend != "none":

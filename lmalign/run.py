@@ -1,4 +1,10 @@
-"""A job: validate, then train and/or evaluate in the run directory, skipping what is done."""
+"""A job: validate, check, then run its stage in the run directory, skipping what is done.
+
+Every stage is one function in `STAGES`. Each checks what it needs (the run exists, the
+tasks exist, the checkpoints asked for are there) before it is accepted; only then does it write
+anything into the run directory: the record (record.yaml) of a new run, its own attempt in
+run.json and its own log file (docs/design.md, Run directory).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import dataclasses
 import logging
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,60 +22,185 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from pydantic import TypeAdapter
 
-from lmalign import cache, callbacks, evaluation, launch, loggers, models, rundir, secrets
+from lmalign import cache, callbacks, config_tree, evaluation, launch, loggers, models, rundir
+from lmalign import secrets
 from lmalign.errors import TrainingStopped, UserError, problem
-from lmalign.evaluation import cells, harness
+from lmalign.evaluation import cells
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
 from lmalign.validate import validate
 
 log = logging.getLogger("lmalign")
 TRAINING_KEYS = ("model", "dataset", "method", "seed")
-TRAINING_STAGES = ("train_eval", "train")
 MERGED = "merged"
-EVAL_STAGES = ("train_eval", "eval")
-# What offline=true checks against the cache's manifest before it starts: stages that load.
-OFFLINE_CHECKED_STAGES = ("train_eval", "train", "eval", "merge", "watch")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's console format
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One validated command: its config, its run directory and what the user typed."""
+
+    config: Config
+    run_dir: Path
+    overrides: list[str]  # as typed (secrets included: for commands it prints or hands on)
+    explicit: set[str]  # the keys the command line set
+    choices: dict[str, str]  # the option chosen in each recorded config group
+    launcher: dict[str, Any] | None  # a cluster launcher's resolved settings, else None
+    new_dir: bool  # Hydra made the run directory for this command
+
+    @property
+    def recorded_overrides(self) -> list[str]:
+        return secrets.redact_overrides(self.overrides, self.config.secrets)
 
 
 def run_job(cfg: DictConfig) -> None:
+    """The Hydra job: validate, then the stage; a directory made for a command that wrote
+    nothing into it (refused, a dry run, a report) is removed again."""
     hydra_cfg = HydraConfig.get()
-    explicit = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    new_dir = not any(run_dir.iterdir())
+    try:
+        job = _validated_job(cfg, hydra_cfg, run_dir, new_dir)
+        if job.config.dry_run:
+            from lmalign import plan
+
+            print(plan.describe(job.config, run_dir, job.launcher), flush=True)
+        elif job.config.loads_weights or job.config.stage == "watch":
+            if not launch.is_main_node(job.config.hardware):
+                _other_node(job.config, run_dir)
+            else:
+                STAGES[job.config.stage](job)
+        else:
+            STAGES[job.config.stage](job)
+    finally:
+        if new_dir:
+            _remove_if_empty(run_dir)
+
+
+def _validated_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, new_dir: bool) -> Job:
+    overrides = list(hydra_cfg.overrides.task)
+    explicit = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     config = validate(OmegaConf.to_container(cfg, resolve=True), explicit_keys=explicit)
     secrets.export(config.secrets)
     secrets.scrub_argv(secrets.secret_values(config.secrets))
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    if config.offline and not config.dry_run and config.stage in OFFLINE_CHECKED_STAGES:
-        problems = cache.offline_problems(config, list(hydra_cfg.overrides.task))
+    if config.offline and not config.dry_run and (config.loads_weights
+                                                  or config.stage == "watch"):
+        problems = cache.offline_problems(config, overrides)
         if problems:
             raise UserError(problems)
-    if config.dry_run or config.stage == "report" or config.stage.startswith("cache_"):
-        if config.dry_run:
-            from lmalign import plan
+    launcher = hydra_cfg.launcher
+    choices = {str(group): str(option) for group, option in hydra_cfg.runtime.choices.items()
+               if group in config_tree.RECORDED_GROUPS and option is not None}
+    return Job(config, run_dir, overrides, explicit, choices,
+               OmegaConf.to_container(launcher, resolve=True)
+               if config_tree.is_cluster_launcher(launcher._target_) else None, new_dir)
 
-            launcher = hydra_cfg.launcher
-            cluster = not str(launcher._target_).startswith("hydra._internal.")
-            print(plan.describe(config, run_dir, OmegaConf.to_container(launcher, resolve=True)
-                                if cluster else None), flush=True)
-        elif config.stage == "report":
-            _report(Path(config.report.dir) if config.report.dir else run_dir, config.report.pack)
-        else:
-            cache.run_stage(config, list(hydra_cfg.overrides.task))
-        if {p.name for p in run_dir.iterdir()} <= {"lmalign.log"}:
-            shutil.rmtree(run_dir)  # made by Hydra for this dry run or report alone
-            for parent in run_dir.resolve().parents:  # outputs/<date>/ when nothing else is there
-                if parent == Path.cwd() or any(parent.iterdir()):
-                    break
-                parent.rmdir()
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """The run directory made for a command that wrote nothing (refused, a dry run, a report),
+    and the folders above it inside the working directory that are left empty (outputs/<date>/,
+    runs/)."""
+    if not run_dir.is_dir() or any(run_dir.iterdir()):
         return
-    if config.stage in TRAINING_STAGES:
-        _refuse_changed_settings(cfg, run_dir / hydra_cfg.output_subdir)
-    run(config, run_dir, explicit_keys=explicit)
+    run_dir.rmdir()
+    here = Path.cwd().resolve()
+    for parent in run_dir.resolve().parents:
+        if parent == here or not parent.is_relative_to(here) or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
-def _report(directory: Path, pack: bool) -> None:
+def _other_node(config: Config, run_dir: Path) -> None:
+    """A multi-node run's other nodes start their share of the workers; node 0 records the run
+    and evaluates."""
+    if config.trains and not rundir.final_dir(run_dir):
+        launch.train_in_workers(config, run_dir)
+    log.info("node %d of %d: training done; node 0 records the run and evaluates",
+             launch.rendezvous(config.hardware).machine_rank, config.hardware.num_nodes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages: each checks, then runs inside `_accepted`.
+
+
+def train_and_evaluate(job: Job) -> None:
+    """stage=train_eval and stage=train."""
+    config, run_dir = job.config, job.run_dir
+    _refuse_changed_settings(config, run_dir)
+    if config.evaluates:
+        evaluation.check(config.eval)  # before training, not after it
+    start = models.starting_point(config)
+    problems = models.start_problems(start, config)
+    if problems:
+        raise UserError(problems)
+    with _accepted(job, owner=True) as record:
+        _train(config, run_dir, start, record)
+        if config.evaluates:
+            _evaluate(config, run_dir, _targets(config, run_dir, start, job.explicit),
+                      config.model)
+
+
+def evaluate_run(job: Job) -> None:
+    """stage=eval: a run's checkpoints, or a model chosen on the command line."""
+    config, run_dir = job.config, job.run_dir
+    saved = rundir.saved_config(run_dir)
+    problems = [] if saved is not None or _model_chosen(job) else [_no_such_run(
+        config, "stage=eval evaluates a run", "or choose the model: model=<option> "
+        "eval.checkpoints=[base]")]
+    try:
+        if config.evaluates:
+            evaluation.check(config.eval)
+    except UserError as exc:
+        problems += exc.problems
+    if problems:
+        raise UserError(problems)
+    model = _trained_from(config, saved)
+    start = models.starting_point(dataclasses.replace(config, model=model))
+    targets = _targets(config, run_dir, start, job.explicit) if config.evaluates else []
+    with _accepted(job, owner=saved is None or not saved.trains):
+        if targets:
+            _evaluate(config, run_dir, targets, model)
+
+
+def merge_run(job: Job) -> None:
+    """stage=merge: final/'s LoRA adapter merged into its base, in merged/."""
+    config, run_dir = job.config, job.run_dir
+    saved = rundir.saved_config(run_dir)
+    if saved is None:
+        raise UserError(_no_such_run(config, "stage=merge merges a run's adapter", ""))
+    if not (run_dir / MERGED / "config.json").exists():
+        _refuse_merge(run_dir)
+    with _accepted(job, owner=False):
+        merge_final(run_dir, _trained_from(config, saved), config)
+
+
+def watch_run(job: Job) -> None:
+    """stage=watch: beside a training run; never writes its run.json."""
+    from lmalign import watch
+
+    saved = rundir.saved_config(job.run_dir)
+    if saved is None:
+        raise UserError(_no_such_run(job.config, "stage=watch watches a training run that has "
+                                     "started", "start the training first, then"))
+    evaluation.check(job.config.eval)
+    handler = _log_to_file(job.run_dir, job.config.stage, owner=False)
+    try:
+        watch.watch(job.config, job.run_dir, _trained_from(job.config, saved), saved,
+                    job.overrides)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def report_run(job: Job) -> None:
+    """stage=report: collate a sweep or run directory (reads only)."""
     from lmalign import report
 
+    config = job.config
+    directory = Path(config.report.dir) if config.report.dir else job.run_dir
+    if not config.report.dir and job.new_dir:
+        raise UserError(_no_such_run(config, "stage=report collates a run or sweep",
+                                     "or report.dir=<sweep directory>"))
     if not directory.is_dir():
         raise UserError(problem("report.dir", str(directory), "no such directory",
                                 "a sweep directory (multirun/...) or a run directory",
@@ -78,97 +211,52 @@ def _report(directory: Path, pack: bool) -> None:
           f"{directory / report.SUMMARY_CSV}, {directory / report.SUMMARY_MD}", flush=True)
     for line in report.trouble_lines(jobs):
         print(line, flush=True)
-    if pack:
+    if config.report.pack:
         print(f"packed: {report.pack(directory, jobs)}", flush=True)
 
 
-def _refuse_changed_settings(cfg: DictConfig, record_dir: Path) -> None:
-    """A run directory describes one training run: re-running it must not change what it was."""
-    before_text = callbacks.previous_record.get("config.yaml")
-    has_training = rundir.final_dir(record_dir.parent) or rundir.complete_checkpoints(
-        record_dir.parent)
-    if not before_text or not has_training:
-        return
-    before = OmegaConf.to_container(OmegaConf.create(before_text), resolve=False)
-    after = OmegaConf.to_container(cfg, resolve=False)
-    changes = [change for key in TRAINING_KEYS
-               for change in _differences(key, before.get(key), after.get(key))]
-    if changes:
-        callbacks.restore_previous_record(record_dir)
-        raise UserError([problem(
-            key, new, f"this run directory ({record_dir.parent}) was trained with {key}={old!r}",
-            "the same training settings when re-running a run_name",
-            "use a new run_name, or stage=eval to evaluate this run") for key, old, new in changes])
+def cache_stage(job: Job) -> None:
+    """stage=cache_plan, cache_prepare, cache_verify (offline clusters)."""
+    cache.run_stage(job.config, job.overrides)
 
 
-def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        found = []
-        for sub in sorted(set(old) | set(new)):
-            found += _differences(f"{key}.{sub}", old.get(sub), new.get(sub))
-        return found
-    return [] if old == new else [(key, old, new)]
+# Adding a stage: its Literal in schema.Stage, its function here, its row in this table.
+STAGES: dict[str, Callable[[Job], None]] = {
+    "train_eval": train_and_evaluate,
+    "train": train_and_evaluate,
+    "eval": evaluate_run,
+    "merge": merge_run,
+    "watch": watch_run,
+    "report": report_run,
+    "cache_plan": cache_stage,
+    "cache_prepare": cache_stage,
+    "cache_verify": cache_stage,
+}
 
 
-def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) -> None:
+# ---------------------------------------------------------------------------------------------
+# Accepting a command: from here on it writes into the run directory.
+
+
+@contextmanager
+def _accepted(job: Job, owner: bool) -> Iterator[rundir.RunRecord]:
+    """The command passed every check: record it, log to its file, and say how it ended.
+
+    owner: the command that makes the run what it is (training, or the first evaluation of a
+    run that only evaluates) sets run.json's status; a later stage adds only its attempt."""
     import torch
 
+    config, run_dir = job.config, job.run_dir
     if config.hardware.torch_threads:
         torch.set_num_threads(config.hardware.torch_threads)
-    if not launch.is_main_node(config.hardware):
-        # The other nodes start their share of the workers; the main node records and evaluates.
-        if config.stage in TRAINING_STAGES and not rundir.final_dir(run_dir):
-            launch.train_in_workers(config, _worker_config(config), run_dir)
-        log.info("node %d of %d: training done; node 0 records the run and evaluates",
-                 launch.rendezvous(config.hardware).machine_rank, config.hardware.num_nodes)
-        return
-    if config.stage == "watch":  # beside a training run: never writes its run.json
-        from lmalign import watch
-
-        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-        watch.watch(config, run_dir, _trained_from(config, run_dir), overrides)
-        return
-    record = rundir.RunRecord(run_dir, config.stage)
+    if not rundir.has_config_record(run_dir) or (config.trains and not _has_trained(run_dir)):
+        rundir.write_config_record(run_dir, TypeAdapter(Config).dump_python(config, mode="json"),
+                                   job.choices, job.recorded_overrides)
+    handler = _log_to_file(run_dir, config.stage, owner)
+    record = rundir.RunRecord(run_dir, config.stage, job.recorded_overrides, owner)
     log.info("run directory: %s", run_dir.resolve())
-    evaluating = config.stage in EVAL_STAGES and config.eval.backend != "none"
     try:
-        if evaluating:
-            evaluation.check(config.eval)  # before training, not after it
-        base_config = _trained_from(config, run_dir)
-        start = models.starting_point(dataclasses.replace(config, model=base_config))
-        if config.stage == "merge":
-            merge_final(run_dir, base_config, config)
-        if config.stage in TRAINING_STAGES:
-            problems = models.start_problems(start, config)
-            if problems:
-                raise UserError(problems)
-            _train(config, run_dir, start, record)
-        if evaluating:
-            targets = _targets(config, run_dir, start, explicit_keys or set())
-            processes = launch.evaluation_processes(config.hardware)
-            callbacks.job_cells[:] = [str(c.relative_to(run_dir)) for c in
-                                      evaluation.requested_cells(targets, config.eval, run_dir,
-                                                                 processes)]
-            if config.eval.backend == "nemo":  # the server takes the GPUs; ns runs on the CPU
-                from lmalign.evaluation import nemo
-
-                nemo.evaluate(targets, config.eval, run_dir, base_config, config.hardware,
-                              config.cache.dir)
-            elif processes > 1:
-                launch.evaluate_in_workers(config, _worker_config(config), run_dir, {
-                    "targets": [dataclasses.asdict(t) for t in targets],
-                    "model": TypeAdapter(ModelConfig).dump_python(base_config, mode="json")})
-            else:
-                harness.evaluate(targets, config.eval, run_dir, base_config, config.hardware)
-            rows = cells.rebuild_metrics_csv(run_dir)
-            shown = [r for r in rows if r["checkpoint"] in {t.label for t in targets}]
-            if shown:
-                print("\n" + cells.comparison_table(shown) + "\n", flush=True)
-            from lmalign import report
-
-            report.write_plots(rows, run_dir / report.PLOTS_DIR)
-            log.info("metrics: %s (plots in %s)", run_dir / cells.METRICS_CSV,
-                     run_dir / report.PLOTS_DIR)
+        yield record
         record.finish("done")
     except KeyboardInterrupt:
         record.finish("interrupted")
@@ -182,9 +270,8 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
     except BaseException as exc:
         if config.offline and cache.offline_failure(exc):  # a library found the cache lacking
             record.finish("failed (user error)")
-            overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
             command = cache.prepare_command(Path(str(config.cache.dir)).expanduser().resolve(),
-                                            overrides)
+                                            job.overrides)
             raise UserError(problem(
                 "offline", True, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
                 f"what stage=cache_prepare fetched into {config.cache.dir}",
@@ -193,6 +280,94 @@ def run(config: Config, run_dir: Path, explicit_keys: set[str] | None = None) ->
         raise
     finally:
         loggers.finish(config.logger)
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _log_to_file(run_dir: Path, stage: str, owner: bool) -> logging.Handler:
+    """The run's log: lmalign.log for the command that owns the run, lmalign-<stage>.log for a
+    later stage (Hydra's own file handler is off: it would write before validation)."""
+    name = "lmalign.log" if owner else f"lmalign-{stage}.log"
+    handler = logging.FileHandler(run_dir / name)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def _has_trained(run_dir: Path) -> bool:
+    return bool(rundir.final_dir(run_dir) or rundir.complete_checkpoints(run_dir))
+
+
+def _refuse_changed_settings(config: Config, run_dir: Path) -> None:
+    """A run directory describes one training run: re-running it must not change what it was."""
+    saved = rundir.saved_config(run_dir)
+    if saved is None or not _has_trained(run_dir):
+        return
+    before = TypeAdapter(Config).dump_python(saved, mode="json")
+    after = TypeAdapter(Config).dump_python(config, mode="json")
+    changes = [change for key in TRAINING_KEYS
+               for change in _differences(key, before.get(key), after.get(key))]
+    if changes:
+        raise UserError([problem(
+            key, new, f"this run directory ({run_dir}) was trained with {key}={old!r}",
+            "the same training settings when re-running a run_name",
+            "use a new run_name, or stage=eval to evaluate this run") for key, old, new in changes])
+
+
+def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for sub in sorted(set(old) | set(new)):
+            found += _differences(f"{key}.{sub}", old.get(sub), new.get(sub))
+        return found
+    return [] if old == new else [(key, old, new)]
+
+
+def _model_chosen(job: Job) -> bool:
+    """stage=eval without a run evaluates a model the command chose on purpose."""
+    evaluation_ = job.config.eval
+    return (any(k == "model" or k.startswith("model.") for k in job.explicit)
+            or job.choices.get("model") != config_tree.default_choice("model")
+            or bool(evaluation_.revisions) or evaluation_.checkpoint_selectors == ["base"])
+
+
+def _no_such_run(config: Config, what: str, fix: str) -> str:
+    root = Path(config.runs_root)
+    runs = sorted(p.name for p in root.iterdir() if (p / rundir.RUN_RECORD).exists()
+                  or rundir.has_config_record(p)) if root.is_dir() else []
+    named = config.run_name
+    return problem("run_name", named, f"{what}; there is no run "
+                   + (f"named {named!r} in {root}" if named else "without a run_name"),
+                   f"the runs in {root}: {', '.join(runs)}" if runs else f"no run in {root} yet",
+                   f"run_name=<one of them>{', ' + fix if fix else ''}" if runs
+                   else fix or "train one first")
+
+
+def _refuse_merge(run_dir: Path) -> None:
+    final = rundir.final_dir(run_dir)
+    info = models.adapter_config(final) if final else None
+    kind = models.adapter_kind(info) if info else None
+    if kind != "lora":
+        raise UserError(problem(
+            "stage", "merge", f"{run_dir / rundir.FINAL} holds " + (
+                "no trained model" if not final else "a full model already" if info is None
+                else f"a {kind} adapter, which has no weights to merge into"),
+            "stage=merge on a run whose final/ is a LoRA adapter",
+            "evaluate or serve final/ as it is, or train with method=lora first"))
+
+
+def _evaluate(config: Config, run_dir: Path, targets: list[Target], model: ModelConfig) -> None:
+    callbacks.job_cells[:] = [str(c.relative_to(run_dir)) for c in
+                              evaluation.requested_cells(targets, config, run_dir)]
+    evaluation.evaluate(targets, config, run_dir, model)
+    rows = cells.rebuild_metrics_csv(run_dir)
+    shown = [r for r in rows if r["checkpoint"] in {t.label for t in targets}]
+    if shown:
+        print("\n" + cells.comparison_table(shown) + "\n", flush=True)
+    from lmalign import report
+
+    report.write_plots(rows, run_dir / report.PLOTS_DIR)
+    log.info("metrics: %s (plots in %s)", run_dir / cells.METRICS_CSV, run_dir / report.PLOTS_DIR)
 
 
 def _train(config: Config, run_dir: Path, start: models.Start,
@@ -211,20 +386,13 @@ def _train(config: Config, run_dir: Path, start: models.Start,
              gradient_accumulation(config))
     record.update(train={"status": "running"})
     if launch.needs_workers(config.hardware):
-        summary = launch.train_in_workers(config, _worker_config(config), run_dir)
+        summary = launch.train_in_workers(config, run_dir)
     else:
         summary = get_method(config.method._target_)(config, run_dir, start)
     record.update(train={"status": "done", **summary})
     if summary.get("train_tokens_per_s"):
         log.info("trained %s steps at %.0f tokens/s", summary["global_step"],
                  summary["train_tokens_per_s"])
-
-
-def _worker_config(config: Config) -> dict[str, Any]:
-    """The validated config for the workers; secrets stay in the environment, saved as ***."""
-    saved = TypeAdapter(Config).dump_python(config, mode="json")
-    saved["secrets"] = {name: "***" for name in saved["secrets"]}
-    return saved
 
 
 def merge_final(run_dir: Path, model: ModelConfig, config: Config) -> Path:
@@ -234,26 +402,17 @@ def merge_final(run_dir: Path, model: ModelConfig, config: Config) -> Path:
         log.info("already merged: %s", merged)
         return merged
     final = rundir.final_dir(run_dir)
-    info = models.adapter_config(final) if final else None
-    kind = models.adapter_kind(info) if info else None
-    if kind != "lora":
-        raise UserError(problem(
-            "stage", "merge", f"{run_dir / rundir.FINAL} holds " + (
-                "no trained model" if not final else "a full model already" if info is None
-                else f"a {kind} adapter, which has no weights to merge into"),
-            "stage=merge on a run whose final/ is a LoRA adapter",
-            "evaluate or serve final/ as it is, or train with method=lora first"))
+    _refuse_merge(run_dir)
     models.merge_adapter(str(final), model, config.hardware, merged)
     log.info("merged %s into its base model: %s", final, merged)
     return merged
 
 
-def _trained_from(config: Config, run_dir: Path):
-    """The model a run started from: its own record if it has one, else this config's model."""
-    saved = run_dir / ".hydra" / "config.yaml"
-    if config.stage in ("eval", "merge", "watch") and saved.exists():
-        model = OmegaConf.to_container(OmegaConf.load(saved).model, resolve=True)
-        return TypeAdapter(ModelConfig).validate_python(model)
+def _trained_from(config: Config, saved: Config | None) -> ModelConfig:
+    """The model a run started from: a training run's own record, else this config's model
+    (a run that only evaluates may be evaluated again on other revisions of its model)."""
+    if config.reads_a_run and saved is not None and saved.trains:
+        return saved.model
     return config.model
 
 

@@ -1,4 +1,5 @@
-"""The run directory: atomic files, run.json, and which checkpoints are complete (DESIGN)."""
+"""The run directory: atomic files, the run's record, run.json, and which checkpoints are
+complete (docs/design.md, Run directory)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 log = logging.getLogger(__name__)
 RUN_RECORD = "run.json"
+# What the run was asked to be: written by lmalign once a command has passed every check.
+CONFIG_RECORD = "record.yaml"
+RECORD_VERSION = 2
+# record_version 1: Hydra's own output subdir (.hydra/config.yaml, overrides.yaml, hydra.yaml).
+OLD_RECORD_DIR = ".hydra"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 # The trainer writes its state file last: a checkpoint without it is incomplete.
@@ -156,20 +164,27 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 
 
 class RunRecord:
-    """run.json: what ran, where, with which versions, how it ended. Rewritten atomically."""
+    """run.json: what ran, where, with which versions, how it ended. Rewritten atomically.
 
-    def __init__(self, run_dir: Path, stage: str):
+    The run's owner (training, or the command that created the directory) sets the top-level
+    status; a later stage (stage=eval on a trained run) adds only its own attempt, so its
+    outcome never rewrites the training's."""
+
+    def __init__(self, run_dir: Path, stage: str, overrides: list[str], owner: bool):
         self.path = Path(run_dir) / RUN_RECORD
+        self.owner = owner
         self.data: dict[str, Any] = read_record(run_dir)
-        attempt = {"stage": stage, "argv": list(sys.argv), "started": _now(), "status": "running"}
-        found = versions()
-        self.data.update({
-            "lmalign_version": found["lmalign"],
-            "versions": found,
-            "git_sha": git_sha(),
-            "hardware_seen": hardware_seen(),
-            "status": "running",
-        })
+        attempt = {"stage": stage, "argv": list(sys.argv), "overrides": list(overrides),
+                   "started": _now(), "status": "running"}
+        if owner:
+            found = versions()
+            self.data.update({
+                "lmalign_version": found["lmalign"],
+                "versions": found,
+                "git_sha": git_sha(),
+                "hardware_seen": hardware_seen(),
+                "status": "running",
+            })
         self.data.setdefault("attempts", []).append(attempt)
         self.save()
 
@@ -178,8 +193,9 @@ class RunRecord:
         self.save()
 
     def finish(self, status: str, **fields: Any) -> None:
-        self.data["attempts"][-1].update(status=status, ended=_now())
-        self.data.update(status=status, ended=_now(), **fields)
+        self.data["attempts"][-1].update(status=status, ended=_now(), **fields)
+        if self.owner:
+            self.data.update(status=status, ended=_now(), **fields)
         self.save()
 
     def save(self) -> None:
@@ -188,3 +204,115 @@ class RunRecord:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's record (docs/design.md, Record versions).
+
+
+def write_config_record(run_dir: Path, container: dict[str, Any], choices: dict[str, str],
+                        overrides: list[str]) -> None:
+    """record.yaml: the resolved, validated config with every secret as ***, the options chosen
+    for each config group (to fill keys that later versions add) and the overrides."""
+    from lmalign import secrets
+
+    values = secrets.secret_values(container.get("secrets"))
+    config = {**container, "secrets": {name: secrets.MASK for name in container.get("secrets")
+                                       or {}}}
+    text = yaml.safe_dump({"record_version": RECORD_VERSION, "stage": container.get("stage"),
+                           "choices": choices, "overrides": list(overrides), "config": config},
+                          sort_keys=False, allow_unicode=True)
+    atomic_write_text(Path(run_dir) / CONFIG_RECORD, secrets.redact(text, values))
+
+
+def has_config_record(run_dir: Path) -> bool:
+    return _raw_record(Path(run_dir)) is not None
+
+
+def saved_config(run_dir: Path):
+    """The run's recorded config as a typed `Config`, or None for a directory with no record.
+
+    Old layouts are migrated; keys that later versions added are filled from the current
+    defaults of the options the run chose, so a new key never invalidates an old run."""
+    from lmalign.errors import UserError, problem
+    from lmalign.validate import validate
+
+    raw = _raw_record(Path(run_dir))
+    if raw is None:
+        return None
+    try:
+        return validate(raw["config"], check_environment=False)
+    except UserError:
+        pass
+    from lmalign import config_tree
+    from lmalign.schema import Config
+
+    filled = _fill_missing(Config, raw["config"], config_tree.compose_defaults(raw["choices"]))
+    try:
+        return validate(filled, check_environment=False)
+    except UserError as exc:
+        raise UserError([problem("run_name", Path(run_dir).name, f"its record ({raw['path']}) "
+                                 f"no longer validates: {line}", "a run recorded by lmalign",
+                                 "use a new run_name") for line in exc.problems]) from None
+
+
+def saved_overrides(run_dir: Path) -> list[str]:
+    raw = _raw_record(Path(run_dir))
+    return [str(o) for o in raw["overrides"]] if raw else []
+
+
+def saved_stage(run_dir: Path) -> str | None:
+    raw = _raw_record(Path(run_dir))
+    return raw["config"].get("stage") if raw else None
+
+
+def _raw_record(run_dir: Path) -> dict[str, Any] | None:
+    """{path, config, choices, overrides} from record.yaml, or migrated from record_version 1."""
+    path = run_dir / CONFIG_RECORD
+    if path.exists():
+        data = yaml.safe_load(path.read_text())
+        return {"path": path, "config": data["config"], "choices": data.get("choices") or {},
+                "overrides": data.get("overrides") or []}
+    old = run_dir / OLD_RECORD_DIR
+    # Training wrote .hydra/; a run that only evaluated has .hydra/eval/.
+    found = [old] + sorted(p.parent for p in old.glob("*/config.yaml"))
+    for folder in found:
+        if (folder / "config.yaml").exists():
+            return _migrate_v1(folder)
+    return None
+
+
+def _migrate_v1(folder: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from lmalign import config_tree
+
+    config_tree.register_resolvers()
+    config = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"), resolve=True)
+    choices: dict[str, str] = {}
+    if (folder / "hydra.yaml").exists():
+        found = OmegaConf.select(OmegaConf.load(folder / "hydra.yaml"), "hydra.runtime.choices")
+        choices = {str(k): str(v) for k, v in (found or {}).items() if v is not None}
+    overrides = OmegaConf.load(folder / "overrides.yaml") \
+        if (folder / "overrides.yaml").exists() else []
+    return {"path": folder / "config.yaml", "config": config, "choices": choices,
+            "overrides": [str(o) for o in overrides]}
+
+
+def _fill_missing(schema: type, recorded: Any, defaults: Any) -> Any:
+    """Fields of the schema's dataclasses that the record lacks, taken from the defaults; a
+    mapping the user wrote (dataset.columns, secrets) is kept as recorded."""
+    import dataclasses
+    import typing
+
+    if not isinstance(recorded, dict) or not isinstance(defaults, dict):
+        return recorded
+    filled = dict(recorded)
+    for field, annotation in typing.get_type_hints(schema).items():
+        nested = next((a for a in (annotation, *typing.get_args(annotation))
+                       if dataclasses.is_dataclass(a)), None)
+        if field not in filled and field in defaults:
+            filled[field] = defaults[field]
+        elif nested is not None and field in filled:
+            filled[field] = _fill_missing(nested, filled[field], defaults.get(field))
+    return filled

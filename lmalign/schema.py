@@ -282,3 +282,22 @@ class Config:
     logger: LoggerConfig
     report: ReportConfig
     watch: WatchConfig
+
+    # What a stage does; the stage table in lmalign/run.py says which function runs it.
+    @property
+    def trains(self) -> bool:
+        return self.stage in ("train_eval", "train")
+
+    @property
+    def evaluates(self) -> bool:
+        return self.stage in ("train_eval", "eval") and self.eval.backend != "none"
+
+    @property
+    def loads_weights(self) -> bool:
+        """Stages that load a model (checked against this machine and, offline, the cache)."""
+        return self.stage in ("train_eval", "train", "eval", "merge")
+
+    @property
+    def reads_a_run(self) -> bool:
+        """Stages that act on a run directory a training stage made (its recorded model)."""
+        return self.stage in ("eval", "merge", "watch")

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 LAUNCHER_OPTIONS = Path(__file__).resolve().parent.parent / "conf" / "hydra" / "launcher"
 
 CHECKPOINT_SELECTOR = re.compile(r"^(base|final|latest|all|checkpoint-\d+|\d+)$")
-LOADING_STAGES = ("train_eval", "train", "eval", "merge")
 
 
 def validate(container: dict[str, Any], check_environment: bool = True,
@@ -33,7 +32,7 @@ def validate(container: dict[str, Any], check_environment: bool = True,
     """Typed Config from a resolved config dict, or UserError listing every problem.
 
     explicit_keys: the keys the user set on the command line. What this machine cannot do is an
-    error for those and an announced fallback for profile defaults (DESIGN, Errors).
+    error for those and an announced fallback for profile defaults (docs/design.md, Errors and exit codes).
     """
     try:
         config = TypeAdapter(Config).validate_python(container)
@@ -407,7 +406,7 @@ def check_environment_for(config: Config,
                           explicit_keys: Collection[str] = ()) -> tuple[Config, list[str]]:
     """(the config with announced fallbacks applied, problems)."""
     problems: list[str] = []
-    if config.stage not in LOADING_STAGES or config.dry_run:
+    if not config.loads_weights or config.dry_run:
         return config, problems
     # offline=true: the run's needs are checked against the cache's manifest instead.
     if config.model.source == "pretrained" and not config.model.init_from and not config.offline:

@@ -1,7 +1,7 @@
 """stage=watch: evaluate a training run's checkpoints as they appear, beside the training.
 
 The watcher polls the run directory, evaluates each new complete checkpoint (and final/ at the
-end) in the cells of DESIGN's run directory, rebuilds metrics.csv and the plots, and exits when
+end) in the cells of the run directory (docs/design.md, Run directory), rebuilds metrics.csv and the plots, and exits when
 the training run has ended. It writes only cells, metrics.csv and plots/, never the training's
 run.json, so it can be killed and restarted at any time: finished cells are skipped.
 """
@@ -14,11 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from lmalign import evaluation, rundir
-from lmalign.errors import JobFailed, UserError, problem
-from lmalign.evaluation import cells, harness
+from lmalign.errors import JobFailed
+from lmalign.evaluation import cells
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
 
@@ -26,12 +24,11 @@ log = logging.getLogger(__name__)
 ENDED = ("done", "failed", "failed (user error)", "stopped", "interrupted")
 
 
-def watch(config: Config, run_dir: Path, model: ModelConfig,
+def watch(config: Config, run_dir: Path, model: ModelConfig, training: Config,
           overrides: list[str] | None = None) -> None:
-    """model: the model the run trains (from its own record). overrides: the watcher's own
-    command-line overrides, passed on to the evaluation jobs it submits (watch.submit_to)."""
-    settings = _training_settings(run_dir)
-    evaluation.check(config.eval)
+    """model: the model the run trains from; training: the run's recorded config. overrides:
+    the watcher's own command-line overrides, passed on to the evaluation jobs it submits
+    (watch.submit_to)."""
     reported: set[str] = set()
     submitter = Submitter(config.watch.submit_to, run_dir, overrides or []) \
         if config.watch.submit_to else None
@@ -62,7 +59,8 @@ def watch(config: Config, run_dir: Path, model: ModelConfig,
                 _rebuild(run_dir)
         if pending:
             idle_since = time.monotonic()
-        _report_rotated(run_dir, settings, reported)
+        _report_rotated(run_dir, training.method.save_steps, training.method.save_total_limit,
+                        reported)
         if ended and not pending and not (submitter and submitter.running):
             _rebuild(run_dir)
             if submitter and submitter.failed:
@@ -123,16 +121,6 @@ class Submitter:
         return self.run_dir / "watch" / f"{label}.log"
 
 
-def _training_settings(run_dir: Path) -> dict:
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.exists():
-        raise UserError(problem("run_name", run_dir.name, f"no training run in {run_dir} (its "
-                                ".hydra/config.yaml is written when training starts)",
-                                "the run_name of a training run that has started",
-                                "start the training first, then stage=watch run_name=<it>"))
-    return OmegaConf.to_container(OmegaConf.load(saved).method, resolve=False)
-
-
 def _training_ended(run_dir: Path) -> str | None:
     """How the training ended, or None while it runs. final/ alone is not the end: a train_eval
     run evaluates after saving it, but the watcher has nothing more to wait for then."""
@@ -144,19 +132,13 @@ def _training_ended(run_dir: Path) -> str | None:
 
 def _done(target: Target, config: Config, run_dir: Path) -> bool:
     return all(cells.is_complete(cell, need_samples=config.eval.log_samples)
-               for cell in evaluation.requested_cells([target], config.eval, run_dir))
+               for cell in evaluation.requested_cells([target], config, run_dir))
 
 
 def _evaluate(target: Target, config: Config, run_dir: Path, model: ModelConfig,
               reported: set[str]) -> None:
     try:
-        if config.eval.backend == "nemo":
-            from lmalign.evaluation import nemo
-
-            nemo.evaluate([target], config.eval, run_dir, model, config.hardware,
-                          config.cache.dir)
-        else:
-            harness.evaluate([target], config.eval, run_dir, model, config.hardware)
+        evaluation.evaluate([target], config, run_dir, model)
     except (OSError, ValueError) as exc:
         if Path(target.path).exists():
             raise
@@ -166,10 +148,10 @@ def _evaluate(target: Target, config: Config, run_dir: Path, model: ModelConfig,
                     "(save_total_limit) [%s]", target.label, type(exc).__name__)
 
 
-def _report_rotated(run_dir: Path, method: dict, reported: set[str]) -> None:
+def _report_rotated(run_dir: Path, save_steps: int, save_total_limit: int | None,
+                    reported: set[str]) -> None:
     """Checkpoints that training saved and removed (save_total_limit) before they were seen."""
-    save_steps = method.get("save_steps")
-    if not isinstance(save_steps, int) or save_steps <= 0:
+    if save_steps <= 0:
         return
     present = {step for step, _ in rundir.complete_checkpoints(run_dir)}
     evaluated = {int(p.name.split("-")[1]) for p in (run_dir / "eval").glob("checkpoint-*")}
@@ -179,7 +161,7 @@ def _report_rotated(run_dir: Path, method: dict, reported: set[str]) -> None:
         if step not in present and step not in evaluated and label not in reported:
             reported.add(label)
             log.warning("skipped %s: training removed it before it could be evaluated "
-                        "(save_total_limit=%s)", label, method.get("save_total_limit"))
+                        "(save_total_limit=%s)", label, save_total_limit)
 
 
 def _rebuild(run_dir: Path) -> None:

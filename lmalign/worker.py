@@ -1,7 +1,8 @@
-"""One training process under `accelerate launch`: `python -m lmalign.worker <run_dir>`, or with
-`--evaluate` one evaluation process of a multi-process evaluation.
+"""One training process under `accelerate launch`: `python -m lmalign.worker <run_dir> <handoff>`,
+or with `--evaluate` one evaluation process of a multi-process evaluation.
 
-It writes train_summary.json when training finished; a worker stopped by a signal exits cleanly
+<handoff> is the driver's folder for this launch (lmalign/launch.py): the main worker writes
+train_summary.json there when training finished; a worker stopped by a signal exits cleanly
 without it, and the driver reports the stop.
 
 Reads the config the driver resolved and saved (lmalign/launch.py); never composes config again.
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 
-def main(run_dir: Path, evaluating: bool = False) -> None:
+def main(run_dir: Path, handoff: Path, evaluating: bool = False) -> None:
     from accelerate import PartialState
     from hydra.utils import get_method
 
@@ -24,7 +25,7 @@ def main(run_dir: Path, evaluating: bool = False) -> None:
     from lmalign.training import catch_stop_signals
     from lmalign.validate import validate
 
-    config = validate(json.loads((run_dir / launch.RESOLVED_CONFIG).read_text()),
+    config = validate(json.loads((handoff / launch.RESOLVED_CONFIG).read_text()),
                       check_environment=False)
     state = PartialState(cpu=config.hardware.accelerator == "cpu")
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
@@ -35,7 +36,7 @@ def main(run_dir: Path, evaluating: bool = False) -> None:
 
         torch.set_num_threads(config.hardware.torch_threads)
     if evaluating:
-        _evaluate(config, run_dir)
+        _evaluate(config, run_dir, handoff)
         return
     catch_stop_signals()
     train = get_method(config.method._target_)
@@ -44,10 +45,10 @@ def main(run_dir: Path, evaluating: bool = False) -> None:
     except TrainingStopped:  # a checkpoint is saved; the driver says how to resume
         return  # a clean exit: the launcher must not report it as a crash
     if state.is_main_process:
-        rundir.atomic_write_json(run_dir / launch.TRAIN_SUMMARY, summary)
+        rundir.atomic_write_json(handoff / launch.TRAIN_SUMMARY, summary)
 
 
-def _evaluate(config, run_dir: Path) -> None:
+def _evaluate(config, run_dir: Path, handoff: Path) -> None:
     from accelerate import Accelerator
     from pydantic import TypeAdapter
 
@@ -56,7 +57,7 @@ def _evaluate(config, run_dir: Path) -> None:
     from lmalign.evaluation.cells import Target
     from lmalign.schema import ModelConfig
 
-    request = json.loads((run_dir / launch.EVAL_REQUEST).read_text())
+    request = json.loads((handoff / launch.EVAL_REQUEST).read_text())
     targets = [Target(**target) for target in request["targets"]]
     model = TypeAdapter(ModelConfig).validate_python(request["model"])
     accelerator = Accelerator(cpu=config.hardware.accelerator == "cpu")
@@ -66,4 +67,4 @@ def _evaluate(config, run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), evaluating="--evaluate" in sys.argv[2:])
+    main(Path(sys.argv[1]), Path(sys.argv[2]), evaluating="--evaluate" in sys.argv[3:])

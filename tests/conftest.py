@@ -86,7 +86,7 @@ def compose(*overrides: str):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lmalign.cli import CONF_DIR, register_resolvers
+    from lmalign.config_tree import CONF_DIR, register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()

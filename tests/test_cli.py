@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import pytest
 
-from conftest import lmalign
+from conftest import FIXTURES, lmalign
+
+# Every user error below, also run against an existing trained run (tests/test_run.py), where
+# it must leave every file of that run as it was: (overrides, environment).
+ERROR_CASES = [
+    (("model=smollm3",), {}),
+    (("method.learning_rate=fast",), {}),
+    (("method.global_batch_size=12",), {}),
+    (("method.global_batch_size=7",), {}),
+    (("method=dpo",), {}),
+    (("model=smollm2_135m",), {"HF_HUB_OFFLINE": "1"}),
+    (("model=foo", "method.learning_rate=abc", "hardware.precision=fp64",
+      "method.learning_rat=3"), {}),
+    (("eval.tasks=[hellaswagg]",), {}),
+    (("stage=eval", "eval.tasks=[hellaswg]"), {}),
+    (("stage=eval", "eval.checkpoints=[checkpoint-7]"), {}),
+    (("stage=merge",), {}),
+    (("dataset=local",), {}),
+    (("-m", "model=tiny,foo,bar"), {}),
+    (("-m", "method.learning_rate=1e-3,2e-3", "dry_run=true"), {}),
+]
 
 
 def _errors(result) -> list[str]:
@@ -18,7 +40,12 @@ def _errors(result) -> list[str]:
 
 @pytest.fixture
 def run(tmp_path, lmalign_cache):
-    return lambda *overrides, **kw: lmalign(*overrides, cwd=tmp_path, cache=lmalign_cache, **kw)
+    def refused_or_not(*overrides, **kw):
+        result = lmalign(*overrides, cwd=tmp_path, cache=lmalign_cache, **kw)
+        if result.returncode == 2:  # a refused command leaves no directory behind
+            assert not (tmp_path / "outputs").exists() and not (tmp_path / "runs").exists()
+        return result
+    return refused_or_not
 
 
 def test_unknown_group_option_lists_the_available_ones(run):
@@ -109,3 +136,40 @@ def test_sweep_jobs_cannot_share_a_run_name(run, tmp_path):
     varied = run("-m", "run_name=exp_${hydra:job.num}", "method.learning_rate=1e-3,2e-3",
                  "dry_run=true", check=True)
     assert f"{tmp_path}/runs/exp_0" in varied.stdout and f"{tmp_path}/runs/exp_1" in varied.stdout
+
+
+def test_a_dry_run_leaves_nothing_behind(run, tmp_path):
+    result = run("dry_run=true")
+    assert result.returncode == 0 and "run directory" in result.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def _old_layout_run(tmp_path, name: str = "old"):
+    """A run recorded by an earlier lmalign (tests/fixtures/old_layout_run), without weights."""
+    run_dir = tmp_path / "runs" / name
+    shutil.copytree(FIXTURES / "old_layout_run", run_dir)
+    return run_dir
+
+
+def test_stage_eval_on_a_run_name_that_does_not_exist_names_the_runs_that_do(tmp_path,
+                                                                          lmalign_cache):
+    _old_layout_run(tmp_path)
+    result = lmalign("stage=eval", "run_name=olde", cwd=tmp_path, cache=lmalign_cache)
+    assert result.returncode == 2
+    (line,) = _errors(result)
+    assert line.startswith("error: run_name='olde': stage=eval evaluates a run; there is no run "
+                           "named 'olde'") and "the runs in runs: old;" in line
+    assert "fix: run_name=<one of them>" in line and "eval.checkpoints=[base]" in line
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["old"]
+
+
+def test_an_old_layout_record_is_read_with_the_keys_added_since_filled_in(tmp_path):
+    from lmalign import rundir
+
+    run_dir = _old_layout_run(tmp_path)
+    assert "padding_free" not in (run_dir / ".hydra" / "config.yaml").read_text()
+    config = rundir.saved_config(run_dir)
+    assert config.trains and config.run_name == "demo" and config.method.max_steps == 500
+    assert config.method.padding_free is False and config.cache.retries == 3  # filled
+    assert rundir.saved_overrides(run_dir) == ["run_name=demo"]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "done"

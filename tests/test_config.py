@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import typed_config
-from lmalign.cli import CONF_DIR
+from lmalign.config_tree import CONF_DIR
 
 GROUPS = ["model", "dataset", "method", "hardware", "eval", "logger"]
 # Options that only make sense with a partner choice.
@@ -64,7 +64,7 @@ def test_the_slurm_preset_asks_for_what_the_hardware_profile_runs():
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from lmalign.cli import register_resolvers
+    from lmalign.config_tree import register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()

@@ -58,19 +58,20 @@ def test_zero3_launch_file_gives_deepspeed_the_global_batch_for_8_processes():
 
 def test_launch_command_names_the_profile_file_and_adds_size_precision_rendezvous(tmp_path):
     config = typed_config("hardware=8gpu_fsdp")
-    args = launch.command(config, tmp_path, launch.Rendezvous(1, 0, "127.0.0.1", 29500))
+    args = launch.command(config, tmp_path, tmp_path / "handoff" / "train-1",
+                          launch.Rendezvous(1, 0, "127.0.0.1", 29500))
     text = shlex.join(args)
     assert "accelerate.commands.launch --config_file" in text and "launch/fsdp2.yaml" in text
     assert "--num_processes 8" in text and "--mixed_precision bf16" in text
-    assert "--main_process_port 29500" in text and args[-3:] == ["-m", "lmalign.worker",
-                                                                  str(tmp_path.resolve())]
+    assert "--main_process_port 29500" in text and args[-4:] == [
+        "-m", "lmalign.worker", str(tmp_path.resolve()), str(tmp_path / "handoff" / "train-1")]
 
 
 def test_two_nodes_meet_at_the_configured_or_slurm_rank_and_address(tmp_path):
     config = typed_config("hardware=8gpu_fsdp", "hardware.num_nodes=2", "hardware.world_size=16",
                           "hardware.per_device_batch_size=2", "hardware.node_rank=1",
                           "hardware.main_address=10.0.0.1")
-    text = shlex.join(launch.command(config, tmp_path))
+    text = shlex.join(launch.command(config, tmp_path, tmp_path / "handoff"))
     assert ("--num_processes 16 --num_machines 2 --machine_rank 1" in text
             and "--main_process_ip 10.0.0.1 --main_process_port 29500" in text)
     assert not launch.is_main_node(config.hardware)
@@ -185,6 +186,39 @@ def test_cpu_ddp_trains_sft_and_dpo_in_two_processes_and_evaluates(ddp_run, tmp_
     assert (dpo_dir / "final" / "model.safetensors").exists()
     record = json.loads((dpo_dir / "run.json").read_text())
     assert record["train"]["global_step"] == 10 and record["status"] == "done"
+
+
+@pytest.mark.slow
+def test_the_watcher_evaluates_in_the_processes_train_eval_uses_and_reuses_its_cells(
+        ddp_run, tmp_path, lmalign_cache):
+    import shutil
+
+    from lmalign.evaluation import cells
+
+    run_dir = tmp_path / "runs" / "ddp"
+    shutil.copytree(ddp_run[1], run_dir, ignore=shutil.ignore_patterns(
+        "checkpoint-20", "checkpoint-40"))
+    few_shot = ("hardware=cpu_ddp", "eval.tasks=[tiny_mc]", "eval.limit=40",
+                "eval.num_fewshot=2", "run_name=ddp")
+    lmalign("stage=eval", "eval.checkpoints=[final]", *few_shot, cwd=tmp_path,
+            cache=lmalign_cache, check=True)
+    (final_cell,) = [c.parent for c in (run_dir / "eval" / "final").glob(
+        f"*fs2*/{cells.CELL_RECORD}")]
+    final_record = (final_cell / cells.CELL_RECORD).read_text()
+    assert '"processes": 2' in final_record
+
+    watched = lmalign("stage=watch", "watch.poll_seconds=0.5", *few_shot, cwd=tmp_path,
+                      cache=lmalign_cache, check=True)
+    log = watched.stdout + watched.stderr
+    assert "eval final" not in log  # its cell is the one stage=eval wrote, found and kept
+    assert [c.parent for c in (run_dir / "eval" / "final").glob(
+        f"*fs2*/{cells.CELL_RECORD}")] == [final_cell]
+    assert (final_cell / cells.CELL_RECORD).read_text() == final_record
+    assert "evaluating in 2 processes" in log  # checkpoint-60, as train_eval would
+    (new_cell,) = (run_dir / "eval" / "checkpoint-60").glob(f"*fs2*/{cells.CELL_RECORD}")
+    assert '"processes": 2' in new_cell.read_text()
+    assert not (run_dir / "handoff").exists() or all(
+        "watch" in p.name or "eval" in p.name for p in (run_dir / "handoff").iterdir())
 
 
 def _rows(run_dir, checkpoint):

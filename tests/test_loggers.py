@@ -28,7 +28,7 @@ def test_wandb_logs_offline_and_no_secret_lands_in_the_run_directory(tmp_path, l
                      check=True)
     run_dir = tmp_path / "runs" / "secrets"
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert "***" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "***" in (run_dir / "record.yaml").read_text()
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert len(files) > 20
     for path in files:

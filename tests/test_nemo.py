@@ -228,9 +228,9 @@ def _stand_in_env(tmp_path) -> dict[str, str]:
 
 
 def test_eval_without_nemo_skills_exits_2_with_the_install_line(tmp_path, lmalign_cache):
-    result = lmalign("stage=eval", "eval=nemo", "eval.server=transformers",
-                     "eval.benchmarks=gsm8k", cwd=tmp_path, cache=lmalign_cache,
-                     env={"LMALIGN_NEMO_ENV": ""})
+    result = lmalign("stage=eval", "eval.checkpoints=[base]", "eval=nemo",
+                     "eval.server=transformers", "eval.benchmarks=gsm8k", cwd=tmp_path,
+                     cache=lmalign_cache, env={"LMALIGN_NEMO_ENV": ""})
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
     assert line.startswith("error: eval.nemo_env=") and "pip install git+https://github.com/" \

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import lmalign
+from conftest import FIXTURES, lmalign
 
 pytestmark = pytest.mark.slow
 DESIGN_COLUMNS = ["checkpoint", "step", "backend", "task", "metric", "num_fewshot", "eval_mode",
@@ -46,11 +48,12 @@ def test_training_beats_the_untrained_model_by_30_points(demo):
 
 def test_run_directory_holds_the_documented_files(demo):
     _, run_dir, _ = demo
-    for relative in (".hydra/config.yaml", "run.json", "metrics.csv", "final/config.json",
+    for relative in ("record.yaml", "lmalign.log", "run.json", "metrics.csv", "final/config.json",
                      "final/model.safetensors", "final/tokenizer.json",
                      "checkpoints/checkpoint-250/trainer_state.json",
                      "checkpoints/checkpoint-500/trainer_state.json"):
         assert (run_dir / relative).exists(), relative
+    assert not (run_dir / ".hydra").exists()  # the record is lmalign's, written after validation
     for checkpoint in ("base", "final"):
         (cell,) = (run_dir / "eval" / checkpoint).iterdir()
         assert (cell / "cell.json").exists() and list(cell.glob("results_*.json"))
@@ -131,7 +134,7 @@ def test_rerunning_the_same_command_skips_finished_work(demo, lmalign_cache):
 
 def test_stage_eval_on_the_run_adds_only_the_missing_cells(demo, lmalign_cache):
     _, run_dir, workdir = demo
-    training_record = (run_dir / ".hydra" / "config.yaml").read_text()
+    training_record = (run_dir / "record.yaml").read_text()
     result = lmalign("stage=eval", "run_name=demo", "eval.tasks=[tiny_mc]", "eval.limit=40",
                      "eval.num_fewshot=[0,2]", "eval.checkpoints=[checkpoint-250,final]",
                      "eval.log_samples=true", cwd=workdir, cache=lmalign_cache, check=True)
@@ -142,16 +145,76 @@ def test_stage_eval_on_the_run_adds_only_the_missing_cells(demo, lmalign_cache):
     (samples_cell,) = [c for c in (run_dir / "eval" / "final").iterdir()
                        if "fs2" in c.name]
     assert list(samples_cell.glob("samples_tiny_mc_*.jsonl"))
-    assert (run_dir / ".hydra" / "config.yaml").read_text() == training_record
-    assert (run_dir / ".hydra" / "eval" / "config.yaml").exists()
+    assert (run_dir / "record.yaml").read_text() == training_record
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "done" and record["attempts"][0]["stage"] == "train_eval"
+    (attempt,) = [a for a in record["attempts"] if a["stage"] == "eval"]
+    assert attempt["status"] == "done" and "eval.num_fewshot=[0,2]" in attempt["overrides"]
+    assert "eval final" in (run_dir / "lmalign-eval.log").read_text()
     assert "training" not in result.stderr.split("run directory")[-1].split("eval ")[0]
 
 
 def test_changing_training_settings_of_an_existing_run_is_refused(demo, lmalign_cache):
     _, run_dir, workdir = demo
-    record = (run_dir / ".hydra" / "config.yaml").read_text()
+    record = (run_dir / "record.yaml").read_text()
     result = lmalign("run_name=demo", "method.learning_rate=0.1", cwd=workdir,
                      cache=lmalign_cache)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: method.learning_rate=0.1" in result.stderr and "new run_name" in result.stderr
-    assert (run_dir / ".hydra" / "config.yaml").read_text() == record
+    assert (run_dir / "record.yaml").read_text() == record
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+def test_refused_commands_leave_every_file_of_a_trained_run_as_it_was(demo, tmp_path,
+                                                                      lmalign_cache):
+    from test_cli import ERROR_CASES
+
+    _, run_dir, _ = demo
+    shutil.copytree(run_dir, tmp_path / "runs" / "demo")
+    before = _files(tmp_path / "runs")
+
+    def attempt(case):
+        overrides, env = case
+        return lmalign(*overrides, "run_name=demo", cwd=tmp_path, cache=lmalign_cache, env=env)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(attempt, ERROR_CASES))
+    for (overrides, _), result in zip(ERROR_CASES, results):
+        assert result.returncode == 2, (overrides, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "error: " in result.stderr
+    assert _files(tmp_path / "runs") == before
+    assert not (tmp_path / "outputs").exists()
+    # The record still says what the run was: the first command is accepted as it was, and
+    # the run is still reported as done.
+    again = lmalign("run_name=demo", cwd=tmp_path, cache=lmalign_cache, check=True)
+    assert "training already finished" in again.stdout + again.stderr
+    report = lmalign("stage=report", "run_name=demo", cwd=tmp_path, cache=lmalign_cache,
+                     check=True)
+    assert "from 1 of 1 job(s)" in report.stdout and "failed" not in report.stdout
+
+
+def test_a_run_recorded_in_the_old_layout_works_with_eval_watch_report_and_init_from(
+        demo, tmp_path, lmalign_cache):
+    _, run_dir, _ = demo
+    old = tmp_path / "runs" / "old"
+    shutil.copytree(FIXTURES / "old_layout_run", old)
+    shutil.copytree(run_dir / "final", old / "final")  # the same command trained these weights
+
+    def run(*overrides):
+        result = lmalign(*overrides, cwd=tmp_path, cache=lmalign_cache, check=True)
+        return result.stdout + result.stderr
+
+    evaluated = run("stage=eval", "run_name=old")
+    assert "eval base: all cells done, skipping" in evaluated
+    assert "eval final: all cells done, skipping" in evaluated
+    assert "every checkpoint is evaluated" in run("stage=watch", "run_name=old")
+    assert "4 result row(s) from 1 of 1 job(s)" in run("stage=report", "run_name=old")
+    assert not (old / "record.yaml").exists()  # a later stage never rewrites a run's record
+    assert json.loads((old / "run.json").read_text())["status"] == "done"
+    child = run("run_name=child", "model.init_from=old", "method.max_steps=2", "eval=none")
+    assert "starting from" in child and "old/final" in child
+    assert (tmp_path / "runs" / "child" / "final" / "model.safetensors").exists()

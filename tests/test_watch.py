@@ -36,7 +36,7 @@ def test_watcher_beside_training_evaluates_every_checkpoint_once_across_a_restar
     training = lmalign_background(
         "stage=train", "run_name=w", "method.max_steps=60", "method.save_steps=15", "eval=none",
         "dataset.max_samples=4096", cwd=tmp_path, cache=lmalign_cache, log=tmp_path / "train.log")
-    _wait(lambda: (run_dir / ".hydra" / "config.yaml").exists(), "training to start")
+    _wait(lambda: (run_dir / "record.yaml").exists(), "training to start")
     first = lmalign_background(*WATCH, cwd=tmp_path, cache=lmalign_cache,
                                log=tmp_path / "watch1.log")
     _wait(lambda: _cells(run_dir) or first.poll() is not None, "a first evaluated checkpoint")
@@ -71,8 +71,8 @@ def test_checkpoints_removed_before_they_were_evaluated_are_reported_as_skipped(
     (run_dir / "eval" / "checkpoint-10" / "harness-fs0-0").mkdir(parents=True)  # evaluated
     reported: set[str] = set()
     with caplog.at_level(logging.WARNING):
-        watch._report_rotated(run_dir, {"save_steps": 10, "save_total_limit": 2}, reported)
-        watch._report_rotated(run_dir, {"save_steps": 10, "save_total_limit": 2}, reported)
+        watch._report_rotated(run_dir, 10, 2, reported)
+        watch._report_rotated(run_dir, 10, 2, reported)
     assert [r.getMessage() for r in caplog.records] == [
         "skipped checkpoint-20: training removed it before it could be evaluated "
         "(save_total_limit=2)"]  # once, however often the watcher looks

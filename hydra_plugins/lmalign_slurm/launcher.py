@@ -38,7 +38,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         import submitit
 
         from lmalign import callbacks, secrets
-        from lmalign.cli import refuse_shared_run_dirs
+        from lmalign.config_tree import refuse_shared_run_dirs
 
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
@@ -142,7 +142,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         """One job on the cluster: the config composed at submission, not the files now."""
         import submitit
 
-        from lmalign.cli import register_resolvers
+        from lmalign.config_tree import register_resolvers
         from lmalign.errors import JobFailed
 
         assert self.hydra_context is not None and self.task_function is not None

@@ -193,7 +193,7 @@ def _number(value: Any) -> float | None:
 
 
 def metric_rows(results: dict[str, Any], target: Target) -> list[dict[str, Any]]:
-    """DESIGN's metrics.csv rows from lm-eval's results (metric keys look like 'acc,none')."""
+    """metrics.csv rows (docs/design.md, Evaluation backends) from lm-eval's results (metric keys look like 'acc,none')."""
     rows = []
     # A grouped task's subtasks name their group, so summaries can break a group score down.
     parents = {child: group for group, children in results.get("group_subtasks", {}).items()

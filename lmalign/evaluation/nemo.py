@@ -6,7 +6,7 @@ jobs call whatever `python` is there. `ns eval` has exited 0 with incomplete out
 crash) and having done nothing (its environment not on PATH), so completion is judged by its
 files, never by its exit code: every `output*.jsonl` has its `.done` marker and `metrics.json`
 exists. metrics.json holds `{benchmark: {eval_mode: {metric: value}}}` with values in percent;
-lmalign's rows hold fractions (DESIGN: value in [0, 1] for every backend).
+lmalign's rows hold fractions (docs/design.md, Evaluation backends: value in [0, 1]).
 """
 
 from __future__ import annotations
