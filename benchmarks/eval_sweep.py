@@ -5,7 +5,7 @@
 For each model size (the embedded tiny model, and a random-initialised 106M-parameter Llama with
 SmolLM2-135M's layers, built from its seed like the tiny one), a short lmalign run saves C
 checkpoints. Then, on the same checkpoints, task (tiny_mc) and limit, in this one run:
-  - lmalign: `python -m lmalign stage=eval eval.checkpoints=all eval.num_fewshot=[...]`, one
+  - lmalign: `python -m lmalign stage=eval eval.checkpoints=all eval.harness.num_fewshot=[...]`, one
     process that loads each checkpoint once and builds one lm-eval task registry;
   - separate calls: `python -m lm_eval --model hf ...` once per checkpoint x few-shot value, as a
     bash loop would, each loading the model and scanning lm-eval's task configs again.
@@ -64,8 +64,9 @@ def measure(size: str, checkpoints: int, fewshot: list[int], limit: int, home: P
             cwd=home, cache=cache)
     run_dir = home / "runs" / size
     ours_s = lmalign("stage=eval", f"run_name={size}", "eval.checkpoints=all",
-                     f"eval.num_fewshot=[{','.join(map(str, fewshot))}]", f"eval.limit={limit}",
-                     f"eval.tasks=[{TASK}]", *model, cwd=home, cache=cache)
+                     f"eval.harness.num_fewshot=[{','.join(map(str, fewshot))}]",
+                     f"eval.harness.limit={limit}",
+                     f"eval.harness.tasks=[{TASK}]", *model, cwd=home, cache=cache)
     ours = {}
     for record in (run_dir / "eval").glob("checkpoint-*/*/cell.json"):
         cell = json.loads(record.read_text())

@@ -144,18 +144,18 @@ def plan(config: Config, planned: Manifest | None = None) -> Plan:
     if dataset:
         add(dataset)
     tasks: dict[str, list[str]] = {}
-    if config.eval.backend == "harness":
+    if config.eval.harness is not None:
         known = planned.tasks if planned else {}
-        for task in config.eval.tasks:
+        for task in config.eval.harness.tasks:
             if task in known and all(key in planned.items for key in known[task]):
                 tasks[task] = [add(planned.items[key]) for key in known[task]]
-        new = [task for task in config.eval.tasks if task not in tasks]
+        new = [task for task in config.eval.harness.tasks if task not in tasks]
         for task, needed in (task_items(new) if new else {}).items():
             tasks[task] = [add(item) for item in needed]
-    if config.eval.backend == "nemo":
+    if config.eval.nemo is not None:
         for item in nemo_items(config):
             add(item)
-        local.append("eval=nemo: NeMo-Skills' own environment (eval.nemo_env); install it on "
+        local.append("eval=nemo: NeMo-Skills' own environment (eval.nemo.nemo_env); install it on "
                      "the cluster too (README: NeMo-Skills)")
     return Plan(list(items.values()), tasks, local)
 
@@ -164,7 +164,7 @@ def nemo_items(config: Config) -> list[Item]:
     """Each NeMo-Skills benchmark's data, which `ns prepare_data` downloads."""
     from lmalign.evaluation import nemo
 
-    names = dict.fromkeys(b.name for b in nemo.parse_benchmarks(str(config.eval.benchmark_spec)))
+    names = dict.fromkeys(b.name for b in nemo.parse_benchmarks(config.eval.nemo.benchmark_spec))
     return [Item("nemo-benchmark", name, needed_by=["eval=nemo"]) for name in names]
 
 
@@ -442,7 +442,7 @@ def prepare(config: Config, cache_dir: Path) -> None:
         print(f"[{number}/{len(todo)}] {item.label}", flush=True)
         _remove_damaged(item, cache_dir)
         fetched = _fetch_with_retries(item, cache_dir, config.cache.retries,
-                                      config.eval.nemo_env)
+                                      config.eval.nemo.nemo_env if config.eval.nemo else None)
         with updating(cache_dir) as latest:  # each item is kept as soon as it is fetched
             latest.items[fetched.key] = fetched
     with updating(cache_dir) as manifest:
@@ -728,14 +728,14 @@ def offline_problems(config: Config, overrides: list[str]) -> list[str]:
                         "a cache that stage=cache_prepare filled", f"on a connected machine: "
                         f"{command}, then copy {cache_dir} here")]
     training = config.trains
-    evaluating = config.evaluates or (config.stage == "watch" and config.eval.backend != "none")
+    evaluating = config.evaluates or (config.stage == "watch" and bool(config.eval.backends))
     needed = [(("model.init_from", config.model.init_from) if config.model.init_from else
                ("model.name_or_path", config.model.name_or_path), item)
               for item in model_items(config, [], training or config.stage != "eval", evaluating)]
     if training and (dataset := training_dataset_item(config, [])):
         needed.append((("dataset.path", config.dataset.path), dataset))
-    if evaluating and config.eval.backend == "nemo":
-        needed += [(("eval.benchmarks", item.repo), item) for item in nemo_items(config)]
+    if evaluating and config.eval.nemo is not None:
+        needed += [(("eval.nemo.benchmarks", item.repo), item) for item in nemo_items(config)]
     problems = []
     for (key, value), item in needed:
         kept = manifest.items.get(item.key)
@@ -745,10 +745,11 @@ def offline_problems(config: Config, overrides: list[str]) -> list[str]:
                                     f"{cache_dir} ({why})", "what stage=cache_prepare fetched",
                                     f"on a connected machine: {command}, then copy the cache "
                                     "here"))
-    for task in config.eval.tasks if evaluating and config.eval.backend == "harness" else []:
+    for task in (config.eval.harness.tasks if evaluating and config.eval.harness is not None
+                 else []):
         if task not in manifest.tasks:
-            problems.append(problem("eval.tasks", task, f"not planned into the offline cache "
-                                    f"{cache_dir}", "tasks whose datasets stage=cache_prepare "
+            problems.append(problem("eval.harness.tasks", task, "not planned into the offline "
+                                    f"cache {cache_dir}", "tasks whose datasets stage=cache_prepare "
                                     "fetched", f"on a connected machine: {command}, then copy "
                                     "the cache here"))
             continue
@@ -756,8 +757,8 @@ def offline_problems(config: Config, overrides: list[str]) -> list[str]:
             kept = manifest.items.get(key)
             why = "; ".join(_damage(kept, cache_dir)) if kept else "not in its manifest"
             if why:
-                problems.append(problem("eval.tasks", task, f"{kept.label if kept else key} is "
-                                        f"not usable in the offline cache {cache_dir} ({why})",
+                problems.append(problem("eval.harness.tasks", task,
+                                        f"{kept.label if kept else key} is not usable in the offline cache {cache_dir} ({why})",
                                         "what stage=cache_prepare fetched", f"on a connected "
                                         f"machine: {command}, then copy the cache here"))
     return problems

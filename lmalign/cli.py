@@ -229,14 +229,44 @@ def _suggest_keys(problems: list[str], keys: list[str], cfg: DictConfig | None) 
     if cfg is None:
         return
     for key in keys:
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        if not isinstance(node, DictConfig):
-            continue
-        known = [str(k) for k in node.keys() if not str(k).startswith("_")]
-        match = difflib.get_close_matches(leaf, known, n=1)
         for i, line in enumerate(problems):
             if line.startswith(f"{key}=") or line.startswith(f"+{key}="):
-                hint = f"did you mean {parent + '.' if parent else ''}{match[0]}?" if match \
-                    else f"use one of {', '.join(known)}"
-                problems[i] = f"{line}; allowed: the keys of {parent or 'the config'}; fix: {hint}"
+                problems[i] = f"{line}; {_eval_key_hint(line, key, cfg) or _key_hint(key, cfg)}"
+
+
+def _key_hint(key: str, cfg: DictConfig) -> str:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return "allowed: the keys of the config; fix: check the key's spelling"
+    known = [str(k) for k in node.keys() if not str(k).startswith("_")]
+    match = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"did you mean {parent + '.' if parent else ''}{match[0]}?" if match \
+        else f"use one of {', '.join(known)}"
+    return f"allowed: the keys of {parent or 'the config'}; fix: {hint}"
+
+
+def _eval_key_hint(line: str, key: str, cfg: DictConfig) -> str | None:
+    """Evaluation settings live under their backend (eval.harness.tasks, eval.nemo.benchmarks):
+    an old flat key, or a key of a backend the command did not select."""
+    import dataclasses
+
+    from lmalign.schema import BACKENDS, HarnessConfig, NemoConfig
+
+    parts = key.split(".")
+    if parts[0] != "eval" or len(parts) < 2:
+        return None
+    value = line.split("=", 1)[1].split(": no such key")[0]
+    selected = [b for b in BACKENDS if b in cfg.eval]
+    if parts[1] in BACKENDS:  # a backend that is not selected
+        backend = parts[1]
+        wanted = "[" + ",".join(selected + [backend]) + "]"
+        return (f"allowed: eval.{backend}.* once eval selects {backend} (selected: "
+                f"{', '.join(selected) or 'none'}); fix: 'eval={wanted}', or eval={backend}")
+    for backend, schema in (("harness", HarnessConfig), ("nemo", NemoConfig)):
+        if parts[1] in {f.name for f in dataclasses.fields(schema)}:
+            moved = ".".join(["eval", backend, *parts[1:]])
+            select = "" if backend in selected else f"eval={backend} "
+            return (f"allowed: evaluation settings under their backend (eval.{backend}.*); "
+                    f"fix: {select}{moved}={value}")
+    return None

@@ -1,4 +1,5 @@
-"""User errors: one `error:` line per problem, exit status 2, no traceback (docs/design.md, Errors and exit codes)."""
+"""User errors: one `error:` line per problem, exit status 2, no traceback (docs/design.md,
+Errors and exit codes)."""
 
 from __future__ import annotations
 

@@ -61,27 +61,34 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
     rows += memory.describe(config, memory.estimate(config, meta))
     if launch.needs_workers(hardware):
         rows.append(("launch", launch.shell_command(
-            hardware, launch.command(config, run_dir, Path(run_dir) / launch.HANDOFF_DIR / "<invocation>",
-                           _meeting(hardware)))))
+            hardware, launch.command(config, run_dir,
+                                     Path(run_dir) / launch.HANDOFF_DIR / "<invocation>",
+                                     _meeting(hardware)))))
     else:
         rows.append(("launch", "in this process"))
-    if config.eval.backend != "none":
-        rows.append(_eval_row(config))
+    rows += _eval_rows(config)
     return _table(rows)
 
 
-def _eval_row(config: Config) -> tuple[str, str]:
+def _eval_rows(config: Config) -> list[tuple[str, str]]:
+    """One row per selected backend, then what they share: which checkpoints or revisions."""
     evaluation = config.eval
-    if evaluation.backend == "nemo":
-        return ("eval", f"nemo: NeMo-Skills {evaluation.benchmark_spec} through a "
-                f"{evaluation.server} server ({evaluation.server_address or '127.0.0.1'}), "
-                f"inference {evaluation.inference}; checkpoints {evaluation.checkpoint_selectors}"
-                + (f"; judge {evaluation.judge.model or evaluation.judge.server_address}"
-                   if evaluation.judge and evaluation.judge.chosen else ""))
-    return ("eval", f"{evaluation.backend}: {', '.join(evaluation.tasks)}; few-shot "
-            f"{evaluation.fewshot_values}; " + (f"revisions {evaluation.revisions}"
-            if evaluation.revisions else f"checkpoints {evaluation.checkpoint_selectors}")
-            + ("; per-sample logs" if evaluation.log_samples else ""))
+    rows = []
+    if evaluation.nemo is not None:
+        nemo = evaluation.nemo
+        rows.append(("eval", f"nemo: NeMo-Skills {nemo.benchmark_spec} through a {nemo.server} "
+                     f"server ({nemo.server_address or '127.0.0.1'}), inference {nemo.inference}"
+                     + (f"; judge {nemo.judge.model or nemo.judge.server_address}"
+                        if nemo.judge.chosen else "")))
+    if evaluation.harness is not None:
+        harness = evaluation.harness
+        rows.append(("eval", f"harness: {', '.join(harness.tasks)}; few-shot "
+                     f"{harness.fewshot_values}"
+                     + ("; per-sample logs" if harness.log_samples else "")))
+    if rows:
+        rows.append(("evaluates", f"revisions {evaluation.revisions}" if evaluation.revisions
+                     else f"checkpoints {evaluation.checkpoint_selectors}"))
+    return sorted(rows, key=lambda row: row[0] != "eval" or not row[1].startswith("harness"))
 
 
 def _evaluation_rows(config: Config, meta, total: int) -> list[tuple[str, str]]:
@@ -90,13 +97,15 @@ def _evaluation_rows(config: Config, meta, total: int) -> list[tuple[str, str]]:
     rows = [("parameters", f"{total:,}"),
             ("hardware", f"{hardware.name}: {hardware.accelerator}, weights "
              f"{models.torch_dtype(config.model, hardware)}".replace("torch.", ""))]
-    if config.eval.backend != "none" and config.stage != "report":
+    if config.eval.backends and config.stage != "report":
         rows.append(("memory", f"{memory.gib(memory.inference_weights(config, total))} of "
                      "weights per loaded model, before activations and lm-eval's batches"))
         targets = len(config.eval.revisions) or len(config.eval.checkpoint_selectors)
-        rows.append(_eval_row(config))
-        rows.append(("cells", f"{targets} model(s) x {len(config.eval.fewshot_values)} few-shot "
-                     f"value(s), each model loaded once"))
+        rows += _eval_rows(config)
+        if config.eval.harness is not None:
+            rows.append(("cells", f"{targets} model(s) x "
+                         f"{len(config.eval.harness.fewshot_values)} few-shot value(s), each "
+                         "model loaded once"))
     return rows
 
 

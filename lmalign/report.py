@@ -78,7 +78,7 @@ EXPECTED_JOBS = "expected.json"
 SUMMARY_COLUMNS = ["job", "overrides", "checkpoint", "step", "backend", "task", "group", "metric",
                    "num_fewshot", "eval_mode", "value", "stderr", "run_dir", "cell"]
 # Keys whose values are a plot's x axis or its lines, not separate experiments.
-_AXIS_KEYS = ("eval.num_fewshot", "eval.checkpoints", "eval.revisions", "model.revision")
+_AXIS_KEYS = ("eval.harness.num_fewshot", "eval.checkpoints", "eval.revisions", "model.revision")
 
 
 @dataclass(frozen=True)

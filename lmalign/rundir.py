@@ -295,8 +295,27 @@ def _migrate_v1(folder: Path) -> dict[str, Any]:
         choices = {str(k): str(v) for k, v in (found or {}).items() if v is not None}
     overrides = OmegaConf.load(folder / "overrides.yaml") \
         if (folder / "overrides.yaml").exists() else []
-    return {"path": folder / "config.yaml", "config": config, "choices": choices,
-            "overrides": [str(o) for o in overrides]}
+    return {"path": folder / "config.yaml", "config": _nest_eval_keys(config),
+            "choices": choices, "overrides": [str(o) for o in overrides]}
+
+
+def _nest_eval_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """record_version 1 kept one backend's keys flat in `eval` (eval.backend, eval.tasks, ...);
+    version 2 keeps what backends share at the root and each backend's block under its name."""
+    import dataclasses
+
+    from lmalign.schema import HarnessConfig, NemoConfig
+
+    flat = dict(config.get("eval") or {})
+    if "backend" not in flat:
+        return config
+    backend = flat.pop("backend")
+    nested = {key: flat[key] for key in ("checkpoints", "revisions", "seed") if key in flat}
+    for name, schema in (("harness", HarnessConfig), ("nemo", NemoConfig)):
+        if backend == name:
+            nested[name] = {f.name: flat[f.name] for f in dataclasses.fields(schema)
+                            if f.name in flat}
+    return {**config, "eval": nested}
 
 
 def _fill_missing(schema: type, recorded: Any, defaults: Any) -> Any:

@@ -171,40 +171,18 @@ class JudgeConfig:
 
 
 @dataclass(config=STRICT)
-class EvalConfig:
-    backend: Literal["harness", "nemo", "none"]
+class HarnessConfig:
+    """eval.harness: lm-evaluation-harness tasks (conf/eval/harness.yaml)."""
+
     tasks: list[str]
     num_fewshot: int | list[int]
     limit: int | float | None
     batch_size: int
-    # base = the starting model; final = the trained model; latest / all / checkpoint-<step>;
-    # one value or a list (a comma sweep of single values makes one job each)
-    checkpoints: str | int | list[str | int]
-    # Hub revisions of the model to evaluate, e.g. [step-125000, step-250000]: one load each.
-    revisions: list[str]
     apply_chat_template: bool
     # Few-shot examples as earlier chat turns; null: with the chat template, as lm-eval does.
     fewshot_as_multiturn: bool | None
     log_samples: bool
     gen_kwargs: dict[str, Any]
-    seed: int
-    # eval=nemo only (conf/eval/nemo.yaml sets them): NeMo-Skills benchmarks through a server.
-    # NeMo-Skills' names, :4 = 4 sampled runs: [gsm8k:4,ifeval], or its own "gsm8k:4,ifeval"
-    benchmarks: str | list[str] | None = None
-    server: Literal["vllm", "sglang", "transformers", "external"] | None = None
-    server_address: str | None = None  # server=external: its OpenAI base URL (.../v1)
-    server_startup_timeout_s: float | None = None
-    nemo_env: str | None = None  # NeMo-Skills' own virtualenv (it pins datasets<4)
-    inference: dict[str, Any] | None = None  # ++inference.<key>=<value>: temperature, top_p, ...
-    nemo_args: list[str] | None = None  # more `ns eval` arguments, e.g. ['++max_samples=20']
-    judge: JudgeConfig | None = None
-
-    @property
-    def benchmark_spec(self) -> str | None:
-        """The benchmarks in NeMo-Skills' one-string form: gsm8k:4,ifeval."""
-        if isinstance(self.benchmarks, list):
-            return ",".join(str(b) for b in self.benchmarks)
-        return self.benchmarks
 
     @property
     def fewshot_values(self) -> list[int]:
@@ -215,6 +193,51 @@ class EvalConfig:
         if self.fewshot_as_multiturn is None:
             return self.apply_chat_template
         return self.fewshot_as_multiturn
+
+
+@dataclass(config=STRICT)
+class NemoConfig:
+    """eval.nemo: NeMo-Skills benchmarks through a managed inference server
+    (conf/eval/nemo.yaml)."""
+
+    # NeMo-Skills' names, :4 = 4 sampled runs: [gsm8k:4,ifeval], or its own "gsm8k:4,ifeval"
+    benchmarks: str | list[str]
+    server: Literal["vllm", "sglang", "transformers", "external"]
+    server_address: str | None  # server=external: its OpenAI base URL (.../v1)
+    server_startup_timeout_s: float
+    nemo_env: str | None  # NeMo-Skills' own virtualenv (it pins datasets<4)
+    inference: dict[str, Any]  # ++inference.<key>=<value>: temperature, top_p, ...
+    nemo_args: list[str]  # more `ns eval` arguments, e.g. ['++max_samples=20']
+    judge: JudgeConfig
+
+    @property
+    def benchmark_spec(self) -> str:
+        """The benchmarks in NeMo-Skills' one-string form: gsm8k:4,ifeval."""
+        if isinstance(self.benchmarks, list):
+            return ",".join(str(b) for b in self.benchmarks)
+        return self.benchmarks
+
+
+BACKENDS = ("harness", "nemo")  # in the order a job evaluates them
+
+
+@dataclass(config=STRICT)
+class EvalConfig:
+    """What every backend shares; each selected backend's block under its own key
+    (`eval=harness`, `eval=nemo`, `'eval=[harness,nemo]'`; `eval=none` selects none)."""
+
+    # base = the starting model; final = the trained model; latest / all / checkpoint-<step>;
+    # one value or a list (a comma sweep of single values makes one job each)
+    checkpoints: str | int | list[str | int]
+    # Hub revisions of the model to evaluate, e.g. [step-125000, step-250000]: one load each.
+    revisions: list[str]
+    seed: int
+    harness: HarnessConfig | None = None
+    nemo: NemoConfig | None = None
+
+    @property
+    def backends(self) -> list[str]:
+        return [name for name in BACKENDS if getattr(self, name) is not None]
 
     @property
     def checkpoint_selectors(self) -> list[str]:
@@ -290,7 +313,7 @@ class Config:
 
     @property
     def evaluates(self) -> bool:
-        return self.stage in ("train_eval", "eval") and self.eval.backend != "none"
+        return self.stage in ("train_eval", "eval") and bool(self.eval.backends)
 
     @property
     def loads_weights(self) -> bool:

@@ -192,9 +192,10 @@ def catch_stop_signals() -> None:
 
 
 class StopOnSignal(TrainerCallback):
-    """The signal policy (docs/design.md, Launch and signals): SIGTERM, SIGUSR1 or SIGUSR2 (what SLURM and submitit send before a
-    preemption or time limit) make every rank save a checkpoint at the next step boundary and stop.
-    Ranks agree through an all-reduce, so a signal that reaches one rank stops them all together."""
+    """The signal policy (docs/design.md, Launch and signals): SIGTERM, SIGUSR1 or SIGUSR2
+    (what SLURM and submitit send before a preemption or time limit) make every rank save a
+    checkpoint at the next step boundary and stop. Ranks agree through an all-reduce, so a
+    signal that reaches one rank stops them all together."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 

@@ -19,7 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 from lmalign import models
 from lmalign.launch import launch_file, rendezvous_problems
 from lmalign.errors import UserError, problem
-from lmalign.schema import Config
+from lmalign.schema import Config, EvalConfig, HarnessConfig, NemoConfig
 
 log = logging.getLogger(__name__)
 LAUNCHER_OPTIONS = Path(__file__).resolve().parent.parent / "conf" / "hydra" / "launcher"
@@ -32,7 +32,8 @@ def validate(container: dict[str, Any], check_environment: bool = True,
     """Typed Config from a resolved config dict, or UserError listing every problem.
 
     explicit_keys: the keys the user set on the command line. What this machine cannot do is an
-    error for those and an announced fallback for profile defaults (docs/design.md, Errors and exit codes).
+    error for those and an announced fallback for profile defaults (docs/design.md, Errors and
+    exit codes).
     """
     try:
         config = TypeAdapter(Config).validate_python(container)
@@ -296,25 +297,7 @@ def check_combinations(config: Config) -> list[str]:
             "hardware.precision", "fp16", "fp16 mixed precision needs a GPU",
             "fp32 or bf16 on CPU", "hardware.precision=fp32"))
 
-    problems += _nemo_problems(evaluation)
-    if evaluation.backend != "none":
-        if evaluation.backend == "harness" and not evaluation.tasks:
-            problems.append(problem("eval.tasks", [], "no tasks to evaluate",
-                                    "lm-eval task or group names", "eval.tasks=[tiny_mc]"))
-        bad = [c for c in evaluation.checkpoint_selectors if not CHECKPOINT_SELECTOR.match(c)]
-        if bad:
-            problems.append(problem(
-                "eval.checkpoints", bad, "unknown checkpoint selector",
-                "base, final, latest, all, checkpoint-<step> or <step>",
-                "eval.checkpoints=[base,final]"))
-        if evaluation.fewshot_as_multiturn and not evaluation.apply_chat_template:
-            problems.append(problem(
-                "eval.fewshot_as_multiturn", True, "few-shot turns need the chat template",
-                "true only with eval.apply_chat_template=true", "eval.fewshot_as_multiturn=null"))
-        if any(n < 0 for n in evaluation.fewshot_values):
-            problems.append(problem("eval.num_fewshot", evaluation.num_fewshot, "negative",
-                                    "0 or more, or a list of them", "eval.num_fewshot=0"))
-
+    problems += _eval_problems(evaluation)
     if config.eval.revisions and (config.model.source != "pretrained" or config.model.init_from
                                   or config.stage != "eval"):
         problems.append(problem(
@@ -344,33 +327,57 @@ def check_combinations(config: Config) -> list[str]:
     return problems
 
 
-NEMO_KEYS = ("benchmarks", "server", "server_address", "server_startup_timeout_s", "nemo_env",
-             "inference", "nemo_args", "judge")
+def _eval_problems(evaluation: EvalConfig) -> list[str]:
+    """The shared evaluation keys, then each selected backend's block."""
+    problems = []
+    if evaluation.backends:
+        bad = [c for c in evaluation.checkpoint_selectors if not CHECKPOINT_SELECTOR.match(c)]
+        if bad:
+            problems.append(problem(
+                "eval.checkpoints", bad, "unknown checkpoint selector",
+                "base, final, latest, all, checkpoint-<step> or <step>",
+                "eval.checkpoints=[base,final]"))
+    if evaluation.harness is not None:
+        problems += _harness_problems(evaluation.harness)
+    if evaluation.nemo is not None:
+        problems += _nemo_problems(evaluation.nemo)
+    return problems
 
 
-def _nemo_problems(evaluation) -> list[str]:
-    if evaluation.backend != "nemo":
-        return [problem(f"eval.{key}", getattr(evaluation, key), "a NeMo-Skills setting",
-                        "only with eval=nemo", f"eval=nemo, or drop eval.{key}")
-                for key in NEMO_KEYS if getattr(evaluation, key) is not None]
-    from lmalign.evaluation import nemo
+def _harness_problems(harness: HarnessConfig) -> list[str]:
+    problems = []
+    if not harness.tasks:
+        problems.append(problem("eval.harness.tasks", [], "no tasks to evaluate",
+                                "lm-eval task or group names", "eval.harness.tasks=[tiny_mc]"))
+    if harness.fewshot_as_multiturn and not harness.apply_chat_template:
+        problems.append(problem(
+            "eval.harness.fewshot_as_multiturn", True, "few-shot turns need the chat template",
+            "true only with eval.harness.apply_chat_template=true",
+            "eval.harness.fewshot_as_multiturn=null"))
+    if any(n < 0 for n in harness.fewshot_values):
+        problems.append(problem("eval.harness.num_fewshot", harness.num_fewshot, "negative",
+                                "0 or more, or a list of them", "eval.harness.num_fewshot=0"))
+    return problems
+
+
+def _nemo_problems(nemo: NemoConfig) -> list[str]:
+    from lmalign.evaluation import nemo as backend
 
     problems = []
-    if not evaluation.benchmarks:
-        problems.append(problem("eval.benchmarks", evaluation.benchmarks, "no benchmarks",
-                                "NeMo-Skills benchmarks", "eval.benchmarks=[gsm8k:4,ifeval]"))
+    if not nemo.benchmarks:
+        problems.append(problem("eval.nemo.benchmarks", nemo.benchmarks, "no benchmarks",
+                                "NeMo-Skills benchmarks",
+                                "eval.nemo.benchmarks=[gsm8k:4,ifeval]"))
     else:
         try:
-            nemo.parse_benchmarks(evaluation.benchmark_spec)
+            backend.parse_benchmarks(nemo.benchmark_spec)
         except UserError as exc:
             problems += exc.problems
-    if evaluation.server is None:
-        problems.append(problem("eval.server", None, "eval=nemo needs an inference server",
-                                "vllm, sglang, transformers or external", "eval.server=vllm"))
-    if evaluation.server == "external" and not evaluation.server_address:
-        problems.append(problem("eval.server_address", None, "eval.server=external sends the "
-                                "benchmarks' requests to a server you run", "its OpenAI base "
-                                "URL", "eval.server_address=http://<host>:8000/v1"))
+    if nemo.server == "external" and not nemo.server_address:
+        problems.append(problem("eval.nemo.server_address", None, "eval.nemo.server=external "
+                                "sends the benchmarks' requests to a server you run",
+                                "its OpenAI base URL",
+                                "eval.nemo.server_address=http://<host>:8000/v1"))
     return problems
 
 

@@ -1,8 +1,8 @@
 """stage=watch: evaluate a training run's checkpoints as they appear, beside the training.
 
 The watcher polls the run directory, evaluates each new complete checkpoint (and final/ at the
-end) in the cells of the run directory (docs/design.md, Run directory), rebuilds metrics.csv and the plots, and exits when
-the training run has ended. It writes only cells, metrics.csv and plots/, never the training's
+end) in the cells of the run directory (docs/design.md, Run directory), rebuilds metrics.csv
+and the plots, and exits when the training run has ended. It writes only cells, metrics.csv and plots/, never the training's
 run.json, so it can be killed and restarted at any time: finished cells are skipped.
 """
 
@@ -131,8 +131,7 @@ def _training_ended(run_dir: Path) -> str | None:
 
 
 def _done(target: Target, config: Config, run_dir: Path) -> bool:
-    return all(cells.is_complete(cell, need_samples=config.eval.log_samples)
-               for cell in evaluation.requested_cells([target], config, run_dir))
+    return not evaluation.missing_cells([target], config, run_dir)
 
 
 def _evaluate(target: Target, config: Config, run_dir: Path, model: ModelConfig,

@@ -32,7 +32,7 @@ def default_run(tmp_path_factory, lmalign_cache):
 # SFT in 2 processes (DDP over gloo), saving every 20 steps: the local reference that runs on
 # SLURM (tests/test_slurm.py) must reproduce weight for weight.
 DDP_TRAINING = ("hardware=cpu_ddp", "method.max_steps=60", "method.save_steps=20",
-                "dataset.max_samples=1024", "eval.limit=40")
+                "dataset.max_samples=1024", "eval.harness.limit=40")
 
 
 @pytest.fixture(scope="session")

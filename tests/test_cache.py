@@ -21,12 +21,12 @@ from hub_server import HubServer, write_parquet_dataset_repo
 RUN = ("model=tiny", "model.source=pretrained", "model.name_or_path=lmalign-test/tiny",
        "model.revision=main", "dataset=tulu3_sft_mixture", "dataset.path=lmalign-test/tiny-chat",
        "dataset.eval_size=0", "method.max_steps=3", "method.eval_steps=null",
-       "eval.tasks=[arc_easy,tiny_mc]", "eval.limit=8", "eval.apply_chat_template=false")
+       "eval.harness.tasks=[arc_easy,tiny_mc]", "eval.harness.limit=8", "eval.harness.apply_chat_template=false")
 
 
 def test_plan_expands_lm_eval_groups_without_network(tmp_path, lmalign_cache):
     cache, log = tmp_path / "cache", tmp_path / "network.log"
-    result = lmalign("stage=cache_plan", "eval.tasks=[mmlu,hellaswag,arc_easy]",
+    result = lmalign("stage=cache_plan", "eval.harness.tasks=[mmlu,hellaswag,arc_easy]",
                      "model=smollm2_1.7b", f"cache.dir={cache}", cwd=tmp_path,
                      cache=lmalign_cache, env=guarded(log), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -187,7 +187,7 @@ def test_offline_run_trains_and_evaluates_from_the_cache_alone(cluster_cache, tm
 
 def test_offline_run_missing_from_the_cache_exits_2_naming_the_prepare(cluster_cache, tmp_path,
                                                                        lmalign_cache):
-    result = lmalign("stage=eval", "model=smollm2_1.7b", "eval.tasks=[arc_easy]", "offline=true",
+    result = lmalign("stage=eval", "model=smollm2_1.7b", "eval.harness.tasks=[arc_easy]", "offline=true",
                      f"cache.dir={cluster_cache}", cwd=tmp_path, cache=lmalign_cache,
                      timeout=60)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -197,7 +197,7 @@ def test_offline_run_missing_from_the_cache_exits_2_naming_the_prepare(cluster_c
     # The fix is the prepare of this very run: its overrides, less offline, stage and cache.dir.
     assert errors[0].endswith(f"fix: on a connected machine: python -m lmalign stage=cache_prepare"
                               f" cache.dir={cluster_cache} model=smollm2_1.7b "
-                              "eval.tasks=[arc_easy], then copy the cache here")
+                              "eval.harness.tasks=[arc_easy], then copy the cache here")
 
 
 def test_verify_warns_of_a_datasets_version_unlike_the_one_that_wrote_the_cache():

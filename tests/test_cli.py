@@ -21,8 +21,8 @@ ERROR_CASES = [
     (("model=smollm2_135m",), {"HF_HUB_OFFLINE": "1"}),
     (("model=foo", "method.learning_rate=abc", "hardware.precision=fp64",
       "method.learning_rat=3"), {}),
-    (("eval.tasks=[hellaswagg]",), {}),
-    (("stage=eval", "eval.tasks=[hellaswg]"), {}),
+    (("eval.harness.tasks=[hellaswagg]",), {}),
+    (("stage=eval", "eval.harness.tasks=[hellaswg]"), {}),
     (("stage=eval", "eval.checkpoints=[checkpoint-7]"), {}),
     (("stage=merge",), {}),
     (("dataset=local",), {}),
@@ -101,11 +101,26 @@ def test_all_problems_are_reported_together(run):
 
 
 def test_unknown_task_is_caught_before_training(run):
-    result = run("eval.tasks=[hellaswagg]", "run_name=t")
+    result = run("eval.harness.tasks=[hellaswagg]", "run_name=t")
     assert result.returncode == 2
     (line,) = _errors(result)
-    assert "hellaswagg" in line and "eval.tasks=[hellaswag]" in line
+    assert "hellaswagg" in line and "eval.harness.tasks=[hellaswag]" in line
     assert "training" not in result.stdout + result.stderr
+
+
+def test_an_evaluation_key_of_the_old_flat_layout_names_its_new_place(run):
+    result = run("eval.tasks=[tiny_mc]", "eval.benchmarks=[gsm8k]", "eval=none",
+                 "eval.harness.limit=3")
+    assert result.returncode == 2
+    lines = _errors(result)
+    assert lines[0] == ("error: eval.tasks=[tiny_mc]: no such key; allowed: evaluation settings "
+                        "under their backend (eval.harness.*); fix: eval=harness "
+                        "eval.harness.tasks=[tiny_mc]")
+    assert lines[1].endswith("fix: eval=nemo eval.nemo.benchmarks=[gsm8k]")
+    assert lines[2].startswith("error: eval.harness.limit=3: no such key; allowed: eval.harness.* "
+                               "once eval selects harness (selected: none); fix: "
+                               "'eval=[harness]', or eval=harness")
+    assert len(lines) == 3
 
 
 def test_help_still_works(run):

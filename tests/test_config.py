@@ -52,8 +52,8 @@ def test_each_option_file_opens_with_the_command_that_uses_it():
 def test_defaults_are_the_tiny_demo():
     config = typed_config()
     assert (config.model.name, config.dataset.name, config.method.name, config.hardware.name,
-            config.eval.backend, config.logger.name, config.stage) == (
-        "tiny", "tiny_sft", "sft", "cpu", "harness", "none", "train_eval")
+            config.eval.backends, config.logger.name, config.stage) == (
+        "tiny", "tiny_sft", "sft", "cpu", ["harness"], "none", "train_eval")
     # The tiny specialisation applies to the tiny model only: real models keep sft.yaml's rate.
     assert config.method.learning_rate == pytest.approx(2e-3)
     assert typed_config("model=smollm2_135m").method.learning_rate == pytest.approx(2e-5)

@@ -15,7 +15,7 @@ ARMS = ["method_comparison-sft", "method_comparison-lora", "method_comparison-pr
 @pytest.mark.slow
 def test_method_comparison_prints_one_table_of_all_four_methods(tmp_path, lmalign_cache):
     # Short arms: what each method learns is tested in test_methods.py.
-    result = lmalign("+experiment=method_comparison", "method.max_steps=20", "eval.limit=40",
+    result = lmalign("+experiment=method_comparison", "method.max_steps=20", "eval.harness.limit=40",
                      "dataset.max_samples=1024", cwd=tmp_path, cache=lmalign_cache, check=True)
     out = result.stdout
     header = next(line for line in out.splitlines() if line.startswith("| run "))
@@ -59,7 +59,8 @@ def test_intermediate_checkpoints_recipe_plans_revisions_by_tasks_offline(tmp_pa
     plan = result.stdout
     assert "SmolLM2-1.7B-intermediate-checkpoints" in plan and "stage          eval" in plan
     assert "mmlu" in plan and "boolq" in plan and "few-shot [0, 5]" in plan
-    assert "revisions ['step-125000', 'step-250000', 'step-500000']; per-sample logs" in plan
+    assert "few-shot [0, 5]; per-sample logs" in plan
+    assert "evaluates      revisions ['step-125000', 'step-250000', 'step-500000']" in plan
     assert "3 model(s) x 2 few-shot value(s), each model loaded once" in plan
     assert "3.19 GiB of weights per loaded model" in plan and "optimizer" not in plan
 

@@ -160,7 +160,7 @@ def test_gpu_profiles_plan_with_memory_within_15_percent_of_accelerate(tmp_path)
 @pytest.mark.slow
 def test_cpu_ddp_trains_sft_and_dpo_in_two_processes_and_evaluates(ddp_run, tmp_path,
                                                                     lmalign_cache):
-    short = ("dataset.max_samples=1024", "eval.limit=40")
+    short = ("dataset.max_samples=1024", "eval.harness.limit=40")
     sft, run_dir = ddp_run
     log = sft.stdout + sft.stderr
     assert "launching 2 worker processes (ddp)" in log
@@ -198,8 +198,8 @@ def test_the_watcher_evaluates_in_the_processes_train_eval_uses_and_reuses_its_c
     run_dir = tmp_path / "runs" / "ddp"
     shutil.copytree(ddp_run[1], run_dir, ignore=shutil.ignore_patterns(
         "checkpoint-20", "checkpoint-40"))
-    few_shot = ("hardware=cpu_ddp", "eval.tasks=[tiny_mc]", "eval.limit=40",
-                "eval.num_fewshot=2", "run_name=ddp")
+    few_shot = ("hardware=cpu_ddp", "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=40",
+                "eval.harness.num_fewshot=2", "run_name=ddp")
     lmalign("stage=eval", "eval.checkpoints=[final]", *few_shot, cwd=tmp_path,
             cache=lmalign_cache, check=True)
     (final_cell,) = [c.parent for c in (run_dir / "eval" / "final").glob(

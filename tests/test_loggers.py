@@ -23,8 +23,8 @@ def test_wandb_logs_offline_and_no_secret_lands_in_the_run_directory(tmp_path, l
                  "OPENAI_API_KEY": "sk-SENTINEL0003"}
     override_secret = "hf_SENTINELoverride0004"
     result = lmalign("run_name=secrets", "logger=wandb", "logger.mode=offline",
-                     f"+secrets.HF_TOKEN={override_secret}", "eval.tasks=[tiny_mc]",
-                     "eval.limit=8", *SHORT, cwd=tmp_path, cache=lmalign_cache, env=sentinels,
+                     f"+secrets.HF_TOKEN={override_secret}", "eval.harness.tasks=[tiny_mc]",
+                     "eval.harness.limit=8", *SHORT, cwd=tmp_path, cache=lmalign_cache, env=sentinels,
                      check=True)
     run_dir = tmp_path / "runs" / "secrets"
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -82,7 +82,7 @@ def _metric(run_dir: Path, checkpoint: str, task: str) -> float:
 
 @pytest.fixture(scope="module")
 def lora_run(runs, lmalign_cache):
-    result = lmalign("run_name=lora", "method=lora", "eval.tasks=[tiny_mc]",
+    result = lmalign("run_name=lora", "method=lora", "eval.harness.tasks=[tiny_mc]",
                      "method.max_steps=250", "method.eval_steps=null", cwd=runs,
                      cache=lmalign_cache, check=True)
     return runs / "runs" / "lora", result.stdout + result.stderr
@@ -132,7 +132,7 @@ def test_dpo_on_a_lora_sft_adapter_continues_it_against_a_frozen_copy(lora_run, 
 def sft_run(default_run, runs, lmalign_cache):
     """The default SFT (the README's main job), copied here and scored on tiny_prefs."""
     shutil.copytree(default_run[1], runs / "runs" / "sft")
-    lmalign("stage=eval", "run_name=sft", "eval.tasks=[tiny_prefs]", cwd=runs,
+    lmalign("stage=eval", "run_name=sft", "eval.harness.tasks=[tiny_prefs]", cwd=runs,
             cache=lmalign_cache, check=True)
     return runs / "runs" / "sft"
 
@@ -142,7 +142,7 @@ def test_dpo_after_sft_learns_the_preference_the_sft_data_ignored(sft_run, runs,
     """Scored by the policy's own log-likelihood on held-out pairs (lm-eval's tiny_prefs), not by
     TRL's reward accuracy."""
     result = lmalign("run_name=dpo", "method=dpo", "dataset=tiny_prefs", "model.init_from=sft",
-                     "eval.tasks=[tiny_prefs]", "method.eval_steps=null", cwd=runs,
+                     "eval.harness.tasks=[tiny_prefs]", "method.eval_steps=null", cwd=runs,
                      cache=lmalign_cache, check=True)
     dpo_dir = runs / "runs" / "dpo"
     sft_score = _metric(sft_run, "final", "tiny_prefs")

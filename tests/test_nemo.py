@@ -62,13 +62,13 @@ def test_fewer_runs_than_asked_is_incomplete():
 def test_benchmark_syntax_is_nemo_skills_own():
     assert nemo.parse_benchmarks("gsm8k:4,ifeval") == [nemo.Benchmark("gsm8k", 4),
                                                        nemo.Benchmark("ifeval", None)]
-    with pytest.raises(UserError, match=r"eval.benchmarks='gsm8k:x': cannot read 'gsm8k:x'.*"
-                       r"fix: eval.benchmarks=\[gsm8k:4,ifeval\]"):
+    with pytest.raises(UserError, match=r"eval.nemo.benchmarks='gsm8k:x': cannot read 'gsm8k:x'.*"
+                       r"fix: eval.nemo.benchmarks=\[gsm8k:4,ifeval\]"):
         nemo.parse_benchmarks("gsm8k:x")
     # On the command line a list (a bare comma would be a sweep); both forms are one cell.
-    as_list = _nemo_config("eval.benchmarks=[gsm8k:4,ifeval]").eval
-    as_string = _nemo_config("eval.benchmarks='gsm8k:4, ifeval'").eval
-    assert as_list.benchmark_spec == "gsm8k:4,ifeval"
+    as_list = _nemo_config("eval.nemo.benchmarks=[gsm8k:4,ifeval]").eval
+    as_string = _nemo_config("eval.nemo.benchmarks='gsm8k:4, ifeval'").eval
+    assert as_list.nemo.benchmark_spec == "gsm8k:4,ifeval"
     assert nemo.settings(as_list) == nemo.settings(as_string)
 
 
@@ -87,9 +87,9 @@ def test_command_uses_the_flags_of_the_recorded_commands_and_typer_027_spelling(
 
 
 def test_missing_nemo_skills_is_one_line_saying_how_to_install(tmp_path):
-    with pytest.raises(UserError, match=r"eval.nemo_env=None: eval=nemo needs NeMo-Skills' own "
+    with pytest.raises(UserError, match=r"eval.nemo.nemo_env=None: eval=nemo needs NeMo-Skills' own "
                        r"environment.*fix: python -m venv .*pip install git\+https://github.com/"
-                       r"NVIDIA-NeMo/Skills.git.*eval.nemo_env="):
+                       r"NVIDIA-NeMo/Skills.git.*eval.nemo.nemo_env="):
         nemo.ns_executable(None)
     with pytest.raises(UserError, match=r"NeMo-Skills is not installed there"):
         nemo.ns_executable(str(tmp_path))
@@ -106,29 +106,29 @@ def test_judge_settings_name_the_key_variable_never_the_key(tmp_path):
 
 
 def _nemo_config(*overrides: str):
-    return typed_config("stage=eval", "eval=nemo", "eval.server=transformers",
-                        f"eval.nemo_env={STAND_IN}", *overrides)
+    return typed_config("stage=eval", "eval=nemo", "eval.nemo.server=transformers",
+                        f"eval.nemo.nemo_env={STAND_IN}", *overrides)
 
 
 def test_an_unknown_benchmark_is_refused_with_the_ones_nemo_skills_has():
-    with pytest.raises(UserError, match=r"eval.benchmarks='gsm9k': not a benchmark of the "
+    with pytest.raises(UserError, match=r"eval.nemo.benchmarks='gsm9k': not a benchmark of the "
                        r"NeMo-Skills in .*nemo_stand_in; allowed: arena-hard, gsm8k, human-eval"):
-        nemo.check(_nemo_config("eval.benchmarks=[gsm9k,gsm8k]").eval)
+        nemo.check(_nemo_config("eval.nemo.benchmarks=[gsm9k,gsm8k]").eval)
 
 
 def test_a_judged_benchmark_without_its_api_key_is_refused_before_anything_runs(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(UserError, match=r"eval.judge.api_key_env='OPENAI_API_KEY': arena-hard "
+    with pytest.raises(UserError, match=r"eval.nemo.judge.api_key_env='OPENAI_API_KEY': arena-hard "
                        r"is judged by gpt-4.1, whose API key NeMo-Skills reads from "
                        r"\$OPENAI_API_KEY, which is not set.*fix: export OPENAI_API_KEY=<key>, "
                        r"or \+secrets.OPENAI_API_KEY=<key>"):
-        nemo.check(_nemo_config("eval.benchmarks=arena-hard").eval)
+        nemo.check(_nemo_config("eval.nemo.benchmarks=arena-hard").eval)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789")
-    nemo.check(_nemo_config("eval.benchmarks=arena-hard").eval)
-    with pytest.raises(UserError, match=r"eval.judge.api_key_env='TEAM_JUDGE_KEY': gsm8k is "
+    nemo.check(_nemo_config("eval.nemo.benchmarks=arena-hard").eval)
+    with pytest.raises(UserError, match=r"eval.nemo.judge.api_key_env='TEAM_JUDGE_KEY': gsm8k is "
                        r"judged by my-judge"):  # any benchmark is judged once a judge is set
-        nemo.check(_nemo_config("eval.benchmarks=gsm8k", "eval.judge.model=my-judge",
-                                "eval.judge.api_key_env=TEAM_JUDGE_KEY").eval)
+        nemo.check(_nemo_config("eval.nemo.benchmarks=gsm8k", "eval.nemo.judge.model=my-judge",
+                                "eval.nemo.judge.api_key_env=TEAM_JUDGE_KEY").eval)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,12 +156,12 @@ def test_a_lora_adapter_is_served_by_vllm_and_sglang_as_an_adapter(lora_adapter,
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     config = _nemo_config()
     target = Target("checkpoint-5", 5, str(adapter))
-    vllm = nemo.served_model(target, _nemo_config("eval.server=vllm").eval, config.model,
+    vllm = nemo.served_model(target, _nemo_config("eval.nemo.server=vllm").eval, config.model,
                              config.hardware, tmp_path)
     assert vllm.name == "lmalign-checkpoint-5" and vllm.launch.model == base
     assert vllm.launch.extra_args == ("--enable-lora", "--lora-modules",
                                       f"lmalign-checkpoint-5={adapter}", "--max-lora-rank", "8")
-    sglang = nemo.served_model(target, _nemo_config("eval.server=sglang").eval, config.model,
+    sglang = nemo.served_model(target, _nemo_config("eval.nemo.server=sglang").eval, config.model,
                                config.hardware, tmp_path)
     assert sglang.launch.extra_args == ("--lora-paths", f"lmalign-checkpoint-5={adapter}")
     assert not list(tmp_path.iterdir())  # nothing merged for servers that take adapters
@@ -194,7 +194,7 @@ def test_a_hub_revision_is_served_from_its_snapshot_in_the_hub_cache(tmp_path):
     script = (  # huggingface_hub reads HF_ENDPOINT when imported: a process of its own
         "import sys; sys.path.insert(0, sys.argv[1]); from conftest import typed_config\n"
         "from lmalign.evaluation import nemo; from lmalign.evaluation.cells import Target\n"
-        "config = typed_config('stage=eval', 'eval=nemo', 'eval.server=vllm')\n"
+        "config = typed_config('stage=eval', 'eval=nemo', 'eval.nemo.server=vllm')\n"
         "served = nemo.served_model(Target('main', None, 'lmalign-test/tiny', 'main'), "
         "config.eval, config.model, config.hardware, None)\n"
         "print(served.launch.model, served.name)")
@@ -213,8 +213,8 @@ def test_a_hub_revision_is_served_from_its_snapshot_in_the_hub_cache(tmp_path):
 # End to end: `python -m lmalign ... eval=nemo` with a real transformers server on the tiny model
 # and the stand-in `ns` (tests/nemo_stand_in) replaying the real output trees.
 
-NEMO = ("stage=eval", "run_name=sft", "eval=nemo", "eval.server=transformers",
-        "eval.checkpoints=[final]", f"eval.nemo_env={STAND_IN}")
+NEMO = ("stage=eval", "run_name=sft", "eval=nemo", "eval.nemo.server=transformers",
+        "eval.checkpoints=[final]", f"eval.nemo.nemo_env={STAND_IN}")
 
 
 @pytest.fixture
@@ -229,11 +229,11 @@ def _stand_in_env(tmp_path) -> dict[str, str]:
 
 def test_eval_without_nemo_skills_exits_2_with_the_install_line(tmp_path, lmalign_cache):
     result = lmalign("stage=eval", "eval.checkpoints=[base]", "eval=nemo",
-                     "eval.server=transformers", "eval.benchmarks=gsm8k", cwd=tmp_path,
+                     "eval.nemo.server=transformers", "eval.nemo.benchmarks=gsm8k", cwd=tmp_path,
                      cache=lmalign_cache, env={"LMALIGN_NEMO_ENV": ""})
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
-    assert line.startswith("error: eval.nemo_env=") and "pip install git+https://github.com/" \
+    assert line.startswith("error: eval.nemo.nemo_env=") and "pip install git+https://github.com/" \
         "NVIDIA-NeMo/Skills.git" in line
 
 
@@ -245,7 +245,7 @@ def test_offline_from_prepared_benchmark_data_cells_land_in_metrics_csv_and_a_re
     nemo_env = tmp_path / "nemo-env"  # ns prepare_data writes into its environment: a copy
     shutil.copytree(STAND_IN, nemo_env)
     env, lmalign_dir = _stand_in_env(tmp_path), tmp_path / "lmalign-cache"
-    request = (*NEMO, "eval.benchmarks=gsm8k:2", f"eval.nemo_env={nemo_env}",
+    request = (*NEMO, "eval.nemo.benchmarks=gsm8k:2", f"eval.nemo.nemo_env={nemo_env}",
                f"cache.dir={lmalign_dir}")
     for name, value in env.items():  # plan and prepare run here; the evaluations as a user's
         monkeypatch.setenv(name, value)
@@ -288,10 +288,38 @@ def test_offline_from_prepared_benchmark_data_cells_land_in_metrics_csv_and_a_re
         cache.verify(lmalign_dir)
 
 
+def test_harness_and_nemo_compose_in_one_job_each_under_its_own_key():
+    config = typed_config("eval=[harness,nemo]", "eval.harness.tasks=[tiny_mc]",
+                          "eval.nemo.benchmarks=[gsm8k]", "eval.nemo.server=transformers")
+    assert config.eval.backends == ["harness", "nemo"] and config.evaluates
+    assert config.eval.harness.tasks == ["tiny_mc"] and config.eval.nemo.benchmark_spec == "gsm8k"
+    assert typed_config("eval=none").eval.backends == [] and not typed_config("eval=none").evaluates
+    assert typed_config("eval=nemo").eval.harness is None  # no keys of the other backend
+
+
+@pytest.mark.slow
+def test_harness_and_nemo_in_one_job_write_both_backends_cells_into_one_metrics_csv(
+        trained, tmp_path, lmalign_cache):
+    result = lmalign("stage=eval", "run_name=sft", "eval=[harness,nemo]",
+                     "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=20",
+                     "eval.nemo.benchmarks=[gsm8k]", "eval.nemo.server=transformers",
+                     f"eval.nemo.nemo_env={STAND_IN}", "eval.checkpoints=[final]",
+                     cwd=tmp_path, cache=lmalign_cache, env=_stand_in_env(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    final = sorted(p.name.split("-")[0] for p in (trained / "eval" / "final").iterdir())
+    assert final == ["harness", "harness", "nemo"]  # the training's cell, this limit's, nemo's
+    with open(trained / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["backend"] for r in rows if r["checkpoint"] == "final"} == {"harness", "nemo"}
+    assert {r["task"] for r in rows if r["backend"] == "nemo"} == {"gsm8k"}
+    record = json.loads((trained / "run.json").read_text())
+    assert record["attempts"][-1]["status"] == "done" and record["status"] == "done"
+
+
 @pytest.mark.slow
 def test_a_benchmark_ns_left_incomplete_fails_the_job_and_writes_no_cell(trained, tmp_path,
                                                                          lmalign_cache):
-    result = lmalign(*NEMO, "eval.benchmarks=human-eval", cwd=tmp_path, cache=lmalign_cache,
+    result = lmalign(*NEMO, "eval.nemo.benchmarks=human-eval", cwd=tmp_path, cache=lmalign_cache,
                      env=_stand_in_env(tmp_path), timeout=300)
     assert result.returncode == 1
     assert "error: eval final: NeMo-Skills did not complete human-eval (missing " \
@@ -301,10 +329,10 @@ def test_a_benchmark_ns_left_incomplete_fails_the_job_and_writes_no_cell(trained
 
 
 SECRET = "judge-key-5f3a9c1e7b"
-JUDGED = ("eval=nemo", "eval.server=transformers", "eval.benchmarks=gsm8k",
-          f"eval.nemo_env={STAND_IN}", "eval.judge.model=judge-7b",
-          "eval.judge.server_type=openai", "eval.judge.server_address=http://127.0.0.1:9/v1",
-          "eval.judge.api_key_env=LMALIGN_TEST_JUDGE_KEY")
+JUDGED = ("eval=nemo", "eval.nemo.server=transformers", "eval.nemo.benchmarks=gsm8k",
+          f"eval.nemo.nemo_env={STAND_IN}", "eval.nemo.judge.model=judge-7b",
+          "eval.nemo.judge.server_type=openai", "eval.nemo.judge.server_address=http://127.0.0.1:9/v1",
+          "eval.nemo.judge.api_key_env=LMALIGN_TEST_JUDGE_KEY")
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from lmalign import report
 from lmalign.evaluation import cells, harness
 from lmalign.evaluation.cells import Target
 
-TASK = ("eval.tasks=[tiny_mc]",)
+TASK = ("eval.harness.tasks=[tiny_mc]",)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_checkpoints_by_fewshot_resume_after_a_kill_and_equal_the_lm_eval_cli(
         trained, lmalign_cache):
     run_dir = trained / "runs" / "r"
     request = ("stage=eval", "run_name=r", "eval.checkpoints=[all,final]",
-               "eval.num_fewshot=[0,2]", "eval.limit=20", *TASK)
+               "eval.harness.num_fewshot=[0,2]", "eval.harness.limit=20", *TASK)
     killed = lmalign_background(*request, cwd=trained, cache=lmalign_cache,
                                 log=trained / "killed.log")
     deadline = time.monotonic() + 300
@@ -85,17 +85,17 @@ def test_checkpoints_by_fewshot_resume_after_a_kill_and_equal_the_lm_eval_cli(
 @pytest.mark.slow
 def test_a_sweep_is_collated_with_its_failed_job_named(trained, lmalign_cache):
     run_dir = trained / "runs" / "r"
-    request = ("stage=eval", "run_name=r", "eval.limit=10", *TASK)
+    request = ("stage=eval", "run_name=r", "eval.harness.limit=10", *TASK)
     # Job 3 (checkpoint 20, 2-shot) fails: something that is not a cell sits where its cell goes.
-    settings = harness.settings(typed_config(*request, "eval.num_fewshot=2").eval, 2)
+    settings = harness.settings(typed_config(*request, "eval.harness.num_fewshot=2").eval, 2)
     blocker = cells.cell_dir(run_dir, Target("checkpoint-20", 20, ""), settings)
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_text("not a cell")
 
-    result = lmalign("-m", *request, "eval.checkpoints=10,20", "eval.num_fewshot=0,2",
+    result = lmalign("-m", *request, "eval.checkpoints=10,20", "eval.harness.num_fewshot=0,2",
                      "hydra.sweep.dir=sweep", cwd=trained, cache=lmalign_cache)
     assert result.returncode == 1
-    assert re.search(r"job 3 \(.*eval.checkpoints=20 eval.num_fewshot=2\): failed",
+    assert re.search(r"job 3 \(.*eval.checkpoints=20 eval.harness.num_fewshot=2\): failed",
                      result.stdout), result.stdout[-3000:]
     sweep = trained / "sweep"
     with open(sweep / report.SUMMARY_CSV) as handle:
@@ -104,8 +104,8 @@ def test_a_sweep_is_collated_with_its_failed_job_named(trained, lmalign_cache):
         ("0", "checkpoint-10", "0"), ("1", "checkpoint-10", "2"), ("2", "checkpoint-20", "0")]
     summary = (sweep / report.SUMMARY_MD).read_text()
     assert "4 job(s): 3 done, 1 failed." in summary
-    assert "| 3 | stage=eval run_name=r eval.limit=10 eval.tasks=[tiny_mc] " \
-           "eval.checkpoints=20 eval.num_fewshot=2 | failed (" in summary
+    assert "| 3 | stage=eval run_name=r eval.harness.limit=10 eval.harness.tasks=[tiny_mc] " \
+           "eval.checkpoints=20 eval.harness.num_fewshot=2 | failed (" in summary
     assert (sweep / report.PLOTS_DIR / "tiny_mc_acc_none.png").exists()
     lmalign("stage=report", "report.dir=sweep", "report.pack=true", cwd=trained,
             cache=lmalign_cache, check=True)
@@ -125,7 +125,7 @@ def test_a_sweep_is_collated_with_its_failed_job_named(trained, lmalign_cache):
 
 @pytest.mark.slow
 def test_a_grouped_task_is_collated_with_its_subtasks(tmp_path, lmalign_cache):
-    lmalign("stage=eval", "run_name=g", "eval.tasks=[tiny_suite]", "eval.limit=10",
+    lmalign("stage=eval", "run_name=g", "eval.harness.tasks=[tiny_suite]", "eval.harness.limit=10",
             cwd=tmp_path, cache=lmalign_cache, check=True)
     run_dir = tmp_path / "runs" / "g"
     with open(run_dir / cells.METRICS_CSV) as handle:

@@ -135,9 +135,9 @@ def test_rerunning_the_same_command_skips_finished_work(demo, lmalign_cache):
 def test_stage_eval_on_the_run_adds_only_the_missing_cells(demo, lmalign_cache):
     _, run_dir, workdir = demo
     training_record = (run_dir / "record.yaml").read_text()
-    result = lmalign("stage=eval", "run_name=demo", "eval.tasks=[tiny_mc]", "eval.limit=40",
-                     "eval.num_fewshot=[0,2]", "eval.checkpoints=[checkpoint-250,final]",
-                     "eval.log_samples=true", cwd=workdir, cache=lmalign_cache, check=True)
+    result = lmalign("stage=eval", "run_name=demo", "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=40",
+                     "eval.harness.num_fewshot=[0,2]", "eval.checkpoints=[checkpoint-250,final]",
+                     "eval.harness.log_samples=true", cwd=workdir, cache=lmalign_cache, check=True)
     rows = _metrics(run_dir)
     assert _value(rows, "checkpoint-250", "tiny_mc", "acc", "2") >= 0
     assert {r["num_fewshot"] for r in rows if r["checkpoint"] == "final"} == {"0", "2"}
@@ -149,7 +149,7 @@ def test_stage_eval_on_the_run_adds_only_the_missing_cells(demo, lmalign_cache):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "done" and record["attempts"][0]["stage"] == "train_eval"
     (attempt,) = [a for a in record["attempts"] if a["stage"] == "eval"]
-    assert attempt["status"] == "done" and "eval.num_fewshot=[0,2]" in attempt["overrides"]
+    assert attempt["status"] == "done" and "eval.harness.num_fewshot=[0,2]" in attempt["overrides"]
     assert "eval final" in (run_dir / "lmalign-eval.log").read_text()
     assert "training" not in result.stderr.split("run directory")[-1].split("eval ")[0]
 

@@ -145,8 +145,8 @@ def test_an_eval_sweep_on_slurm_gives_the_summary_of_the_local_launcher(
         two_nodes, workdir, lmalign_cache):
     shutil.copytree(two_nodes[1], workdir / "runs" / "local_copy")
     # One job per checkpoint, each scoring both few-shot counts (a list runs inside a job).
-    sweep = ("stage=eval", "eval.checkpoints=20,40", "eval.num_fewshot=[0,2]", "hardware=cpu",
-             "eval.tasks=[tiny_mc]", "eval.limit=20")
+    sweep = ("stage=eval", "eval.checkpoints=20,40", "eval.harness.num_fewshot=[0,2]", "hardware=cpu",
+             "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=20")
     on_slurm = lmalign(SLURM, "run_name=two_nodes", *sweep, "hydra.sweep.dir=sweeps/slurm",
                        cwd=workdir, cache=lmalign_cache, check=True)
     assert len(_slurm_ids(on_slurm.stdout + on_slurm.stderr)) == 2
@@ -294,7 +294,7 @@ def test_no_secret_lands_in_what_a_slurm_submission_writes(held, workdir):
 def test_the_watcher_submits_each_checkpoint_as_its_own_slurm_job(held, workdir, lmalign_cache):
     run_dir, _ = held
     result = lmalign("stage=watch", "run_name=held", "watch.submit_to=slurm", "hardware=cpu",
-                     "eval.tasks=[tiny_mc]", "eval.limit=20", "watch.poll_seconds=1",
+                     "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=20", "watch.poll_seconds=1",
                      cwd=workdir, cache=lmalign_cache, check=True)
     labels = ["checkpoint-2", "checkpoint-3", "final"]  # trainer saves the last step too
     for label in labels:

@@ -39,11 +39,11 @@ def test_unknown_peft_kind_lists_the_allowed_ones():
 
 
 def test_fewshot_turns_without_the_chat_template_are_refused():
-    with pytest.raises(UserError, match=r"eval.fewshot_as_multiturn=True: few-shot turns need the "
-                       r"chat template.*fix: eval.fewshot_as_multiturn=null"):
-        typed_config("eval.apply_chat_template=false", "eval.fewshot_as_multiturn=true")
-    assert typed_config().eval.multiturn  # null follows the chat template, as lm-eval does
-    assert not typed_config("eval.apply_chat_template=false").eval.multiturn
+    with pytest.raises(UserError, match=r"eval.harness.fewshot_as_multiturn=True: few-shot turns need the "
+                       r"chat template.*fix: eval.harness.fewshot_as_multiturn=null"):
+        typed_config("eval.harness.apply_chat_template=false", "eval.harness.fewshot_as_multiturn=true")
+    assert typed_config().eval.harness.multiturn  # null follows the chat template, as lm-eval does
+    assert not typed_config("eval.harness.apply_chat_template=false").eval.harness.multiturn
 
 
 def test_watch_needs_a_run_and_report_a_directory():

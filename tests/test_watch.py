@@ -13,7 +13,7 @@ from conftest import lmalign, lmalign_background
 from lmalign import report, watch
 from lmalign.evaluation import cells
 
-WATCH = ("stage=watch", "run_name=w", "eval.tasks=[tiny_mc]", "eval.limit=40",
+WATCH = ("stage=watch", "run_name=w", "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=40",
          "watch.poll_seconds=0.5")
 
 

@@ -10,58 +10,87 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from lmalign.errors import UserError
+from lmalign.evaluation import cells
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, EvalConfig, ModelConfig
 
 
 def check(evaluation: EvalConfig) -> None:
-    """Before anything trains or loads: the tasks exist, the backend is installed."""
-    if evaluation.backend == "nemo":
-        from lmalign.evaluation import nemo
+    """Before anything trains or loads: each selected backend's tasks exist and it is installed.
+    Every backend's problems are reported together."""
+    problems: list[str] = []
+    for backend in evaluation.backends:
+        try:
+            if backend == "nemo":
+                from lmalign.evaluation import nemo
 
-        nemo.check(evaluation)
-    else:
-        from lmalign.evaluation import harness
+                nemo.check(evaluation)
+            else:
+                from lmalign.evaluation import harness
 
-        harness.check_tasks(evaluation.tasks)
+                harness.check_tasks(evaluation.harness.tasks)
+        except UserError as exc:
+            problems += exc.problems
+    if problems:
+        raise UserError(problems)
 
 
 def requested_cells(targets: list[Target], config: Config, run_dir: Path) -> list[Path]:
-    """The cells these targets need. The process count is part of a few-shot cell's identity
-    (it changes which examples each request sees), so it comes from the hardware profile."""
-    if config.eval.backend == "nemo":
+    """The cells these targets need, every selected backend's. The process count is part of a
+    few-shot cell's identity (it changes which examples each request sees), so it comes from the
+    hardware profile."""
+    found: list[Path] = []
+    if config.eval.harness is not None:
+        from lmalign import launch
+        from lmalign.evaluation import harness
+
+        found += harness.requested_cells(targets, config.eval, run_dir,
+                                         launch.evaluation_processes(config.hardware))
+    if config.eval.nemo is not None:
         from lmalign.evaluation import nemo
 
-        return nemo.requested_cells(targets, config.eval, run_dir)
-    from lmalign import launch
-    from lmalign.evaluation import harness
+        found += nemo.requested_cells(targets, config.eval, run_dir)
+    return found
 
-    return harness.requested_cells(targets, config.eval, run_dir,
-                                   launch.evaluation_processes(config.hardware))
+
+def missing_cells(targets: list[Target], config: Config, run_dir: Path) -> list[Path]:
+    """The requested cells not finished yet (a harness cell asked for per-sample logs needs
+    them too)."""
+    need_samples = config.eval.harness is not None and config.eval.harness.log_samples
+    return [cell for cell in requested_cells(targets, config, run_dir)
+            if not cells.is_complete(cell, need_samples=need_samples
+                                     and cell.name.startswith("harness"))]
 
 
 def evaluate(targets: list[Target], config: Config, run_dir: Path, model: ModelConfig) -> None:
-    """Evaluate every missing cell of these targets. model: the model the run started from (a
-    checkpoint's base, for adapters and tokenizers)."""
+    """Evaluate every missing cell of these targets with each selected backend in turn. model:
+    the model the run started from (a checkpoint's base, for adapters and tokenizers)."""
     from lmalign import launch
 
-    if config.eval.backend == "nemo":  # the server takes the GPUs; ns runs on the CPU
+    if config.eval.harness is not None:
+        if launch.evaluation_processes(config.hardware) > 1:
+            from pydantic import TypeAdapter
+
+            launch.evaluate_in_workers(config, run_dir, {
+                "targets": [dataclasses.asdict(t) for t in targets],
+                "model": TypeAdapter(ModelConfig).dump_python(model, mode="json")})
+        else:
+            from lmalign.evaluation import harness
+
+            harness.evaluate(targets, config.eval, run_dir, model, config.hardware)
+    if config.eval.nemo is not None:  # the server takes the GPUs; ns runs on the CPU
         from lmalign.evaluation import nemo
 
         nemo.evaluate(targets, config.eval, run_dir, model, config.hardware, config.cache.dir)
-    elif launch.evaluation_processes(config.hardware) > 1:
-        from pydantic import TypeAdapter
-
-        launch.evaluate_in_workers(config, run_dir, {
-            "targets": [dataclasses.asdict(t) for t in targets],
-            "model": TypeAdapter(ModelConfig).dump_python(model, mode="json")})
-    else:
-        from lmalign.evaluation import harness
-
-        harness.evaluate(targets, config.eval, run_dir, model, config.hardware)
 
 
 def describe(evaluation: EvalConfig) -> str:
-    if evaluation.backend == "nemo":
-        return f"NeMo-Skills {evaluation.benchmark_spec} ({evaluation.server} server)"
-    return f"{','.join(evaluation.tasks)}, few-shot {evaluation.fewshot_values}"
+    parts = []
+    if evaluation.harness is not None:
+        parts.append(f"{','.join(evaluation.harness.tasks)}, few-shot "
+                     f"{evaluation.harness.fewshot_values}")
+    if evaluation.nemo is not None:
+        parts.append(f"NeMo-Skills {evaluation.nemo.benchmark_spec} "
+                     f"({evaluation.nemo.server} server)")
+    return " and ".join(parts)

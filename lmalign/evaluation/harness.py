@@ -66,10 +66,10 @@ def check_tasks(tasks: list[str]) -> None:
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise UserError([problem(
-            "eval.tasks", name, "not an lm-eval task or group", "lm-eval task/group names "
+            "eval.harness.tasks", name, "not an lm-eval task or group", "lm-eval task/group names "
             "(`lm-eval ls tasks`) and lmalign's tiny_mc, tiny_gen",
-            "eval.tasks=[" + ",".join(difflib.get_close_matches(name, known, n=1) or ["tiny_mc"])
-            + "]") for name in unknown])
+            "eval.harness.tasks=["
+            + ",".join(difflib.get_close_matches(name, known, n=1) or ["tiny_mc"]) + "]") for name in unknown])
 
 
 def settings(evaluation: EvalConfig, num_fewshot: int, processes: int = 1) -> dict[str, Any]:
@@ -77,10 +77,11 @@ def settings(evaluation: EvalConfig, num_fewshot: int, processes: int = 1) -> di
     lm-eval draws each document's few-shot examples from a per-process random stream, so the
     process count changes few-shot results (measured: tiny_mc 2-shot 0.133 over 2 processes,
     0.167 in one) and is part of those cells."""
-    found = {"backend": "harness", "tasks": sorted(evaluation.tasks), "num_fewshot": num_fewshot,
-             "limit": evaluation.limit, "apply_chat_template": evaluation.apply_chat_template,
-             "fewshot_as_multiturn": evaluation.multiturn,
-             "gen_kwargs": dict(evaluation.gen_kwargs), "seed": evaluation.seed}
+    harness = evaluation.harness
+    found = {"backend": "harness", "tasks": sorted(harness.tasks), "num_fewshot": num_fewshot,
+             "limit": harness.limit, "apply_chat_template": harness.apply_chat_template,
+             "fewshot_as_multiturn": harness.multiturn,
+             "gen_kwargs": dict(harness.gen_kwargs), "seed": evaluation.seed}
     if processes > 1 and num_fewshot > 0:
         found["processes"] = processes
     return found
@@ -89,7 +90,7 @@ def settings(evaluation: EvalConfig, num_fewshot: int, processes: int = 1) -> di
 def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
                     processes: int = 1) -> list[Path]:
     return [cells.cell_dir(run_dir, target, settings(evaluation, n, processes))
-            for target in targets for n in evaluation.fewshot_values]
+            for target in targets for n in evaluation.harness.fewshot_values]
 
 
 def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model: ModelConfig,
@@ -98,9 +99,9 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model
     several processes, every process runs this together and the main one writes the cells."""
     # Decided once, before any cell is written, so that every process works through the same list.
     processes = accelerator.num_processes if accelerator else 1
-    plan = [(target, [n for n in evaluation.fewshot_values if not cells.is_complete(
+    plan = [(target, [n for n in evaluation.harness.fewshot_values if not cells.is_complete(
         cells.cell_dir(run_dir, target, settings(evaluation, n, processes)),
-        need_samples=evaluation.log_samples)]) for target in targets]
+        need_samples=evaluation.harness.log_samples)]) for target in targets]
     for target, pending in plan:
         if not pending:
             log.info("eval %s: all cells done, skipping", target.label)
@@ -110,7 +111,7 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model
         if hardware.accelerator == "cuda" and model.quantization == "none":
             # HFLM evaluates a loaded model where it lies; quantized ones are placed on loading.
             loaded.to(accelerator.device if accelerator else "cuda")
-        lm = harness_model(loaded, tokenizer, evaluation.batch_size, accelerator)
+        lm = harness_model(loaded, tokenizer, evaluation.harness.batch_size, accelerator)
         for num_fewshot in pending:
             _evaluate_cell(target, lm, evaluation, num_fewshot, run_dir)
         del lm, loaded
@@ -144,15 +145,15 @@ def _evaluate_cell(target: Target, lm, evaluation: EvalConfig, num_fewshot: int,
 
     cell_settings = settings(evaluation, num_fewshot, lm.world_size)
     cell = cells.cell_dir(run_dir, target, cell_settings)
-    log.info("eval %s: %s, %d-shot -> %s", target.label, ",".join(evaluation.tasks), num_fewshot,
-             cell.relative_to(run_dir))
+    log.info("eval %s: %s, %d-shot -> %s", target.label, ",".join(evaluation.harness.tasks),
+             num_fewshot, cell.relative_to(run_dir))
     if lm.rank != 0:  # a share of the requests; the main process gathers them and writes
         _simple_evaluate(lm, evaluation, num_fewshot, tracker=None)
         return
     with staged_directory(cell) as staging:
         tracker = EvaluationTracker(output_path=str(staging))
         results = _simple_evaluate(lm, evaluation, num_fewshot, tracker)
-        samples = results.pop("samples", None) if evaluation.log_samples else None
+        samples = results.pop("samples", None) if evaluation.harness.log_samples else None
         tracker.save_results_aggregated(results=results, samples=samples)
         if samples:
             for task in results["configs"]:
@@ -166,11 +167,12 @@ def _simple_evaluate(lm, evaluation: EvalConfig, num_fewshot: int, tracker):
     from lm_eval import simple_evaluate
 
     return simple_evaluate(
-            model=lm, tasks=list(evaluation.tasks), num_fewshot=num_fewshot,
-            limit=evaluation.limit, task_manager=task_manager(evaluation.tasks),
-            apply_chat_template=evaluation.apply_chat_template,
-            fewshot_as_multiturn=evaluation.multiturn,
-            gen_kwargs=dict(evaluation.gen_kwargs) or None, log_samples=evaluation.log_samples,
+            model=lm, tasks=list(evaluation.harness.tasks), num_fewshot=num_fewshot,
+            limit=evaluation.harness.limit, task_manager=task_manager(evaluation.harness.tasks),
+            apply_chat_template=evaluation.harness.apply_chat_template,
+            fewshot_as_multiturn=evaluation.harness.multiturn,
+            gen_kwargs=dict(evaluation.harness.gen_kwargs) or None,
+            log_samples=evaluation.harness.log_samples,
             evaluation_tracker=tracker, random_seed=evaluation.seed,
             numpy_random_seed=evaluation.seed, torch_random_seed=evaluation.seed,
             fewshot_random_seed=evaluation.seed)
@@ -193,7 +195,8 @@ def _number(value: Any) -> float | None:
 
 
 def metric_rows(results: dict[str, Any], target: Target) -> list[dict[str, Any]]:
-    """metrics.csv rows (docs/design.md, Evaluation backends) from lm-eval's results (metric keys look like 'acc,none')."""
+    """metrics.csv rows (docs/design.md, Evaluation backends) from lm-eval's results (metric
+    keys look like 'acc,none')."""
     rows = []
     # A grouped task's subtasks name their group, so summaries can break a group score down.
     parents = {child: group for group, children in results.get("group_subtasks", {}).items()

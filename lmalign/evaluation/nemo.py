@@ -1,7 +1,7 @@
 """NeMo-Skills (eval=nemo): its `ns eval` command line, and its results read back.
 
 NeMo-Skills pins `datasets<4` and cannot share lmalign's environment: `ns` runs as a subprocess
-from its own virtualenv (`eval.nemo_env`), with that environment first on PATH, because its
+from its own virtualenv (`eval.nemo.nemo_env`), with that environment first on PATH, because its
 jobs call whatever `python` is there. `ns eval` has exited 0 with incomplete output (a scoring
 crash) and having done nothing (its environment not on PATH), so completion is judged by its
 files, never by its exit code: every `output*.jsonl` has its `.done` marker and `metrics.json`
@@ -57,9 +57,9 @@ def parse_benchmarks(text: str) -> list[Benchmark]:
     for part in (p.strip() for p in text.split(",")):
         match = re.fullmatch(r"([A-Za-z0-9_.\-]+)(?::(\d+))?", part)
         if not match:
-            raise UserError(problem("eval.benchmarks", text, f"cannot read {part!r}",
+            raise UserError(problem("eval.nemo.benchmarks", text, f"cannot read {part!r}",
                                     "NeMo-Skills benchmarks, comma-separated, each optionally "
-                                    "with :<repeats>", "eval.benchmarks=[gsm8k:4,ifeval]"))
+                                    "with :<repeats>", "eval.nemo.benchmarks=[gsm8k:4,ifeval]"))
         found.append(Benchmark(match.group(1), int(match.group(2)) if match.group(2) else None))
     return found
 
@@ -74,10 +74,10 @@ def ns_executable(env: str | None) -> Path:
         if check.returncode == 0:
             return where
     raise UserError(problem(
-        "eval.nemo_env", env, "NeMo-Skills is not installed there" if env else
+        "eval.nemo.nemo_env", env, "NeMo-Skills is not installed there" if env else
         "eval=nemo needs NeMo-Skills' own environment (it pins datasets<4, so it cannot share "
         "lmalign's)", "a virtualenv with NeMo-Skills installed (it has bin/ns)",
-        f"{INSTALL}, then eval.nemo_env=~/venvs/nemo-skills"))
+        f"{INSTALL}, then eval.nemo.nemo_env=~/venvs/nemo-skills"))
 
 
 # Run with NeMo-Skills' own python: what it knows of each benchmark (its dataset module's
@@ -114,7 +114,7 @@ def catalog(ns: Path, names: tuple[str, ...]) -> Catalog:
     found = subprocess.run([str(ns.parent / "python"), "-c", _CATALOG_QUERY, *names],
                            env=_ns_environment(ns), capture_output=True, text=True)
     if found.returncode != 0:
-        raise UserError(problem("eval.nemo_env", str(ns.parent.parent), "NeMo-Skills there "
+        raise UserError(problem("eval.nemo.nemo_env", str(ns.parent.parent), "NeMo-Skills there "
                                 "cannot read its benchmarks: " + " ".join(
                                     found.stderr.strip().splitlines()[-1:]),
                                 "a working NeMo-Skills installation", INSTALL))
@@ -124,8 +124,8 @@ def catalog(ns: Path, names: tuple[str, ...]) -> Catalog:
 
 def judge_key_variable(evaluation: EvalConfig, default_judge: dict[str, Any] | None) -> str | None:
     """The environment variable the judge's API key must be in (NeMo-Skills reads it there):
-    eval.judge.api_key_env, else NeMo-Skills' own choice by the judge's address."""
-    judge = evaluation.judge
+    eval.nemo.judge.api_key_env, else NeMo-Skills' own choice by the judge's address."""
+    judge = evaluation.nemo.judge
     if judge and judge.api_key_env:
         return judge.api_key_env
     address = (judge.server_address if judge else None) or \
@@ -136,7 +136,7 @@ def judge_key_variable(evaluation: EvalConfig, default_judge: dict[str, Any] | N
 
 
 def _judged(evaluation: EvalConfig) -> bool:
-    return bool(evaluation.judge and evaluation.judge.chosen)
+    return evaluation.nemo.judge.chosen
 
 
 def flag_spelling(help_text: str, name: str) -> str:
@@ -211,12 +211,12 @@ def metric_rows(outcome: Outcome) -> list[dict[str, Any]]:
 
 def settings(evaluation: EvalConfig) -> dict[str, Any]:
     """Everything that changes results; part of a cell's identity (the judge's key does not)."""
-    spec = ",".join(b.spec for b in parse_benchmarks(str(evaluation.benchmark_spec)))
+    spec = ",".join(b.spec for b in parse_benchmarks(str(evaluation.nemo.benchmark_spec)))
     found = {"backend": "nemo", "benchmarks": spec,
-             "inference": dict(evaluation.inference or {}),
-             "nemo_args": list(evaluation.nemo_args or [])}
+             "inference": dict(evaluation.nemo.inference or {}),
+             "nemo_args": list(evaluation.nemo.nemo_args or [])}
     if _judged(evaluation):
-        judge = evaluation.judge
+        judge = evaluation.nemo.judge
         found["judge"] = {"model": judge.model, "server_type": judge.server_type,
                           "server_address": judge.server_address}
     return found
@@ -229,26 +229,27 @@ def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path
 def check(evaluation: EvalConfig) -> Path:
     """Before any training: NeMo-Skills is there, it knows every benchmark, and each judge's
     API key is in the environment. Every problem at once."""
-    benchmarks = parse_benchmarks(str(evaluation.benchmark_spec))
-    ns = ns_executable(evaluation.nemo_env)
+    benchmarks = parse_benchmarks(str(evaluation.nemo.benchmark_spec))
+    ns = ns_executable(evaluation.nemo.nemo_env)
     known = catalog(ns, tuple(dict.fromkeys(b.name for b in benchmarks)))
     problems = []
     for name in dict.fromkeys(b.name for b in benchmarks):
         if name not in known.benchmarks:
-            problems.append(problem("eval.benchmarks", name, "not a benchmark of the NeMo-Skills "
-                                    f"in {ns.parent.parent}", ", ".join(known.known),
-                                    "a name from that list (eval.benchmarks=[gsm8k:4,ifeval])"))
+            problems.append(problem("eval.nemo.benchmarks", name, "not a benchmark of the "
+                                    f"NeMo-Skills in {ns.parent.parent}", ", ".join(known.known),
+                                    "a name from that list "
+                                    "(eval.nemo.benchmarks=[gsm8k:4,ifeval])"))
             continue
         default_judge = known.benchmarks[name]["judge"]
         if not (default_judge or _judged(evaluation)):
             continue
         variable = judge_key_variable(evaluation, default_judge)
         if variable and not os.environ.get(variable):
-            who = (evaluation.judge.model if evaluation.judge and evaluation.judge.model else
+            who = (evaluation.nemo.judge.model or
                    (default_judge or {}).get("model", "its judge"))
             problems.append(problem(
-                "eval.judge.api_key_env", variable, f"{name} is judged by {who}, whose API key "
-                f"NeMo-Skills reads from ${variable}, which is not set", "the variable's name "
+                "eval.nemo.judge.api_key_env", variable, f"{name} is judged by {who}, whose API "
+                f"key NeMo-Skills reads from ${variable}, which is not set", "the variable's name "
                 "(the key itself is never written)", f"export {variable}=<key>, or "
                 f"+secrets.{variable}=<key> (kept out of every saved file)"))
     if problems:
@@ -279,9 +280,9 @@ def prepare_data(ns: Path, name: str, target: Path) -> Path:
     info = found.benchmarks.get(name)
     if info is None or info["group"]:
         raise UserError(problem(
-            "eval.benchmarks", name, "a benchmark group (cache its members)" if info else
+            "eval.nemo.benchmarks", name, "a benchmark group (cache its members)" if info else
             f"not a benchmark of the NeMo-Skills in {ns.parent.parent}",
-            ", ".join(found.known), "list the benchmarks themselves in eval.benchmarks"))
+            ", ".join(found.known), "list the benchmarks themselves in eval.nemo.benchmarks"))
     with tempfile.TemporaryDirectory() as scratch:
         code = subprocess.run([str(ns), "prepare_data", name], cwd=scratch,
                               env=_ns_environment(ns)).returncode
@@ -310,7 +311,7 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model
     ns = check(evaluation)
     env = _ns_environment(ns)
     help_text = _eval_help(ns, tuple(sorted(env.items())))
-    benchmarks = parse_benchmarks(str(evaluation.benchmark_spec))
+    benchmarks = parse_benchmarks(str(evaluation.nemo.benchmark_spec))
     data = cached_data(cache_dir, benchmarks)
     for target in targets:
         cell = cells.cell_dir(run_dir, target, settings(evaluation))
@@ -332,7 +333,7 @@ def served_model(target: Target, evaluation: EvalConfig, model: ModelConfig,
                  hardware: HardwareConfig, work: Path) -> Served:
     """How a target is served: a hub revision from its snapshot in the hub cache (so the offline
     cache serves too), a LoRA adapter the way each server supports it, or merged first."""
-    kind = evaluation.server
+    kind = evaluation.nemo.server
     per_node = max(1, hardware.world_size // hardware.num_nodes)
 
     def launch(weights: str, name: str, *extra: str) -> server.Launch:
@@ -387,18 +388,19 @@ def _serve_and_evaluate(target: Target, evaluation: EvalConfig, model: ModelConf
         data_dir = work / DATA_LINK
         if not data_dir.is_symlink():
             data_dir.symlink_to(data, target_is_directory=True)
-    log.info("eval %s: NeMo-Skills %s -> %s", target.label, evaluation.benchmark_spec,
+    log.info("eval %s: NeMo-Skills %s -> %s", target.label, evaluation.nemo.benchmark_spec,
              work.relative_to(work.parent.parent.parent))
     variable = judge_key_variable(evaluation, None)  # named by the user, maybe not like a key
     keys = secrets.secret_values() + ([os.environ[variable]] if os.environ.get(variable or "")
                                       else [])
     try:
         with server.serving(served.launch, work / "server.log",
-                            float(evaluation.server_startup_timeout_s),
-                            evaluation.server_address) as running:
+                            float(evaluation.nemo.server_startup_timeout_s),
+                            evaluation.nemo.server_address) as running:
             argv = eval_command(ns, help_text, benchmarks, served.name, running.base_url, work,
-                                f"lmalign-{target.label}", dict(evaluation.inference or {}),
-                                list(evaluation.nemo_args or []), evaluation.judge, data_dir)
+                                f"lmalign-{target.label}", dict(evaluation.nemo.inference or {}),
+                                list(evaluation.nemo.nemo_args), evaluation.nemo.judge,
+                                data_dir)
             with open(work / "ns_eval.log", "a") as output:
                 output.write(f"$ {' '.join(argv)}\n")
                 output.flush()
