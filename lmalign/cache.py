@@ -749,16 +749,18 @@ def offline_problems(config: Config, overrides: list[str]) -> list[str]:
                  else []):
         if task not in manifest.tasks:
             problems.append(problem("eval.harness.tasks", task, "not planned into the offline "
-                                    f"cache {cache_dir}", "tasks whose datasets stage=cache_prepare "
-                                    "fetched", f"on a connected machine: {command}, then copy "
-                                    "the cache here"))
+                                    f"cache {cache_dir}",
+                                    "tasks whose datasets stage=cache_prepare fetched",
+                                    f"on a connected machine: {command}, then copy the cache "
+                                    "here"))
             continue
         for key in manifest.tasks[task]:
             kept = manifest.items.get(key)
             why = "; ".join(_damage(kept, cache_dir)) if kept else "not in its manifest"
             if why:
                 problems.append(problem("eval.harness.tasks", task,
-                                        f"{kept.label if kept else key} is not usable in the offline cache {cache_dir} ({why})",
+                                        f"{kept.label if kept else key} is not usable in the "
+                                        f"offline cache {cache_dir} ({why})",
                                         "what stage=cache_prepare fetched", f"on a connected "
                                         f"machine: {command}, then copy the cache here"))
     return problems

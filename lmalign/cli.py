@@ -11,7 +11,6 @@ import difflib
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from lmalign import rundir
 from lmalign.evaluation.cells import METRICS_CSV, collect_rows
 
@@ -29,11 +27,11 @@ def _final_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def _run_row(run_dir: Path) -> dict[str, Any]:
-    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved = rundir.saved_config(run_dir)
     train = rundir.read_record(run_dir).get("train") or {}
     trainable, total = train.get("trainable_parameters"), train.get("total_parameters")
     memory, seconds = train.get("peak_memory_mib"), train.get("train_runtime_s")
-    start = f" <- {saved.model.init_from}" if saved.model.get("init_from") else ""
+    start = f" <- {saved.model.init_from}" if saved.model.init_from else ""
     return {
         "run": run_dir.name,
         "method": f"{saved.method.name}{start}",
@@ -133,9 +131,7 @@ def _run_status(run_dir: Path) -> str:
 
 
 def _overrides(run_dir: Path) -> list[str]:
-    for record in sorted(run_dir.glob(".hydra/**/overrides.yaml"), key=lambda p: len(p.parts)):
-        return [str(o) for o in OmegaConf.load(record)]
-    return []
+    return rundir.saved_overrides(run_dir)
 
 
 def summary_rows(jobs: list[Job]) -> list[dict[str, Any]]:
@@ -304,8 +300,8 @@ def _subtask_table(group: str, rows: list[dict[str, Any]]) -> list[str]:
 
 
 RESULTS_ZIP = "results.zip"
-_RUN_FILES = ("metrics.csv", "run.json", "summary.*", "plots/*.png", ".hydra/**/*.yaml",
-              "jobs/*.json")
+_RUN_FILES = ("metrics.csv", "run.json", rundir.CONFIG_RECORD, "summary.*", "plots/*.png",
+              ".hydra/**/*.yaml", "jobs/*.json")
 _CELL_FILES = ("*.json", "*.jsonl")  # cell.json, lm-eval's results_* and samples_*
 
 

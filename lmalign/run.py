@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,17 +20,16 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from pydantic import TypeAdapter
 
-from lmalign import cache, callbacks, config_tree, evaluation, launch, loggers, models, rundir
-from lmalign import secrets
+from lmalign import cache, callbacks, config_tree, evaluation, launch, loggers, merge, models
+from lmalign import rundir, secrets
 from lmalign.errors import TrainingStopped, UserError, problem
-from lmalign.evaluation import cells
+from lmalign.evaluation import cells, targets
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
 from lmalign.validate import validate
 
 log = logging.getLogger("lmalign")
 TRAINING_KEYS = ("model", "dataset", "method", "seed")
-MERGED = "merged"
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's console format
 
 
@@ -136,7 +133,7 @@ def train_and_evaluate(job: Job) -> None:
     with _accepted(job, owner=True) as record:
         _train(config, run_dir, start, record)
         if config.evaluates:
-            _evaluate(config, run_dir, _targets(config, run_dir, start, job.explicit),
+            _evaluate(config, run_dir, targets.select(config.eval, run_dir, start, job.explicit),
                       config.model)
 
 
@@ -145,7 +142,7 @@ def evaluate_run(job: Job) -> None:
     config, run_dir = job.config, job.run_dir
     saved = rundir.saved_config(run_dir)
     problems = [] if saved is not None or _model_chosen(job) else [_no_such_run(
-        config, "stage=eval evaluates a run", "or choose the model: model=<option> "
+        config, "stage=eval evaluates a run", "choose the model to evaluate: model=<option> "
         "eval.checkpoints=[base]")]
     try:
         if config.evaluates:
@@ -156,22 +153,20 @@ def evaluate_run(job: Job) -> None:
         raise UserError(problems)
     model = _trained_from(config, saved)
     start = models.starting_point(dataclasses.replace(config, model=model))
-    targets = _targets(config, run_dir, start, job.explicit) if config.evaluates else []
+    chosen = targets.select(config.eval, run_dir, start, job.explicit) \
+        if config.evaluates else []
     with _accepted(job, owner=saved is None or not saved.trains):
-        if targets:
-            _evaluate(config, run_dir, targets, model)
+        if chosen:
+            _evaluate(config, run_dir, chosen, model)
 
 
 def merge_run(job: Job) -> None:
     """stage=merge: final/'s LoRA adapter merged into its base, in merged/."""
     config, run_dir = job.config, job.run_dir
-    saved = rundir.saved_config(run_dir)
-    if saved is None:
-        raise UserError(_no_such_run(config, "stage=merge merges a run's adapter", ""))
-    if not (run_dir / MERGED / "config.json").exists():
-        _refuse_merge(run_dir)
+    if not merge.is_merged(run_dir):
+        merge.refuse_unmergeable(run_dir)
     with _accepted(job, owner=False):
-        merge_final(run_dir, _trained_from(config, saved), config)
+        merge.merge_final(run_dir, _trained_from(config, rundir.saved_config(run_dir)), config)
 
 
 def watch_run(job: Job) -> None:
@@ -181,7 +176,7 @@ def watch_run(job: Job) -> None:
     saved = rundir.saved_config(job.run_dir)
     if saved is None:
         raise UserError(_no_such_run(job.config, "stage=watch watches a training run that has "
-                                     "started", "start the training first, then"))
+                                     "started", "start the training first"))
     evaluation.check(job.config.eval)
     handler = _log_to_file(job.run_dir, job.config.stage, owner=False)
     try:
@@ -200,7 +195,7 @@ def report_run(job: Job) -> None:
     directory = Path(config.report.dir) if config.report.dir else job.run_dir
     if not config.report.dir and job.new_dir:
         raise UserError(_no_such_run(config, "stage=report collates a run or sweep",
-                                     "or report.dir=<sweep directory>"))
+                                     "report.dir=<sweep directory>"))
     if not directory.is_dir():
         raise UserError(problem("report.dir", str(directory), "no such directory",
                                 "a sweep directory (multirun/...) or a run directory",
@@ -331,7 +326,8 @@ def _model_chosen(job: Job) -> bool:
             or bool(evaluation_.revisions) or evaluation_.checkpoint_selectors == ["base"])
 
 
-def _no_such_run(config: Config, what: str, fix: str) -> str:
+def _no_such_run(config: Config, what: str, otherwise: str) -> str:
+    """The run_name names no run: the runs there are, and what else would do."""
     root = Path(config.runs_root)
     runs = sorted(p.name for p in root.iterdir() if (p / rundir.RUN_RECORD).exists()
                   or rundir.has_config_record(p)) if root.is_dir() else []
@@ -339,29 +335,15 @@ def _no_such_run(config: Config, what: str, fix: str) -> str:
     return problem("run_name", named, f"{what}; there is no run "
                    + (f"named {named!r} in {root}" if named else "without a run_name"),
                    f"the runs in {root}: {', '.join(runs)}" if runs else f"no run in {root} yet",
-                   f"run_name=<one of them>{', ' + fix if fix else ''}" if runs
-                   else fix or "train one first")
+                   f"run_name=<one of them>, or {otherwise}" if runs else otherwise)
 
 
-def _refuse_merge(run_dir: Path) -> None:
-    final = rundir.final_dir(run_dir)
-    info = models.adapter_config(final) if final else None
-    kind = models.adapter_kind(info) if info else None
-    if kind != "lora":
-        raise UserError(problem(
-            "stage", "merge", f"{run_dir / rundir.FINAL} holds " + (
-                "no trained model" if not final else "a full model already" if info is None
-                else f"a {kind} adapter, which has no weights to merge into"),
-            "stage=merge on a run whose final/ is a LoRA adapter",
-            "evaluate or serve final/ as it is, or train with method=lora first"))
-
-
-def _evaluate(config: Config, run_dir: Path, targets: list[Target], model: ModelConfig) -> None:
+def _evaluate(config: Config, run_dir: Path, chosen: list[Target], model: ModelConfig) -> None:
     callbacks.job_cells[:] = [str(c.relative_to(run_dir)) for c in
-                              evaluation.requested_cells(targets, config, run_dir)]
-    evaluation.evaluate(targets, config, run_dir, model)
+                              evaluation.requested_cells(chosen, config, run_dir)]
+    evaluation.evaluate(chosen, config, run_dir, model)
     rows = cells.rebuild_metrics_csv(run_dir)
-    shown = [r for r in rows if r["checkpoint"] in {t.label for t in targets}]
+    shown = [r for r in rows if r["checkpoint"] in {t.label for t in chosen}]
     if shown:
         print("\n" + cells.comparison_table(shown) + "\n", flush=True)
     from lmalign import report
@@ -395,80 +377,9 @@ def _train(config: Config, run_dir: Path, start: models.Start,
                  summary["train_tokens_per_s"])
 
 
-def merge_final(run_dir: Path, model: ModelConfig, config: Config) -> Path:
-    """final/'s adapter merged into its base: a full model in merged/, for serving."""
-    merged = run_dir / MERGED
-    if (merged / "config.json").exists():
-        log.info("already merged: %s", merged)
-        return merged
-    final = rundir.final_dir(run_dir)
-    _refuse_merge(run_dir)
-    models.merge_adapter(str(final), model, config.hardware, merged)
-    log.info("merged %s into its base model: %s", final, merged)
-    return merged
-
-
 def _trained_from(config: Config, saved: Config | None) -> ModelConfig:
     """The model a run started from: a training run's own record, else this config's model
     (a run that only evaluates may be evaluated again on other revisions of its model)."""
     if config.reads_a_run and saved is not None and saved.trains:
         return saved.model
     return config.model
-
-
-def _label(revision: str) -> str:
-    return revision.replace("/", "_")
-
-
-def _step_of(revision: str) -> int | None:
-    """The training step a revision names (step-125000, stage1-step10000-tokens41B), if any."""
-    found = re.search(r"step[-_]?(\d+)", revision) or re.fullmatch(r"\D*(\d+)", revision)
-    return int(found.group(1)) if found else None
-
-
-def _targets(config: Config, run_dir: Path, start: models.Start,
-             explicit_keys: set[str]) -> list[Target]:
-    checkpoints = rundir.complete_checkpoints(run_dir)
-    final = rundir.final_dir(run_dir)
-    final_step = (rundir.read_record(run_dir).get("train") or {}).get("global_step")
-    targets: list[Target] = []
-    problems: list[str] = []
-    if config.eval.revisions:  # a hub model's intermediate revisions, one load each
-        return [Target(_label(revision), _step_of(revision), start.path, revision)
-                for revision in dict.fromkeys(config.eval.revisions)]
-    for selector in config.eval.checkpoint_selectors:
-        if selector == "base":
-            if start.revision not in (None, "main") and not start.adapter:
-                # A revision (model.revision=step-1000, or a sweep over several) is its own point
-                targets.append(Target(_label(start.revision), _step_of(start.revision),
-                                      start.path, start.revision))
-                continue
-            targets.append(Target("base", 0, start.label, None if start.adapter else
-                                  start.revision))
-        elif selector == "final":
-            if final:
-                targets.append(Target("final", final_step, str(final)))
-            elif "eval.checkpoints" in explicit_keys:
-                problems.append(problem("eval.checkpoints", selector,
-                                        f"no trained model in {run_dir / rundir.FINAL}",
-                                        "base, or final once the run has trained",
-                                        "train first, or eval.checkpoints=[base]"))
-            else:
-                log.info("no trained model in %s: evaluating the base model only", run_dir)
-        elif selector in ("latest", "all"):
-            chosen = checkpoints[-1:] if selector == "latest" else checkpoints
-            targets += [Target(p.name, step, str(p)) for step, p in chosen]
-        else:
-            step = int(selector.removeprefix("checkpoint-"))
-            match = [p for s, p in checkpoints if s == step]
-            if match:
-                targets.append(Target(match[0].name, step, str(match[0])))
-            else:
-                problems.append(problem("eval.checkpoints", selector, "no such complete checkpoint",
-                                        ", ".join(p.name for _, p in checkpoints) or "none yet",
-                                        "pick one of the complete checkpoints"))
-    if problems:
-        raise UserError(problems)
-    unique = {t.label: t for t in targets}
-    return list(unique.values())
-

@@ -1,9 +1,10 @@
 """stage=watch: evaluate a training run's checkpoints as they appear, beside the training.
 
 The watcher polls the run directory, evaluates each new complete checkpoint (and final/ at the
-end) in the cells of the run directory (docs/design.md, Run directory), rebuilds metrics.csv
-and the plots, and exits when the training run has ended. It writes only cells, metrics.csv and plots/, never the training's
-run.json, so it can be killed and restarted at any time: finished cells are skipped.
+end) in the cells of the run directory (docs/design.md, Run directory), rebuilds metrics.csv and
+the plots, and exits when the training run has ended. It writes only cells, metrics.csv,
+plots/ and its own log, never the training's run.json, so it can be killed and restarted at
+any time: finished cells are skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from lmalign import evaluation, rundir
 from lmalign.errors import JobFailed
-from lmalign.evaluation import cells
+from lmalign.evaluation import cells, targets
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
 
@@ -39,13 +40,7 @@ def watch(config: Config, run_dir: Path, model: ModelConfig, training: Config,
              if submitter else "")
     while True:
         ended = _training_ended(run_dir)  # read before listing: nothing can appear after it
-        targets = [Target(path.name, step, str(path))
-                   for step, path in rundir.complete_checkpoints(run_dir)]
-        final = rundir.final_dir(run_dir)
-        if final:
-            step = (rundir.read_record(run_dir).get("train") or {}).get("global_step")
-            targets.append(Target("final", step, str(final)))
-        pending = [t for t in targets if not _done(t, config, run_dir)]
+        pending = [t for t in targets.saved_targets(run_dir) if not _done(t, config, run_dir)]
         if submitter:
             if submitter.collect():
                 _rebuild(run_dir)

@@ -180,7 +180,8 @@ def test_cpu_ddp_trains_sft_and_dpo_in_two_processes_and_evaluates(ddp_run, tmp_
 
     # DPO's trainer in 2 processes too (evaluating in several processes is checked above).
     lmalign("run_name=ddp_dpo", "hardware=cpu_ddp", "method=dpo", "dataset=tiny_prefs",
-            f"model.init_from={run_dir}", "method.max_steps=10", "eval=none", *short,
+            f"model.init_from={run_dir}", "method.max_steps=10", "eval=none",
+            "dataset.max_samples=1024",
             cwd=tmp_path, cache=lmalign_cache, check=True)
     dpo_dir = tmp_path / "runs" / "ddp_dpo"
     assert (dpo_dir / "final" / "model.safetensors").exists()

@@ -331,7 +331,8 @@ def test_a_benchmark_ns_left_incomplete_fails_the_job_and_writes_no_cell(trained
 SECRET = "judge-key-5f3a9c1e7b"
 JUDGED = ("eval=nemo", "eval.nemo.server=transformers", "eval.nemo.benchmarks=gsm8k",
           f"eval.nemo.nemo_env={STAND_IN}", "eval.nemo.judge.model=judge-7b",
-          "eval.nemo.judge.server_type=openai", "eval.nemo.judge.server_address=http://127.0.0.1:9/v1",
+          "eval.nemo.judge.server_type=openai",
+          "eval.nemo.judge.server_address=http://127.0.0.1:9/v1",
           "eval.nemo.judge.api_key_env=LMALIGN_TEST_JUDGE_KEY")
 
 

@@ -69,7 +69,8 @@ def check_tasks(tasks: list[str]) -> None:
             "eval.harness.tasks", name, "not an lm-eval task or group", "lm-eval task/group names "
             "(`lm-eval ls tasks`) and lmalign's tiny_mc, tiny_gen",
             "eval.harness.tasks=["
-            + ",".join(difflib.get_close_matches(name, known, n=1) or ["tiny_mc"]) + "]") for name in unknown])
+            + ",".join(difflib.get_close_matches(name, known, n=1) or ["tiny_mc"]) + "]")
+            for name in unknown])
 
 
 def settings(evaluation: EvalConfig, num_fewshot: int, processes: int = 1) -> dict[str, Any]:
