@@ -226,7 +226,11 @@ def write_config_record(run_dir: Path, container: dict[str, Any], choices: dict[
 
 
 def has_config_record(run_dir: Path) -> bool:
-    return _raw_record(Path(run_dir)) is not None
+    """Whether the run has a record of any version (looked up, not parsed)."""
+    run_dir = Path(run_dir)
+    old = run_dir / OLD_RECORD_DIR
+    return (run_dir / CONFIG_RECORD).exists() or (old / "config.yaml").exists() \
+        or any(old.glob("*/config.yaml"))
 
 
 def saved_config(run_dir: Path):
