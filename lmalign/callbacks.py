@@ -10,7 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from lmalign import secrets
+from lmalign import adapters, secrets
+
 
 class ComparisonTableCallback(Callback):
     """At the end of a comparison sweep, one table across its runs (printed and in the sweep dir)."""
@@ -36,61 +37,66 @@ class ComparisonTableCallback(Callback):
               f"({sweep_dir / report.COMPARISON_FILE}):\n{table}\n", flush=True)
 
 
-# The sweep in progress and the error of the job in progress (a user error is caught inside the
-# job, so Hydra reports it as completed).
-current_sweep: Path | None = None
-job_error: list[str] = []
-job_cells: list[str] = []  # the cells the job in progress asked for, relative to its run dir
-
-
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """The jobs a multirun makes from its overrides, expanded by Hydra's own basic sweeper."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
-    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-
-
 def _collated(config: Any) -> bool:
     """Dry runs and the cache stages have no results to collate."""
     return not config.get("dry_run") and not str(config.get("stage")).startswith("cache_")
 
 
 class SweepJobsCallback(Callback):
-    """<sweep>/jobs/: the expected jobs, then one record per started job (overrides, run
+    """Before a sweep starts: training jobs that would share a run directory are found (each
+    refuses itself when it starts). Then <sweep>/jobs/: the expected jobs, then one record per started job (overrides, run
     directory, outcome), so stage=report names failed and missing jobs. Hydra's sweeper raises
-    on a failed job before on_multirun_end, so collation runs from the CLI (lmalign.cli)."""
+    on a failed job before on_multirun_end, so collation runs from the CLI (lmalign.cli), told
+    which sweep by the command's outcomes folder (lmalign.outcome)."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        global current_sweep
+        from lmalign import config_tree, outcome, report, rundir
+
+        jobs = adapters.expand_sweep(list(config.hydra.overrides.task))
+        try:
+            composed = config_tree.sweep_jobs(config, jobs)
+        except Exception:  # a job that does not compose: the launcher raises, main diagnoses
+            composed = []
+        # A callback cannot stop Hydra (it warns and goes on): each refused job refuses itself.
+        outcome.refuse(config_tree.shared_run_dirs(composed))
         if not _collated(config):
             return
-        from lmalign import report, rundir
-
-        current_sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
+        sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         found = dict(config.get("secrets") or {})
-        rundir.atomic_write_json(current_sweep / report.JOBS_DIR / report.EXPECTED_JOBS, [
-            secrets.redact_overrides(job, found)
-            for job in expand_sweep(list(config.hydra.overrides.task))])
+        rundir.atomic_write_json(sweep / report.JOBS_DIR / report.EXPECTED_JOBS,
+                                 [secrets.redact_overrides(job, found) for job in jobs])
+        outcome.collate_later(sweep)
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        job_error.clear()
-        job_cells.clear()
-        if current_sweep is not None:
-            redact_sweep_record(current_sweep, config)
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            redact_sweep_record(Path(OmegaConf.select(config, "hydra.sweep.dir")), config)
         self._record(config, "running")
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
 
-        failed = job_return.status == JobStatus.FAILED
-        error = (f"{type(job_return._return_value).__name__}: {job_return._return_value}"
-                 if failed else "; ".join(job_error) or None)
-        self._record(config, "failed" if failed or job_error else "done", error)
+        from lmalign import outcome
+
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        ended = outcome.read(str(config.hydra.job.num))
+        cells = ended.cells if ended else []
+        if job_return.status == JobStatus.FAILED:
+            self._record(config, "failed", f"{type(job_return._return_value).__name__}: "
+                                           f"{job_return._return_value}", cells)
+        elif ended and ended.status == "user error":
+            self._record(config, "failed", "; ".join(ended.problems), cells)
+        elif ended and ended.status == "stopped":
+            self._record(config, "failed", f"stopped: {ended.stopped}", cells)
+        else:
+            self._record(config, "done", None, cells)
 
     @staticmethod
-    def _record(config: Any, status: str, error: str | None = None) -> None:
+    def _record(config: Any, status: str, error: str | None = None,
+                cells: list[str] | None = None) -> None:
         from hydra.types import RunMode
 
         if config.hydra.mode != RunMode.MULTIRUN or not _collated(config):
@@ -98,11 +104,11 @@ class SweepJobsCallback(Callback):
         if os.environ.get("SLURM_PROCID", "0") != "0":
             return  # a multi-node job's other nodes: the main node records it
         # A job may run in another process (a SLURM job): the sweep directory comes with it.
-        sweep = current_sweep or Path(OmegaConf.select(config, "hydra.sweep.dir"))
+        sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         write_job_record(sweep, config.hydra.job.num, secrets.redact_overrides(
                              config.hydra.overrides.task, dict(config.get("secrets") or {})),
                          Path(config.hydra.runtime.output_dir).resolve(), status, error,
-                         list(job_cells), _cluster_log())
+                         list(cells or []), _cluster_log())
 
 
 def _cluster_log() -> str | None:

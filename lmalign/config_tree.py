@@ -24,49 +24,65 @@ def _run_dir(root: str, run_name: str | None, timestamped: str) -> str:
     return f"{root}/{run_name}" if run_name else timestamped
 
 
-# Sweep jobs with a run_name: which job owns each run directory, and jobs that would share one.
-# (Written while Hydra resolves each job's subdir; the outcomes-folder rework replaces them.)
-_sweep_run_dirs: dict[str, int] = {}
-shared_run_dirs: dict[int, tuple[str, int]] = {}
-
-
-def _sweep_subdir(root: str, run_name: str | None, job_num: int, stage: str = "train_eval") -> str:
+def _sweep_subdir(root: str, run_name: str | None, job_num: int) -> str:
     # A sweep job with a run_name lives in <runs_root>/<run_name> like a single run, so chained
     # runs find each other (Hydra joins the sweep dir with an absolute subdir to the subdir).
-    # Two training jobs of one sweep must not share it: the later one is kept in the sweep
-    # directory and refused before it starts (lmalign.cli). Evaluation jobs may share a run:
-    # each writes its own cells.
-    if not run_name:
-        return str(job_num)
-    path = os.path.abspath(os.path.join(root, run_name))
-    owner = _sweep_run_dirs.setdefault(path, job_num)
-    if owner != job_num and stage not in ("eval", "report"):
-        shared_run_dirs[job_num] = (path, owner)
-        return str(job_num)
-    return path
+    # Training jobs that would share one are refused before the sweep starts
+    # (refuse_shared_run_dirs).
+    return os.path.abspath(os.path.join(root, run_name)) if run_name else str(job_num)
 
 
-def shared_run_dir_problem(number: int, overrides: str, run_name: str) -> str:
+def sweep_jobs(sweep_config: Any, job_overrides: list[list[str]]) -> list[tuple[int, Any]]:
+    """Each job's own config, composed as Hydra's launcher composes it (its number set)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    loader = GlobalHydra.instance().config_loader()
+    jobs = []
+    for number, overrides in enumerate(job_overrides):
+        config = loader.load_sweep_config(sweep_config, list(overrides))
+        with open_dict(config):
+            config.hydra.job.num = number
+        jobs.append((number, config))
+    return jobs
+
+
+def shared_run_dirs(jobs: list[tuple[int, Any]]) -> dict[int, str]:
+    """Sweep jobs that would train in a run directory an earlier job of the sweep owns: each
+    one's problem line. Evaluation jobs may share a run (each writes its own cells)."""
+    from hydra.core.hydra_config import HydraConfig
+
     from lmalign.errors import problem
 
-    path, owner = shared_run_dirs[number]
-    return problem(
-        "run_name", run_name, f"sweep job {number} ({overrides}) would share the run directory "
-        f"{path} with job {owner}", "one run_name per sweep job",
-        "sweep run_name too (run_name=a,b), or vary it: run_name=exp_${hydra:job.num}")
+    owners: dict[str, int] = {}
+    problems: dict[int, str] = {}
+    current = HydraConfig.instance().cfg
+    try:
+        for number, config in jobs:
+            HydraConfig.instance().set_config(config)  # ${hydra:job.num} in a run_name
+            if not config.run_name:
+                continue
+            path = _sweep_subdir(config.runs_root, config.run_name, number)
+            owner = owners.setdefault(path, number)
+            if owner != number and config.stage not in ("eval", "report"):
+                problems[number] = problem(
+                    "run_name", config.run_name, f"sweep job {number} "
+                    f"({config.hydra.job.override_dirname}) would share the run directory "
+                    f"{path} with job {owner}", "one run_name per sweep job",
+                    "sweep run_name too (run_name=a,b), or vary it: "
+                    "run_name=exp_${hydra:job.num}")
+    finally:
+        HydraConfig.instance().cfg = current
+    return problems
 
 
 def refuse_shared_run_dirs(jobs: list[tuple[int, Any]]) -> None:
-    """Before a cluster sweep is submitted: training jobs that would share a run directory."""
-    for _, config in jobs:
-        OmegaConf.select(config, "hydra.sweep.subdir")  # registers each job's run directory
+    """A cluster sweep: refused whole before anything is submitted."""
     from lmalign.errors import UserError
 
-    problems = [shared_run_dir_problem(number, config.hydra.job.override_dirname,
-                                        config.run_name)
-                for number, config in jobs if number in shared_run_dirs]
+    problems = shared_run_dirs(jobs)
     if problems:
-        raise UserError(problems)
+        raise UserError(list(problems.values()))
 
 
 def _gpus_per_node(accelerator: str, world_size: int, num_nodes: int) -> int | None:
@@ -76,7 +92,9 @@ def _gpus_per_node(accelerator: str, world_size: int, num_nodes: int) -> int | N
 
 def is_cluster_launcher(target: str) -> bool:
     """hydra/launcher=slurm and the like; Hydra's own launchers run jobs in this process."""
-    return not str(target).startswith("hydra._internal.core_plugins.")
+    from lmalign.adapters import is_hydra_own_launcher
+
+    return not is_hydra_own_launcher(target)
 
 
 def _launch_mode(launcher: str, dry_run: bool) -> str | None:

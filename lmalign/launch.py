@@ -254,7 +254,7 @@ def _ignore_cluster_signals() -> None:
     """In the launcher process, before exec: SLURM signals every process of a job step, and
     SIGUSR1/SIGUSR2's default action would kill accelerate's launcher (and torch's agent) while
     the workers save. Ignored here, the workers inherit it until they install their own
-    handlers (lmalign.training.catch_stop_signals)."""
+    handlers (lmalign.training.hold_stop_signals holds them until training begins)."""
     for number in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(number, signal.SIG_IGN)
 

@@ -11,7 +11,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from lmalign import launch, memory, models, training
+from lmalign import launch, memory, models
 from lmalign.schema import Config
 
 
@@ -48,7 +48,7 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
     nodes = f" on {hardware.num_nodes} nodes" if hardware.num_nodes > 1 else ""
     rows.append(("batch", f"global {method.global_batch_size} = "
                  f"{hardware.per_device_batch_size} per device x {hardware.world_size} "
-                 f"process(es){nodes} x {training.gradient_accumulation(config)} accumulation"))
+                 f"process(es){nodes} x {config.gradient_accumulation} accumulation"))
     length = (f"{method.max_steps} steps" if method.max_steps > 0
               else f"{method.num_train_epochs:g} epoch(s)")
     rows.append(("training", f"{length}, lr {method.learning_rate:g} {method.lr_scheduler_type}, "
@@ -160,6 +160,8 @@ def meta_model(config: Config, architecture_dir: Path | None):
     import torch
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmalign import training
 
     if architecture_dir is not None:
         with torch.device("meta"):

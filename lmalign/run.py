@@ -20,8 +20,9 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from pydantic import TypeAdapter
 
-from lmalign import cache, callbacks, config_tree, evaluation, launch, loggers, merge, models
-from lmalign import rundir, secrets
+from lmalign import config_tree, evaluation, launch, loggers, merge, models
+from lmalign import outcome, rundir, secrets
+from lmalign.cache import fetch, offline
 from lmalign.errors import TrainingStopped, UserError, problem
 from lmalign.evaluation import cells, targets
 from lmalign.evaluation.cells import Target
@@ -44,20 +45,25 @@ class Job:
     choices: dict[str, str]  # the option chosen in each recorded config group
     launcher: dict[str, Any] | None  # a cluster launcher's resolved settings, else None
     new_dir: bool  # Hydra made the run directory for this command
+    ended: outcome.Outcome  # what the job asked for and how it ended, for the command
 
     @property
     def recorded_overrides(self) -> list[str]:
         return secrets.redact_overrides(self.overrides, self.config.secrets)
 
 
-def run_job(cfg: DictConfig) -> None:
+def run_job(cfg: DictConfig, ended: outcome.Outcome) -> None:
     """The Hydra job: validate, then the stage; a directory made for a command that wrote
-    nothing into it (refused, a dry run, a report) is removed again."""
+    nothing into it (refused, a dry run, a report) is removed again. `ended` is the job's
+    outcome, which the stage adds the cells it asks for to."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     new_dir = not any(run_dir.iterdir())
     try:
-        job = _validated_job(cfg, hydra_cfg, run_dir, new_dir)
+        refused = outcome.refusal(ended.job)
+        if refused:
+            raise UserError(refused)
+        job = _validated_job(cfg, hydra_cfg, run_dir, new_dir, ended)
         if job.config.dry_run:
             from lmalign import plan
 
@@ -74,7 +80,8 @@ def run_job(cfg: DictConfig) -> None:
             _remove_if_empty(run_dir)
 
 
-def _validated_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, new_dir: bool) -> Job:
+def _validated_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, new_dir: bool,
+                   ended: outcome.Outcome) -> Job:
     overrides = list(hydra_cfg.overrides.task)
     explicit = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     config = validate(OmegaConf.to_container(cfg, resolve=True), explicit_keys=explicit)
@@ -82,7 +89,7 @@ def _validated_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, new_dir: bool
     secrets.scrub_argv(secrets.secret_values(config.secrets))
     if config.offline and not config.dry_run and (config.loads_weights
                                                   or config.stage == "watch"):
-        problems = cache.offline_problems(config, overrides)
+        problems = offline.offline_problems(config, overrides)
         if problems:
             raise UserError(problems)
     launcher = hydra_cfg.launcher
@@ -90,7 +97,7 @@ def _validated_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, new_dir: bool
                if group in config_tree.RECORDED_GROUPS and option is not None}
     return Job(config, run_dir, overrides, explicit, choices,
                OmegaConf.to_container(launcher, resolve=True)
-               if config_tree.is_cluster_launcher(launcher._target_) else None, new_dir)
+               if config_tree.is_cluster_launcher(launcher._target_) else None, new_dir, ended)
 
 
 def _remove_if_empty(run_dir: Path) -> None:
@@ -133,7 +140,7 @@ def train_and_evaluate(job: Job) -> None:
     with _accepted(job, owner=True) as record:
         _train(config, run_dir, start, record)
         if config.evaluates:
-            _evaluate(config, run_dir, targets.select(config.eval, run_dir, start, job.explicit),
+            _evaluate(job, targets.select(config.eval, run_dir, start, job.explicit),
                       config.model)
 
 
@@ -157,7 +164,7 @@ def evaluate_run(job: Job) -> None:
         if config.evaluates else []
     with _accepted(job, owner=saved is None or not saved.trains):
         if chosen:
-            _evaluate(config, run_dir, chosen, model)
+            _evaluate(job, chosen, model)
 
 
 def merge_run(job: Job) -> None:
@@ -212,7 +219,7 @@ def report_run(job: Job) -> None:
 
 def cache_stage(job: Job) -> None:
     """stage=cache_plan, cache_prepare, cache_verify (offline clusters)."""
-    cache.run_stage(job.config, job.overrides)
+    fetch.run_stage(job.config, job.overrides)
 
 
 # Adding a stage: its Literal in schema.Stage, its function here, its row in this table.
@@ -263,9 +270,9 @@ def _accepted(job: Job, owner: bool) -> Iterator[rundir.RunRecord]:
         record.finish("failed (user error)")
         raise
     except BaseException as exc:
-        if config.offline and cache.offline_failure(exc):  # a library found the cache lacking
+        if config.offline and offline.offline_failure(exc):  # a library found the cache lacking
             record.finish("failed (user error)")
-            command = cache.prepare_command(Path(str(config.cache.dir)).expanduser().resolve(),
+            command = offline.prepare_command(Path(str(config.cache.dir)).expanduser().resolve(),
                                             job.overrides)
             raise UserError(problem(
                 "offline", True, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
@@ -338,9 +345,11 @@ def _no_such_run(config: Config, what: str, otherwise: str) -> str:
                    f"run_name=<one of them>, or {otherwise}" if runs else otherwise)
 
 
-def _evaluate(config: Config, run_dir: Path, chosen: list[Target], model: ModelConfig) -> None:
-    callbacks.job_cells[:] = [str(c.relative_to(run_dir)) for c in
-                              evaluation.requested_cells(chosen, config, run_dir)]
+def _evaluate(job: Job, chosen: list[Target], model: ModelConfig) -> None:
+    config, run_dir = job.config, job.run_dir
+    job.ended.cells = [str(c.relative_to(run_dir)) for c in
+                       evaluation.requested_cells(chosen, config, run_dir)]
+    outcome.write(job.ended)
     evaluation.evaluate(chosen, config, run_dir, model)
     rows = cells.rebuild_metrics_csv(run_dir)
     shown = [r for r in rows if r["checkpoint"] in {t.label for t in chosen}]
@@ -357,15 +366,13 @@ def _train(config: Config, run_dir: Path, start: models.Start,
     if rundir.final_dir(run_dir):
         log.info("training already finished (%s exists): skipping", run_dir / rundir.FINAL)
         return
-    from lmalign.training import gradient_accumulation  # loads transformers: not before here
-
     if config.model.init_from:
         log.info("starting from %s", start.label)
     log.info("training: method=%s model=%s dataset=%s hardware=%s (global batch %d = %d per "
              "device x %d processes x %d accumulation)", config.method.name, config.model.name,
              config.dataset.name, config.hardware.name, config.method.global_batch_size,
              config.hardware.per_device_batch_size, config.hardware.world_size,
-             gradient_accumulation(config))
+             config.gradient_accumulation)
     record.update(train={"status": "running"})
     if launch.needs_workers(config.hardware):
         summary = launch.train_in_workers(config, run_dir)

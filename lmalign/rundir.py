@@ -122,9 +122,10 @@ def final_dir(run_dir: Path) -> Path | None:
         else None
 
 
-def versions() -> dict[str, str | None]:
+def versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str | None]:
+    """Installed versions of these distributions (None: not installed), for the records."""
     found: dict[str, str | None] = {}
-    for name in TRACKED_PACKAGES:
+    for name in names:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -321,6 +321,13 @@ class Config:
         return self.stage in ("train_eval", "train", "eval", "merge")
 
     @property
+    def gradient_accumulation(self) -> int:
+        """Steps of accumulation that make the global batch from the processes' batches."""
+        hardware = self.hardware
+        return self.method.global_batch_size // (hardware.per_device_batch_size
+                                                 * hardware.world_size)
+
+    @property
     def reads_a_run(self) -> bool:
         """Stages that act on a run directory a training stage made (its recorded model)."""
         return self.stage in ("eval", "merge", "watch")

@@ -22,11 +22,6 @@ from lmalign.schema import Config, MethodConfig
 log = logging.getLogger(__name__)
 
 
-def gradient_accumulation(config: Config) -> int:
-    hardware = config.hardware
-    return config.method.global_batch_size // (hardware.per_device_batch_size * hardware.world_size)
-
-
 def trainer_arguments(config: Config, run_dir: Path, report_to: list[str],
                       has_eval: bool) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and DPOConfig (both extend TrainingArguments)."""
@@ -39,7 +34,7 @@ def trainer_arguments(config: Config, run_dir: Path, report_to: list[str],
         data_seed=config.seed,
         per_device_train_batch_size=hardware.per_device_batch_size,
         per_device_eval_batch_size=hardware.per_device_batch_size,
-        gradient_accumulation_steps=gradient_accumulation(config),
+        gradient_accumulation_steps=config.gradient_accumulation,
         learning_rate=method.learning_rate,
         lr_scheduler_type=method.lr_scheduler_type,
         warmup_steps=method.warmup_ratio,  # transformers 5: a value below 1 is a fraction of steps
@@ -181,14 +176,11 @@ def peak_memory(found: dict[str, float | None]):
         found["peak_memory_mib"] = (max(peak[0], resident()) - start) / 2**20
 
 
-_received_early: list[int] = []  # stop signals that came before training began
-
-
-def catch_stop_signals() -> None:
-    """Remember a stop signal that arrives before training begins (a worker loading its model),
-    so that training saves at its first step and stops, instead of the signal being lost."""
-    for number in StopOnSignal.SIGNALS:
-        signal.signal(number, lambda number, _frame: _received_early.append(number))
+def hold_stop_signals() -> None:
+    """A stop signal that arrives before training begins (a worker loading its model) is held
+    pending by the kernel until StopOnSignal takes the signals over when training begins; then
+    training saves at its first step and stops, instead of the signal being lost."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, StopOnSignal.SIGNALS)
 
 
 class StopOnSignal(TrainerCallback):
@@ -210,8 +202,7 @@ class StopOnSignal(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():
             self._previous = {n: signal.signal(n, self._handle) for n in self.SIGNALS}
-        if _received_early:
-            self.received = _received_early[-1]
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)  # one held comes now
 
     def on_train_end(self, args, state, control, **kwargs):
         for number, previous in self._previous.items():

@@ -22,7 +22,7 @@ def main(run_dir: Path, handoff: Path, evaluating: bool = False) -> None:
 
     from lmalign import launch, models, rundir
     from lmalign.errors import TrainingStopped
-    from lmalign.training import catch_stop_signals
+    from lmalign.training import hold_stop_signals
     from lmalign.validate import validate
 
     config = validate(json.loads((handoff / launch.RESOLVED_CONFIG).read_text()),
@@ -38,7 +38,7 @@ def main(run_dir: Path, handoff: Path, evaluating: bool = False) -> None:
     if evaluating:
         _evaluate(config, run_dir, handoff)
         return
-    catch_stop_signals()
+    hold_stop_signals()
     train = get_method(config.method._target_)
     try:
         summary = train(config, run_dir, models.starting_point(config))

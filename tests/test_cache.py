@@ -201,10 +201,10 @@ def test_offline_run_missing_from_the_cache_exits_2_naming_the_prepare(cluster_c
 
 
 def test_verify_warns_of_a_datasets_version_unlike_the_one_that_wrote_the_cache():
-    from lmalign import cache
+    from lmalign.cache import fetch, manifest
 
-    here = cache.library_versions()
-    (line,) = cache.version_warnings({**here, "datasets": "3.6.0"})
+    here = manifest.library_versions()
+    (line,) = fetch.version_warnings({**here, "datasets": "3.6.0"})
     assert line.startswith(f"the cache was written with datasets 3.6.0 and this machine has "
                            f"{here['datasets']}: datasets caches from another major version")
-    assert cache.version_warnings(here) == []
+    assert fetch.version_warnings(here) == []

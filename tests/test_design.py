@@ -77,3 +77,59 @@ def test_the_slurm_plugin_imports_no_entrypoint_module():
     for path in (REPO / "hydra_plugins").rglob("*.py"):
         imports = _imports(path)
         assert not {i for i in imports if i.startswith(("lmalign.cli", "lmalign.run"))}, path
+
+
+_MUTATORS = {"append", "extend", "insert", "clear", "update", "add", "pop", "popitem", "remove",
+             "discard", "setdefault", "__setitem__"}
+_CONTAINERS = (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+
+
+def _module_state_writes(path: Path) -> list[str]:
+    """`global`, a mutable container bound at module level to a name that is not a constant,
+    a constant's container changed, or another module's attribute assigned."""
+    tree = ast.parse(path.read_text())
+    modules = {a.asname or a.name for node in ast.walk(tree)
+               if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+    found = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) and node.value else []
+        value = getattr(node, "value", None)
+        mutable = isinstance(value, _CONTAINERS) or (
+            isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+            and value.func.id in ("list", "dict", "set", "defaultdict"))
+        for target in targets:
+            if mutable and isinstance(target, ast.Name) and not target.id.isupper():
+                found.append(f"line {node.lineno}: module-level {target.id} is mutable state")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            found.append(f"line {node.lineno}: global {', '.join(node.names)}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in _MUTATORS and isinstance(node.func.value, ast.Name) \
+                and node.func.value.id.isupper():
+            found.append(f"line {node.lineno}: {node.func.value.id}.{node.func.attr}()")
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name) \
+                        and target.value.id.isupper():
+                    found.append(f"line {node.lineno}: {target.value.id}[...] assigned")
+                if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
+                        and target.value.id in modules:
+                    found.append(f"line {node.lineno}: {target.value.id}.{target.attr} assigned")
+    return found
+
+
+def test_no_module_state_is_written_at_run_time():
+    """How a job went travels through its own outcome file (lmalign.outcome), never through
+    module state (docs/design.md, Architecture); read-only memoised look-ups are fine."""
+    found = {str(path.relative_to(REPO)): lines
+             for folder in ("lmalign", "hydra_plugins") for path in (REPO / folder).rglob("*.py")
+             if (lines := _module_state_writes(path))}
+    assert not found, found
+
+
+def test_the_module_state_check_finds_what_it_forbids(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import other\nerrors = []\nSEEN = {}\n\ndef f():\n    global errors\n"
+                      "    SEEN['a'] = 1\n    SEEN.update(b=2)\n    other.flag = True\n")
+    assert len(_module_state_writes(sample)) == 5

@@ -11,7 +11,7 @@ import shlex
 import pytest
 
 from conftest import lmalign, typed_config
-from lmalign import launch, training, validate
+from lmalign import launch, validate
 from lmalign.errors import UserError
 
 
@@ -113,7 +113,7 @@ def test_more_processes_than_gpus_shrinks_a_profile_default_but_not_an_explicit_
     fitted, problems = validate.fit_to_gpus(config, set(), visible=4, bf16_supported=True,
                                             device_name="A100")
     assert problems == [] and fitted.hardware.world_size == 4
-    assert training.gradient_accumulation(fitted) == 2  # the global batch stays 32
+    assert fitted.gradient_accumulation == 2  # the global batch stays 32
     _, problems = validate.fit_to_gpus(config, {"hardware.world_size"}, visible=4,
                                        bf16_supported=True, device_name="A100")
     assert problems == ["hardware.world_size=8: 8 processes per node but 4 visible GPU(s); "

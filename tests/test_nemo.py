@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import guarded, lmalign, shared_path, typed_config
+from conftest import REPO, guarded, lmalign, shared_path, typed_config
 from lmalign.errors import JobFailed, UserError
 from lmalign.evaluation import nemo
 from lmalign.evaluation.cells import Target
@@ -136,12 +136,17 @@ def test_a_judged_benchmark_without_its_api_key_is_refused_before_anything_runs(
 
 
 @pytest.fixture(scope="module")
-def lora_adapter(default_run, tmp_path_factory):
-    """A LoRA adapter on the demo's final model, with nonzero weights (merging changes it)."""
+def lora_adapter(lmalign_cache, tmp_path_factory):
+    """A LoRA adapter on the embedded tiny model, with nonzero weights (merging changes it)."""
+    from omegaconf import OmegaConf
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    final = default_run[1] / "final"
+    from lmalign import embedded
+
+    tiny = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")
+    final = embedded.materialize("tiny", OmegaConf.to_container(tiny.architecture), 0,
+                                 lmalign_cache)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(final), LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter = tmp_path_factory.mktemp("lora") / "checkpoint-5"
@@ -240,7 +245,7 @@ def test_eval_without_nemo_skills_exits_2_with_the_install_line(tmp_path, lmalig
 @pytest.mark.slow
 def test_offline_from_prepared_benchmark_data_cells_land_in_metrics_csv_and_a_rerun_skips_them(
         trained, tmp_path, lmalign_cache, monkeypatch):
-    from lmalign import cache
+    from lmalign.cache import fetch, plan
 
     nemo_env = tmp_path / "nemo-env"  # ns prepare_data writes into its environment: a copy
     shutil.copytree(STAND_IN, nemo_env)
@@ -249,14 +254,14 @@ def test_offline_from_prepared_benchmark_data_cells_land_in_metrics_csv_and_a_re
                f"cache.dir={lmalign_dir}")
     for name, value in env.items():  # plan and prepare run here; the evaluations as a user's
         monkeypatch.setenv(name, value)
-    planned = cache.plan(typed_config(*request, "stage=cache_plan"))
+    planned = plan.plan(typed_config(*request, "stage=cache_plan"))
     assert re.search(r"nemo-benchmark\s+gsm8k\s+-\s+eval=nemo",
-                     cache.describe(planned, None))
-    cache.prepare(typed_config(*request, "stage=cache_prepare"), lmalign_dir)
+                     plan.describe(planned, None))
+    fetch.prepare(typed_config(*request, "stage=cache_prepare"), lmalign_dir)
     (item,) = json.loads((lmalign_dir / "manifest.json").read_text())["items"]
     assert (item["kind"], item["repo"], item["status"], item["rows"]) == (
         "nemo-benchmark", "gsm8k", "done", {"test.jsonl": 1319})
-    cache.verify(lmalign_dir)  # every file, and its rows
+    fetch.verify(lmalign_dir)  # every file, and its rows
 
     log = tmp_path / "network.log"
     first = lmalign(*request, "offline=true", cwd=tmp_path, cache=lmalign_cache,
@@ -285,7 +290,7 @@ def test_offline_from_prepared_benchmark_data_cells_land_in_metrics_csv_and_a_re
     data.write_text("".join(data.read_text().splitlines(keepends=True)[:100]))
     with pytest.raises(JobFailed, match=r"nemo-benchmark gsm8k: file of the wrong size "
                        r"nemo-skills/gsm8k/test.jsonl"):
-        cache.verify(lmalign_dir)
+        fetch.verify(lmalign_dir)
 
 
 def test_harness_and_nemo_compose_in_one_job_each_under_its_own_key():

@@ -37,8 +37,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
                initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
-        from lmalign import callbacks, secrets
-        from lmalign.config_tree import refuse_shared_run_dirs
+        from lmalign import callbacks, outcome, secrets
 
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
@@ -55,7 +54,6 @@ class SlurmLauncher(SubmititSlurmLauncher):
             # environment, which sbatch passes on.
             secrets.keep_in_environment(config)
             jobs.append((number, list(config.hydra.overrides.task), config))
-        refuse_shared_run_dirs([(number, config) for number, _, config in jobs])
         self.config = copy.deepcopy(self.config)  # pickled with the launcher: no secret in it
         secrets.keep_in_environment(self.config)
         callbacks.redact_sweep_record(sweep_dir, self.config)
@@ -81,7 +79,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
             log.warning("stopped waiting: the jobs keep running on the cluster (scancel %s stops "
                         "them); collate them later with: python -m lmalign stage=report "
                         "report.dir=%s", ids, sweep_dir)
-            callbacks.current_sweep = None  # nothing to collate yet
+            outcome.collate_later(None)  # nothing to collate yet
             raise
 
     def _resources(self, config: DictConfig) -> dict[str, Any]:

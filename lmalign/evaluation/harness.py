@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from lmalign import models
+from lmalign import adapters, models
 from lmalign.errors import UserError, problem
 from lmalign.evaluation import cells
 from lmalign.evaluation.cells import Target
@@ -135,8 +135,7 @@ def harness_model(loaded, tokenizer, batch_size: int, accelerator=None):
 
     lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size)
     if accelerator is not None and accelerator.num_processes > 1:
-        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
-        lm.accelerator = accelerator
+        adapters.distribute_harness_model(lm, accelerator)
     return lm
 
 
