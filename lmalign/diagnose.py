@@ -9,6 +9,7 @@ key gets the closest key of its section, an old flat eval key its new place unde
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,13 +25,52 @@ def message(exc: BaseException) -> str:
 
 
 def diagnose(overrides: list[str]) -> list[str]:
+    """Every problem of a command line that Hydra could not compose, one line each."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import MissingConfigException
 
     from lmalign.validate import validate
 
     problems: list[str] = []
+    candidates = _single_values(overrides, problems)
+    # Sweep values of one key cannot be composed together: later values are tried separately.
+    first = {}
+    for index, (_, parsed) in enumerate(candidates):
+        first.setdefault(parsed.key_or_group, index)
+    kept = [c for i, c in enumerate(candidates) if first[c[1].key_or_group] == i]
+    extra = [c for i, c in enumerate(candidates) if first[c[1].key_or_group] != i]
+
+    GlobalHydra.instance().clear()
+    found = _Found(problems)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="lmalign"):
+        found.loader = GlobalHydra.instance().config_loader()
+        while True:  # drop the override that broke composition until the rest composes
+            try:
+                cfg = compose(CONFIG_NAME, overrides=[t for t, _ in kept])
+                break
+            except Exception as exc:
+                index = found.culprit(exc, kept)
+                if index is None:
+                    return problems + [message(exc)]
+                kept.pop(index)
+        for text, parsed in extra:
+            trial = [c for c in kept if c[1].key_or_group != parsed.key_or_group] + [(text, parsed)]
+            try:
+                compose(CONFIG_NAME, overrides=[t for t, _ in trial])
+            except Exception as exc:
+                if found.culprit(exc, trial) is None:
+                    problems.append(message(exc))
+        _suggest_keys(problems, found.unknown_keys, cfg)
+        try:
+            validate(OmegaConf.to_container(cfg, resolve=True))
+        except UserError as exc:
+            problems += exc.problems
+    return problems
+
+
+def _single_values(overrides: list[str], problems: list[str]) -> list[tuple[str, Any]]:
+    """(text, parsed) for each override, a sweep's values one by one; what does not parse is a
+    problem."""
     texts: list[str] = []
     for text in overrides:
         try:
@@ -38,73 +78,45 @@ def diagnose(overrides: list[str]) -> list[str]:
         except Exception as exc:  # the parser's own message says what is wrong
             problems.append(f"could not parse override {text!r}: {exc}")
             continue
-        if parsed.is_sweep_override():  # check every value of a sweep, one at a time
+        if parsed.is_sweep_override():
             key = parsed.get_key_element()
             texts += [f"{key}={value}" for value in parsed.sweep_string_iterator()]
         else:
             texts.append(text)
-    candidates = [(text, adapters.parse_override(text)) for text in texts]
+    return [(text, adapters.parse_override(text)) for text in texts]
 
-    GlobalHydra.instance().clear()
-    unknown_keys: list[str] = []
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="lmalign"):
-        loader = GlobalHydra.instance().config_loader()
-        kept = list(candidates)
-        # Sweep values of one key cannot be composed together: test later values separately.
-        seen: dict[str, int] = {}
-        for index, (_, parsed) in enumerate(kept):
-            seen.setdefault(parsed.key_or_group, index)
-        extra = [c for i, c in enumerate(kept) if seen[c[1].key_or_group] != i]
-        kept = [c for i, c in enumerate(kept) if seen[c[1].key_or_group] == i]
 
-        def culprit(exc: Exception, among: list) -> int | None:
-            """Index in `among` (the overrides just composed) of the one that broke it."""
-            if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
-                group = exc.missing_cfg_file.rsplit("/", 1)[0]
-                for i, (_, parsed) in enumerate(among):
-                    if parsed.key_or_group.lstrip("/") == group:
-                        options = exc.options or loader.get_group_options(group)
-                        visible = ", ".join(o for o in options if not o.startswith("_"))
-                        value = parsed.value()
-                        problems.append(
-                            f"{parsed.key_or_group}={value}: no such option in group "
-                            f"'{group}'; allowed: {visible}; fix: {parsed.key_or_group}="
-                            f"{_closest(str(value), options) or '<one of them>'}")
-                        return i
-            full_key = getattr(exc.__cause__, "full_key", None) or getattr(exc, "full_key", None)
-            for i, (text, parsed) in enumerate(among):
-                key = parsed.key_or_group
-                if (full_key and key == full_key) or f"'{key}'" in str(exc):
-                    unknown_keys.append(key)
-                    problems.append(f"{text}: no such key")
+class _Found:
+    """The problems found so far, and the unknown keys among them (for spelling hints)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems, self.unknown_keys, self.loader = problems, [], None
+
+    def culprit(self, exc: Exception, among: list[tuple[str, Any]]) -> int | None:
+        """Index in `among` (the overrides just composed) of the one that broke composition,
+        its problem recorded; None when no override is to blame."""
+        from hydra.errors import MissingConfigException
+
+        if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+            group = exc.missing_cfg_file.rsplit("/", 1)[0]
+            for i, (_, parsed) in enumerate(among):
+                if parsed.key_or_group.lstrip("/") == group:
+                    options = exc.options or self.loader.get_group_options(group)
+                    visible = ", ".join(o for o in options if not o.startswith("_"))
+                    value = parsed.value()
+                    self.problems.append(
+                        f"{parsed.key_or_group}={value}: no such option in group '{group}'; "
+                        f"allowed: {visible}; fix: {parsed.key_or_group}="
+                        f"{_closest(str(value), options) or '<one of them>'}")
                     return i
-            return None
-
-        cfg = None
-        while True:
-            try:
-                cfg = compose(CONFIG_NAME, overrides=[t for t, _ in kept])
-                break
-            except Exception as exc:
-                index = culprit(exc, kept)
-                if index is None:
-                    problems.append(message(exc))
-                    return problems
-                kept.pop(index)
-        for text, parsed in extra:
-            trial = [c for c in kept if c[1].key_or_group != parsed.key_or_group] + [(text, parsed)]
-            try:
-                compose(CONFIG_NAME, overrides=[t for t, _ in trial])
-            except Exception as exc:
-                if culprit(exc, trial) is None:
-                    problems.append(message(exc))
-
-        _suggest_keys(problems, unknown_keys, cfg)
-        try:
-            validate(OmegaConf.to_container(cfg, resolve=True))
-        except UserError as exc:
-            problems += exc.problems
-    return problems
+        full_key = getattr(exc.__cause__, "full_key", None) or getattr(exc, "full_key", None)
+        for i, (text, parsed) in enumerate(among):
+            key = parsed.key_or_group
+            if (full_key and key == full_key) or f"'{key}'" in str(exc):
+                self.unknown_keys.append(key)
+                self.problems.append(f"{text}: no such key")
+                return i
+        return None
 
 
 def _closest(word: str, options: list[str]) -> str | None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmalign import models
-from lmalign.schema import Config
+from lmalign.schema import PRECISION_DTYPE, Config
 
 GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -135,7 +135,7 @@ def _accelerate(config: Config, meta_model) -> float:
     # No fp32 master copy (pure bf16 on one device or DDP): accelerate's no-AMP formula
     # ("float32") applies to the 16-bit size.
     if _keeps_fp32_masters(config):
-        mode = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[hardware.precision]
+        mode = PRECISION_DTYPE[hardware.precision]
         usage = estimate_training_usage(size, mode)
     else:
         usage = estimate_training_usage(size // 2, "float32")

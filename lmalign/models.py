@@ -18,11 +18,10 @@ from typing import Any
 
 from lmalign import embedded, rundir
 from lmalign.errors import UserError, problem
-from lmalign.schema import Config, HardwareConfig, ModelConfig, PeftKind
+from lmalign.schema import PRECISION_DTYPE, Config, HardwareConfig, ModelConfig, PeftKind
 
 log = logging.getLogger(__name__)
 
-_PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def resolve(model: ModelConfig, cache_dir: str) -> str:
@@ -70,25 +69,34 @@ def init_from_dir(init_from: str, runs_root: str) -> Path | None:
     return None
 
 
+def trained_start(init_from: str, runs_root: str) -> Start | None:
+    """What model.init_from names (the one reading of it: training, the plan and the offline
+    cache all ask here): full weights, or an adapter on its base; None before it has trained."""
+    found = init_from_dir(init_from, runs_root)
+    if found is None:
+        return None
+    info = adapter_config(found)
+    if info is None:
+        return Start(str(found), None, tokenizer=str(found))
+    return Start(info["base_model_name_or_path"], info.get("revision"), tokenizer=str(found),
+                 adapter=str(found), adapter_kind=adapter_kind(info))
+
+
 def starting_point(config: Config) -> Start:
     model = config.model
     if model.init_from is None:
         path = resolve(model, config.cache.build_dir)
         revision = model.revision if model.source == "pretrained" else None
         return Start(path, revision, tokenizer=path)
-    found = init_from_dir(model.init_from, config.runs_root)
-    if found is None:
+    start = trained_start(model.init_from, config.runs_root)
+    if start is None:
         raise UserError(problem(
             "model.init_from", model.init_from, "no trained model there: neither a run with a "
             f"final/ (looked in {model.init_from} and {Path(config.runs_root) / model.init_from}) "
             "nor a model or adapter directory", "a run_name under runs_root, a run directory, or "
             "a directory with config.json or adapter_config.json",
             "train that run first (stage=train), or fix the name"))
-    info = adapter_config(found)
-    if info is None:
-        return Start(str(found), None, tokenizer=str(found))
-    return Start(info["base_model_name_or_path"], info.get("revision"), tokenizer=str(found),
-                 adapter=str(found), adapter_kind=adapter_kind(info))
+    return start
 
 
 def start_problems(start: Start, config: Config) -> list[str]:
@@ -149,7 +157,7 @@ def torch_dtype(model: ModelConfig, hardware: HardwareConfig, trains_weights: bo
         return getattr(torch, model.dtype)
     if hardware.precision == "fp16" and trains_weights:
         return torch.float32
-    return getattr(torch, _PRECISION_DTYPE[hardware.precision])
+    return getattr(torch, PRECISION_DTYPE[hardware.precision])
 
 
 def flash_attention_installed() -> bool:

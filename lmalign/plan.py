@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmalign import launch, memory, models
 from lmalign.schema import Config
+from lmalign.tables import aligned
 
 
 def describe(config: Config, run_dir: Path, submission: dict | None = None) -> str:
@@ -110,10 +111,9 @@ def _evaluation_rows(config: Config, meta, total: int) -> list[tuple[str, str]]:
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    lines = ["plan (dry run: no weights loaded, nothing trained or recorded)"]
-    lines += [f"  {key.ljust(width)}  {value}" for key, value in rows]  # "" continues a row
-    return "\n".join(lines)
+    # A row whose key is "" continues the row above.
+    return "\n".join(["plan (dry run: no weights loaded, nothing trained or recorded)",
+                      *aligned(rows, indent="  ")])
 
 
 def _checkpointing(hardware) -> str:
@@ -143,16 +143,15 @@ def _start(config: Config) -> tuple[str | None, Path | None]:
     """(what the run starts from, a directory whose config.json gives the architecture)."""
     if not config.model.init_from:
         return None, None
-    found = models.init_from_dir(config.model.init_from, config.runs_root)
-    if found is None:
+    start = models.trained_start(config.model.init_from, config.runs_root)
+    if start is None:
         return (f"{config.model.init_from} (not trained yet: its final/ must exist when this "
                 "run starts)"), None
-    info = models.adapter_config(found)
-    if info is None:
-        return f"{found} (full model)", found
-    base = Path(info["base_model_name_or_path"])
-    kind = models.adapter_kind(info)
-    return f"{found} ({kind} adapter on {base})", base if (base / "config.json").exists() else None
+    if start.adapter is None:
+        return f"{start.path} (full model)", Path(start.path)
+    base = Path(start.path)
+    return (f"{start.adapter} ({start.adapter_kind} adapter on {base})",
+            base if (base / "config.json").exists() else None)
 
 
 def meta_model(config: Config, architecture_dir: Path | None):

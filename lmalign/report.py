@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmalign import rundir
+from lmalign.tables import markdown
 from lmalign.evaluation.cells import METRICS_CSV, collect_rows
 
 COMPARISON_FILE = "comparison.md"
@@ -50,11 +51,8 @@ def comparison_table(run_dirs: list[Path]) -> str:
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    lines = [columns, ["---"] * len(columns)] + [[row.get(c, "-") for c in columns]
-                                                for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
-    return "\n".join("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |"
-                     for line in lines)
+    return "\n".join(markdown([columns] + [[row.get(c, "-") for c in columns] for row in rows],
+                              padded=True))
 
 
 def write_comparison(run_dirs: list[Path], directory: Path) -> str:
@@ -266,14 +264,13 @@ def _metric_table(task: str, metric: str, mode: str, rows: list[dict[str, Any]])
         key = (_variant(row), row["checkpoint"], row.get("step"))
         cells.setdefault(key, {})[row["num_fewshot"]] = row["value"]
     name = metric if mode == "none" else f"{metric} ({mode})"
-    lines = [f"## {task}: {name}", "", "| experiment | checkpoint | step | " + " | ".join(
-        f"{s}-shot" for s in shots) + " |", "| --- | --- | --- |" + " --- |" * len(shots)]
+    table = [["experiment", "checkpoint", "step", *(f"{s}-shot" for s in shots)]]
     for (variant, checkpoint, step), values in sorted(cells.items(), key=lambda item: (
             item[0][0], item[0][2] if isinstance(item[0][2], int) else -1, item[0][1])):
-        shown = [f"{values[s]:.4f}" if values.get(s) is not None else "-" for s in shots]
-        lines.append(f"| {variant or '-'} | {checkpoint} | {step if step is not None else '-'} | "
-                     + " | ".join(shown) + " |")
-    return lines + [""]
+        table.append([variant or "-", checkpoint, str(step) if step is not None else "-",
+                      *(f"{values[s]:.4f}" if values.get(s) is not None else "-"
+                        for s in shots)])
+    return [f"## {task}: {name}", "", *markdown(table), ""]
 
 
 def _subtask_table(group: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -291,12 +288,11 @@ def _subtask_table(group: str, rows: list[dict[str, Any]]) -> list[str]:
     last = columns[-1]
     ordered = sorted(values.items(), key=lambda item: -(item[1].get(last) or 0))
     header = [f"{c[0]} {c[2]}-shot" + (f" {c[3]}" if c[3] else "") for c in columns]
-    lines = [f"## {group}: subtasks by {metric} (best first, by the last column)", "",
-             "| subtask | " + " | ".join(header) + " |", "| --- |" + " --- |" * len(columns)]
-    for task, found in ordered:
-        lines.append(f"| {task} | " + " | ".join(
-            f"{found[c]:.4f}" if found.get(c) is not None else "-" for c in columns) + " |")
-    return lines + [""]
+    table = [["subtask", *header]] + [
+        [task, *(f"{found[c]:.4f}" if found.get(c) is not None else "-" for c in columns)]
+        for task, found in ordered]
+    return [f"## {group}: subtasks by {metric} (best first, by the last column)", "",
+            *markdown(table), ""]
 
 
 RESULTS_ZIP = "results.zip"

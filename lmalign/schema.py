@@ -18,6 +18,13 @@ STRICT = ConfigDict(extra="forbid")
 Stage = Literal["train_eval", "train", "eval", "merge", "watch", "report", "cache_plan",
                 "cache_prepare", "cache_verify"]
 Precision = Literal["fp32", "bf16", "fp16"]
+# The one table between a precision and the torch dtype of the same width.
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def precision_of(dtype: str) -> str:
+    """model.dtype as a precision name ("auto" stays "auto")."""
+    return {name: precision for precision, name in PRECISION_DTYPE.items()}.get(dtype, dtype)
 DatasetFormat = Literal["messages", "prompt_completion", "preference", "text"]
 
 

@@ -49,7 +49,8 @@ def test_the_readme_config_group_table_lists_every_option_in_conf():
 
 
 LIBRARY = ("models", "data", "training", "methods", "evaluation", "launch", "worker", "memory",
-           "loggers", "embedded", "tinytask", "schema", "validate", "rundir", "errors", "secrets")
+           "loggers", "embedded", "tinytask", "machine", "schema", "validate", "type_errors",
+           "rundir", "errors", "secrets", "tables", "adapters")
 
 
 def _imports(path: Path) -> set[str]:

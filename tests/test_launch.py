@@ -11,7 +11,7 @@ import shlex
 import pytest
 
 from conftest import lmalign, typed_config
-from lmalign import launch, validate
+from lmalign import launch, machine
 from lmalign.errors import UserError
 
 
@@ -99,10 +99,10 @@ def test_multi_node_problems_name_what_is_missing():
 
 def test_bf16_falls_back_to_fp16_only_when_the_profile_chose_it():
     config = typed_config("hardware=a100")
-    fitted, problems = validate.fit_to_gpus(config, set(), visible=1, bf16_supported=False,
+    fitted, problems = machine.fit_to_gpus(config, set(), visible=1, bf16_supported=False,
                                             device_name="Tesla V100")
     assert problems == [] and fitted.hardware.precision == "fp16"
-    _, problems = validate.fit_to_gpus(config, {"hardware.precision"}, visible=1,
+    _, problems = machine.fit_to_gpus(config, {"hardware.precision"}, visible=1,
                                        bf16_supported=False, device_name="Tesla V100")
     assert problems == ["hardware.precision='bf16': this GPU (Tesla V100) has no bf16 support; "
                         "allowed: fp16 or fp32 here; fix: hardware.precision=fp16, or hardware=t4"]
@@ -110,11 +110,11 @@ def test_bf16_falls_back_to_fp16_only_when_the_profile_chose_it():
 
 def test_more_processes_than_gpus_shrinks_a_profile_default_but_not_an_explicit_request():
     config = typed_config("hardware=8gpu_fsdp")
-    fitted, problems = validate.fit_to_gpus(config, set(), visible=4, bf16_supported=True,
+    fitted, problems = machine.fit_to_gpus(config, set(), visible=4, bf16_supported=True,
                                             device_name="A100")
     assert problems == [] and fitted.hardware.world_size == 4
     assert fitted.gradient_accumulation == 2  # the global batch stays 32
-    _, problems = validate.fit_to_gpus(config, {"hardware.world_size"}, visible=4,
+    _, problems = machine.fit_to_gpus(config, {"hardware.world_size"}, visible=4,
                                        bf16_supported=True, device_name="A100")
     assert problems == ["hardware.world_size=8: 8 processes per node but 4 visible GPU(s); "
                         "allowed: at most 4 per node here; fix: hardware.world_size=4 (the global "

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, guarded, lmalign, shared_path, typed_config
 from lmalign.errors import JobFailed, UserError
-from lmalign.evaluation import nemo
+from lmalign.evaluation import nemo, nemo_skills
 from lmalign.evaluation.cells import Target
 from lmalign.schema import JudgeConfig
 
@@ -29,11 +29,11 @@ def fixture(case: str):
 
 @pytest.mark.parametrize("case, spec", [("gsm8k_greedy", "gsm8k"), ("gsm8k_seeds2", "gsm8k:2")])
 def test_rows_hold_what_metrics_json_holds_as_fractions(case, spec):
-    (benchmark,) = nemo.parse_benchmarks(spec)
-    outcome = nemo.read_benchmark(fixture(case), benchmark)
+    (benchmark,) = nemo_skills.parse_benchmarks(spec)
+    outcome = nemo_skills.read_benchmark(fixture(case), benchmark)
     assert outcome.complete and outcome.missing == []
     written = json.loads((fixture(case) / "eval-results" / "gsm8k" / "metrics.json").read_text())
-    rows = nemo.metric_rows(outcome)
+    rows = nemo_skills.metric_rows(outcome)
     expected = {(mode, name): value for mode, values in written["gsm8k"].items()
                 for name, value in values.items() if name in ("symbolic_correct", "no_answer")}
     assert {(r["eval_mode"], r["metric"]): r["value"] * 100 for r in rows} == expected
@@ -48,23 +48,23 @@ def test_rows_hold_what_metrics_json_holds_as_fractions(case, spec):
 
 def test_a_scoring_crash_is_incomplete_not_a_result():
     # ns eval exited 0 here: generation finished, evalplus crashed, no .done, no metrics.json.
-    outcome = nemo.read_benchmark(fixture("human-eval_greedy_eval-failed"),
-                                  nemo.Benchmark("human-eval", None))
-    assert not outcome.complete and nemo.metric_rows(outcome) == []
+    outcome = nemo_skills.read_benchmark(fixture("human-eval_greedy_eval-failed"),
+                                  nemo_skills.Benchmark("human-eval", None))
+    assert not outcome.complete and nemo_skills.metric_rows(outcome) == []
     assert outcome.missing == ["output.jsonl.done", "metrics.json"]
 
 
 def test_fewer_runs_than_asked_is_incomplete():
-    outcome = nemo.read_benchmark(fixture("gsm8k_seeds2"), nemo.Benchmark("gsm8k", 3))
+    outcome = nemo_skills.read_benchmark(fixture("gsm8k_seeds2"), nemo_skills.Benchmark("gsm8k", 3))
     assert not outcome.complete and outcome.missing == ["output-rs2.jsonl.done"]
 
 
 def test_benchmark_syntax_is_nemo_skills_own():
-    assert nemo.parse_benchmarks("gsm8k:4,ifeval") == [nemo.Benchmark("gsm8k", 4),
-                                                       nemo.Benchmark("ifeval", None)]
+    assert nemo_skills.parse_benchmarks("gsm8k:4,ifeval") == [nemo_skills.Benchmark("gsm8k", 4),
+                                                       nemo_skills.Benchmark("ifeval", None)]
     with pytest.raises(UserError, match=r"eval.nemo.benchmarks='gsm8k:x': cannot read 'gsm8k:x'.*"
                        r"fix: eval.nemo.benchmarks=\[gsm8k:4,ifeval\]"):
-        nemo.parse_benchmarks("gsm8k:x")
+        nemo_skills.parse_benchmarks("gsm8k:x")
     # On the command line a list (a bare comma would be a sweep); both forms are one cell.
     as_list = _nemo_config("eval.nemo.benchmarks=[gsm8k:4,ifeval]").eval
     as_string = _nemo_config("eval.nemo.benchmarks='gsm8k:4, ifeval'").eval
@@ -75,14 +75,14 @@ def test_benchmark_syntax_is_nemo_skills_own():
 def test_command_uses_the_flags_of_the_recorded_commands_and_typer_027_spelling(tmp_path):
     source = shared_path("fixtures", "nemo-skills", "SOURCE.md").read_text()
     recorded = set(re.findall(r"(--[a-z_]+)=", source))
-    args = (nemo.parse_benchmarks("gsm8k:2"), "/models/m", "http://127.0.0.1:8765/v1",
+    args = (nemo_skills.parse_benchmarks("gsm8k:2"), "/models/m", "http://127.0.0.1:8765/v1",
             tmp_path / "out", "gsm8k-seeds2", {"tokens_to_generate": 32, "temperature": 0.7},
             ["++max_samples=20"])
-    old = nemo.eval_command(tmp_path / "ns", "--output_dir --server_type", *args)
+    old = nemo_skills.eval_command(tmp_path / "ns", "--output_dir --server_type", *args)
     assert old[1] == "eval" and "--benchmarks=gsm8k:2" in old and "++max_samples=20" in old
     assert "++inference.tokens_to_generate=32" in old and "--server_type=openai" in old
     assert {a.split("=")[0] for a in old if a.startswith("--")} <= recorded
-    new = nemo.eval_command(tmp_path / "ns", "--output-dir --server-type", *args)
+    new = nemo_skills.eval_command(tmp_path / "ns", "--output-dir --server-type", *args)
     assert f"--output-dir={tmp_path / 'out'}" in new and "--server-type=openai" in new
 
 
@@ -90,14 +90,14 @@ def test_missing_nemo_skills_is_one_line_saying_how_to_install(tmp_path):
     with pytest.raises(UserError, match=r"eval.nemo.nemo_env=None: eval=nemo needs NeMo-Skills' own "
                        r"environment.*fix: python -m venv .*pip install git\+https://github.com/"
                        r"NVIDIA-NeMo/Skills.git.*eval.nemo.nemo_env="):
-        nemo.ns_executable(None)
+        nemo_skills.ns_executable(None)
     with pytest.raises(UserError, match=r"NeMo-Skills is not installed there"):
-        nemo.ns_executable(str(tmp_path))
+        nemo_skills.ns_executable(str(tmp_path))
 
 
 def test_judge_settings_name_the_key_variable_never_the_key(tmp_path):
     judge = JudgeConfig("gpt-4.1", "openai", "https://api.openai.com/v1", "TEAM_JUDGE_KEY")
-    argv = nemo.eval_command(tmp_path / "ns", "--judge_model", nemo.parse_benchmarks("arena-hard"),
+    argv = nemo_skills.eval_command(tmp_path / "ns", "--judge_model", nemo_skills.parse_benchmarks("arena-hard"),
                              "/models/m", "http://127.0.0.1:8765/v1", tmp_path / "out", "x", {},
                              [], judge)
     assert {"--judge_model=gpt-4.1", "--judge_server_type=openai",

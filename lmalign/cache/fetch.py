@@ -149,10 +149,10 @@ def _fetch_dataset(item: Item, cache_dir: Path) -> None:
 
 
 def _fetch_nemo_benchmark(item: Item, cache_dir: Path, nemo_env: str | None) -> None:
-    from lmalign.evaluation import nemo
+    from lmalign.evaluation import nemo_skills
 
-    prepared = nemo.prepare_data(nemo.ns_executable(nemo_env), item.repo,
-                                 cache_dir / nemo.DATA_DIR / item.repo)
+    prepared = nemo_skills.prepare_data(nemo_skills.ns_executable(nemo_env), item.repo,
+                                        cache_dir / nemo_skills.DATA_DIR / item.repo)
     item.rows = {prepared.name: _jsonl_rows(prepared)}
     item.files = [{"path": os.path.relpath(path, cache_dir), "size": path.stat().st_size}
                   for path in sorted(prepared.parent.rglob("*")) if path.is_file()]
@@ -223,9 +223,9 @@ def _load_problems(item: Item, cache_dir: Path) -> list[str]:
         if item.kind == "model":
             return _load_model_parts(item)
         if item.kind == "nemo-benchmark":  # the jsonl files ns eval reads, row for row
-            from lmalign.evaluation import nemo
+            from lmalign.evaluation import nemo_skills
 
-            folder = cache_dir / nemo.DATA_DIR / item.repo
+            folder = cache_dir / nemo_skills.DATA_DIR / item.repo
             return [f"{name} has {found} rows, {rows} expected" for name, rows in item.rows.items()
                     if (found := _jsonl_rows(folder / name)) != rows]
         loaded = _load_dataset(item)

@@ -14,6 +14,7 @@ from typing import Any
 from lmalign import adapters
 from lmalign.cache.manifest import Item, Manifest, Plan, keep
 from lmalign.schema import Config
+from lmalign.tables import aligned
 
 log = logging.getLogger(__name__)
 LOCAL_TASK = "generated locally (lmalign's tiny tasks, custom_dataset): nothing to fetch"
@@ -52,9 +53,9 @@ def plan(config: Config, planned: Manifest | None = None) -> Plan:
 
 def nemo_items(config: Config) -> list[Item]:
     """Each NeMo-Skills benchmark's data, which `ns prepare_data` downloads."""
-    from lmalign.evaluation import nemo
+    from lmalign.evaluation import nemo_skills
 
-    names = dict.fromkeys(b.name for b in nemo.parse_benchmarks(config.eval.nemo.benchmark_spec))
+    names = dict.fromkeys(b.name for b in nemo_skills.parse_benchmarks(config.eval.nemo.benchmark_spec))
     return [Item("nemo-benchmark", name, needed_by=["eval=nemo"]) for name in names]
 
 
@@ -65,16 +66,16 @@ def model_items(config: Config, local: list[str], training: bool,
     model = config.model
     estimate = 2 * model.published_params if model.published_params else None  # 16-bit weights
     if model.init_from:
-        found = models.init_from_dir(model.init_from, config.runs_root)
-        if found is None:
+        start = models.trained_start(model.init_from, config.runs_root)
+        if start is None:
             local.append(f"model.init_from={model.init_from}: not trained yet; copy its run "
                          "directory over too")
             return []
-        local.append(f"model.init_from={model.init_from}: {found} (copy it over)")
-        info = models.adapter_config(found)
-        if info is None or _is_local(info["base_model_name_or_path"]):
+        local.append(f"model.init_from={model.init_from}: {start.adapter or start.path} (copy "
+                     "it over)")
+        if start.adapter is None or _is_local(start.path):
             return []
-        return [Item("model", info["base_model_name_or_path"], info.get("revision") or "main",
+        return [Item("model", start.path, start.revision or "main",
                      needed_by=["adapter base of model.init_from"], estimated_bytes=estimate)]
     if model.source != "pretrained":
         return []
@@ -190,10 +191,7 @@ def describe(found: Plan, manifest_path: Path | None) -> str:
                                       if len(item.needed_by) > 2 else [])
         name = item.repo + (f" ({item.subset})" if item.subset else "")
         rows.append((item.kind, name, item.revision or "-", ", ".join(users), item.size))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = [f"cache plan: {len(found.items)} item(s) to fetch"]
-    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4]
-              for row in rows]
+    lines = [f"cache plan: {len(found.items)} item(s) to fetch", *aligned(rows, indent="  ")]
     if found.tasks:
         lines.append("  eval tasks: " + ", ".join(
             f"{task} -> {len(keys)} dataset(s)" if keys else f"{task} -> {LOCAL_TASK}"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmalign.rundir import atomic_write_json, atomic_write_text
+from lmalign.tables import aligned
 
 CELL_RECORD = "cell.json"
 METRICS_CSV = "metrics.csv"
@@ -102,6 +103,4 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
             first, last = values.get(labels[0]), values.get(labels[-1])
             row.append(f"{last - first:+.3f}" if first is not None and last is not None else "-")
         lines.append(row)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
-                     for line in lines)
+    return "\n".join(line.rstrip() for line in aligned(lines))
