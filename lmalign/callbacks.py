@@ -52,7 +52,9 @@ class SweepJobsCallback(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         from lmalign import config_tree, outcome, report, rundir
 
-        jobs = adapters.expand_sweep(list(config.hydra.overrides.task))
+        # As typed: an override may hold ${hydra:job.num}, which only a job can resolve.
+        typed = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        jobs = adapters.expand_sweep(typed)
         try:
             composed = config_tree.sweep_jobs(config, jobs)
         except Exception:  # a job that does not compose: the launcher raises, main diagnoses

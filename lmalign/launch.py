@@ -51,7 +51,8 @@ def launch_file(hardware: HardwareConfig) -> Path:
     return path if path.is_absolute() or path.exists() else REPO / path
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (the rendezvous of one node, a local inference server)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -69,7 +70,7 @@ class Rendezvous:
 def rendezvous(hardware: HardwareConfig, environ: Mapping[str, str] = os.environ) -> Rendezvous:
     """From the config where set, else from the SLURM allocation; one node meets on 127.0.0.1."""
     if hardware.num_nodes == 1:
-        return Rendezvous(1, 0, "127.0.0.1", hardware.main_port or _free_port())
+        return Rendezvous(1, 0, "127.0.0.1", hardware.main_port or free_port())
     problems = rendezvous_problems(hardware, environ)
     if problems:
         raise UserError(problems)
@@ -236,7 +237,7 @@ def evaluate_in_workers(config: Config, run_dir: Path, request: dict[str, Any]) 
     hardware = config.hardware
     args = command(dataclasses.replace(config, hardware=dataclasses.replace(
         hardware, world_size=processes)), run_dir, handoff,
-        Rendezvous(1, 0, "127.0.0.1", _free_port()), evaluate=True)
+        Rendezvous(1, 0, "127.0.0.1", free_port()), evaluate=True)
     log.info("evaluating in %d processes: %s", processes, shlex.join(args))
     code = subprocess.run(args, env=environment(hardware),
                           preexec_fn=_ignore_cluster_signals).returncode

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import FIXTURES, lmalign
+from conftest import FIXTURES, lmalign, lmalign_in_process
 
 # Every user error below, also run against an existing trained run (tests/test_run.py), where
 # it must leave every file of that run as it was: (overrides, environment).
@@ -40,8 +40,14 @@ def _errors(result) -> list[str]:
 
 @pytest.fixture
 def run(tmp_path, lmalign_cache):
-    def refused_or_not(*overrides, **kw):
-        result = lmalign(*overrides, cwd=tmp_path, cache=lmalign_cache, **kw)
+    """A command run in this process (the CLI keeps no state between commands), or with
+    in_subprocess=True as `python -m lmalign` in its own interpreter."""
+    def refused_or_not(*overrides, in_subprocess=False, check=False, env=None):
+        if in_subprocess:
+            result = lmalign(*overrides, cwd=tmp_path, cache=lmalign_cache, check=check, env=env)
+        else:
+            result = lmalign_in_process(*overrides, cwd=tmp_path, cache=lmalign_cache, env=env)
+            assert not check or result.returncode == 0, result.stderr[-3000:]
         if result.returncode == 2:  # a refused command leaves no directory behind
             assert not (tmp_path / "outputs").exists() and not (tmp_path / "runs").exists()
         return result
@@ -90,7 +96,7 @@ def test_hub_model_not_available_offline_says_how_to_fix(run, tmp_path):
 
 def test_all_problems_are_reported_together(run):
     result = run("model=foo", "method.learning_rate=abc", "hardware.precision=fp64",
-                 "method.learning_rat=3")
+                 "method.learning_rat=3", in_subprocess=True)
     assert result.returncode == 2
     lines = _errors(result)
     assert len(lines) == 4
@@ -124,7 +130,7 @@ def test_an_evaluation_key_of_the_old_flat_layout_names_its_new_place(run):
 
 
 def test_help_still_works(run):
-    result = run("--help")
+    result = run("--help", in_subprocess=True)
     assert result.returncode == 0 and "model:" in result.stdout
 
 
@@ -151,10 +157,11 @@ def test_sweep_jobs_cannot_share_a_run_name(run, tmp_path):
     varied = run("-m", "run_name=exp_${hydra:job.num}", "method.learning_rate=1e-3,2e-3",
                  "dry_run=true", check=True)
     assert f"{tmp_path}/runs/exp_0" in varied.stdout and f"{tmp_path}/runs/exp_1" in varied.stdout
+    assert "Warning" not in varied.stderr  # the sweep's own checks resolved every job's name
 
 
 def test_a_dry_run_leaves_nothing_behind(run, tmp_path):
-    result = run("dry_run=true")
+    result = run("dry_run=true", in_subprocess=True)
     assert result.returncode == 0 and "run directory" in result.stdout
     assert not list(tmp_path.iterdir())
 

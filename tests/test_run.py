@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, lmalign
+from conftest import FIXTURES, lmalign, lmalign_in_process
 
 pytestmark = pytest.mark.slow
 DESIGN_COLUMNS = ["checkpoint", "step", "backend", "task", "metric", "num_fewshot", "eval_mode",
@@ -177,12 +176,8 @@ def test_refused_commands_leave_every_file_of_a_trained_run_as_it_was(demo, tmp_
     shutil.copytree(run_dir, tmp_path / "runs" / "demo")
     before = _files(tmp_path / "runs")
 
-    def attempt(case):
-        overrides, env = case
-        return lmalign(*overrides, "run_name=demo", cwd=tmp_path, cache=lmalign_cache, env=env)
-
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(attempt, ERROR_CASES))
+    results = [lmalign_in_process(*overrides, "run_name=demo", cwd=tmp_path,
+                                  cache=lmalign_cache, env=env) for overrides, env in ERROR_CASES]
     for (overrides, _), result in zip(ERROR_CASES, results):
         assert result.returncode == 2, (overrides, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and "error: " in result.stderr

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from lmalign.launch import free_port
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,6 @@ def command(launch: Launch, port: int) -> list[str]:
         return [sys.executable, "-m", "transformers.cli.transformers", "serve", launch.model,
                 *where, "--device", launch.device, "--dtype", launch.dtype, *launch.extra_args]
     raise ValueError(f"no command for an {launch.kind} server")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def healthy(base_url: str, timeout: float = 2.0) -> bool:
