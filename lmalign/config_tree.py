@@ -111,6 +111,12 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group a user may choose (shared bases start with _)."""
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")
+                  if not p.stem.startswith("_"))
+
+
 def default_choice(group: str) -> str | None:
     """The option conf/config.yaml's defaults list picks for a group."""
     defaults = yaml.safe_load((Path(CONF_DIR) / f"{CONFIG_NAME}.yaml").read_text())["defaults"]

@@ -34,14 +34,14 @@ def load_splits(dataset: DatasetConfig):
         return _tiny_split(dataset, "train", dataset.max_samples), (
             _tiny_split(dataset, "validation", dataset.max_eval_samples)
             if dataset.eval_split else None)
-    splits = _load_raw(dataset)
-    train = _pick_split(splits, dataset.train_split, "dataset.train_split", dataset)
+    splits = load_raw(dataset)
+    train = pick_split(splits, dataset.train_split, "dataset.train_split", dataset)
     evaluation = None
     if dataset.eval_split:
-        evaluation = _pick_split(splits, dataset.eval_split, "dataset.eval_split", dataset)
-    train = _prepare(train, dataset)
+        evaluation = pick_split(splits, dataset.eval_split, "dataset.eval_split", dataset)
+    train = prepare(train, dataset)
     if evaluation is not None:
-        evaluation = _prepare(evaluation, dataset)
+        evaluation = prepare(evaluation, dataset)
     elif dataset.eval_size > 0:
         parts = train.train_test_split(test_size=dataset.eval_size, seed=dataset.seed)
         train, evaluation = parts["train"], parts["test"]
@@ -65,7 +65,7 @@ def _tiny_split(dataset: DatasetConfig, split: str, size: int | None):
     return Dataset.from_list(rows)
 
 
-def _load_raw(dataset: DatasetConfig):
+def load_raw(dataset: DatasetConfig):
     import datasets
 
     if dataset.source == "hub":
@@ -87,7 +87,7 @@ def _load_raw(dataset: DatasetConfig):
     return datasets.load_dataset(builder, data_files={dataset.train_split: str(path)})
 
 
-def _pick_split(splits, name: str, key: str, dataset: DatasetConfig):
+def pick_split(splits, name: str, key: str, dataset: DatasetConfig):
     if name not in splits:
         raise UserError(problem(key, name, f"no such split in {dataset.path or dataset.name}",
                                 ", ".join(splits), f"{key}={next(iter(splits))}"))
@@ -98,7 +98,8 @@ def _cap(data, limit: int | None):
     return data.select(range(min(limit, len(data)))) if limit is not None else data
 
 
-def _prepare(data, dataset: DatasetConfig):
+def prepare(data, dataset: DatasetConfig):
+    """Rows filtered by dataset.where and mapped onto the format's canonical columns."""
     found = list(data.column_names)
     for column, value in dataset.where.items():
         if column not in found:
@@ -122,17 +123,27 @@ def _prepare(data, dataset: DatasetConfig):
     missing = [c for c in required if c not in mapping]
     missing += [mapping[c] for c in mapping if mapping[c] not in found]
     if missing:
+        other = _format_of(found, dataset.format)
         raise UserError([
             problem(f"dataset.columns.{_canonical_for(m, mapping)}", m,
                     f"column {m!r} not found in {dataset.path or dataset.name}",
                     "columns found: " + ", ".join(found),
-                    f"+dataset.columns.{_canonical_for(m, mapping)}=<one of the columns found>")
+                    f"dataset.format={other} (the columns found are that format's)" if other
+                    else f"+dataset.columns.{_canonical_for(m, mapping)}=<one of the columns "
+                    "found>")
             for m in missing])
     data = data.select_columns(list(mapping.values()))
     data = data.rename_columns({src: dst for dst, src in mapping.items() if src != dst})
     if dataset.format == "preference" and "prompt" not in mapping:
         data = data.map(extract_prompt, desc="extracting implicit prompts")
     return data
+
+
+def _format_of(columns: list[str], unlike: str) -> str | None:
+    """Another format whose canonical columns are all among these."""
+    return next((fmt for fmt, needed in CANONICAL_COLUMNS.items() if fmt != unlike
+                 and all(c in columns for c in needed if not (fmt == "preference"
+                                                               and c == "prompt"))), None)
 
 
 def _canonical_for(column: str, mapping: dict[str, str]) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import socket
 from collections.abc import Collection
 from pathlib import Path
@@ -32,6 +31,12 @@ def check_environment_for(config: Config,
         issue = model_availability(config.model.name_or_path, config.model.revision)
         if issue:
             problems.append(issue)
+    template = config.model.chat_template_path
+    if template and not Path(template).expanduser().is_file():
+        problems.append(problem(
+            "model.chat_template_path", template, "no such file", "a Jinja chat template file",
+            "check the path (relative paths are taken from the current directory), or "
+            "model.chat_template_path=null for the tokenizer's own template"))
     if config.dataset.source == "local" and config.dataset.path:
         if not Path(config.dataset.path).expanduser().exists():
             problems.append(problem(
@@ -122,11 +127,14 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = re.sub(r"^https?://", "", endpoint).split("/")[0].split(":")[0]
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host (HF_ENDPOINT) answers a connection within the timeout."""
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -152,7 +160,7 @@ def model_availability(name_or_path: str, revision: str | None) -> str | None:
         return None
     if hub_offline():
         why = "HF_HUB_OFFLINE=1"
-    elif not _hub_reachable():
+    elif not hub_reachable():
         why = "the hub cannot be reached from this machine"
     else:
         return None

@@ -84,6 +84,13 @@ def _validated_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, new_dir: bool
                    ended: outcome.Outcome) -> Job:
     overrides = list(hydra_cfg.overrides.task)
     explicit = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    bases = [(group, option) for group, option in hydra_cfg.runtime.choices.items()
+             if group in config_tree.RECORDED_GROUPS and str(option).startswith("_")]
+    if bases:  # a shared base composes, but is no option: its missing keys would be noise
+        raise UserError([problem(
+            group, option, f"a shared base of the {group} options, not an option itself",
+            ", ".join(config_tree.group_options(group)), f"{group}=<one of them>")
+            for group, option in bases])
     config = validate(OmegaConf.to_container(cfg, resolve=True), explicit_keys=explicit)
     secrets.export(config.secrets)
     secrets.scrub_argv(secrets.secret_values(config.secrets))
@@ -133,8 +140,18 @@ def train_and_evaluate(job: Job) -> None:
     _refuse_changed_settings(config, run_dir)
     if config.evaluates:
         evaluation.check(config.eval)  # before training, not after it
-    start = models.starting_point(config)
-    problems = models.start_problems(start, config)
+    problems = []
+    if config.trains and not rundir.final_dir(run_dir):
+        from lmalign.data_preflight import preflight
+
+        problems += preflight(config.dataset)  # before any model is loaded or built
+    if problems and not config.model.init_from:
+        raise UserError(problems)  # the starting point is fine, and building it takes a while
+    try:
+        start = models.starting_point(config)
+        problems += models.start_problems(start, config)
+    except UserError as exc:
+        problems += exc.problems
     if problems:
         raise UserError(problems)
     with _accepted(job, owner=True) as record:

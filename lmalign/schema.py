@@ -8,9 +8,9 @@ option that forgets a key is caught here too. `validate.py` turns every violatio
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict
+from pydantic import BeforeValidator, ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
 STRICT = ConfigDict(extra="forbid")
@@ -20,12 +20,30 @@ Stage = Literal["train_eval", "train", "eval", "merge", "watch", "report", "cach
 Precision = Literal["fp32", "bf16", "fp16"]
 # The one table between a precision and the torch dtype of the same width.
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DatasetFormat = Literal["messages", "prompt_completion", "preference", "text"]
+
+
+# Bounds of the numbers users set (docs/design.md, Config tree): a value outside them is one
+# error line naming the bound, before anything loads.
+Count = Annotated[int, Field(ge=1)]  # steps, rows, processes, sizes: at least one
+NonNegative = Annotated[int, Field(ge=0)]
+PositiveNumber = Annotated[float, Field(gt=0)]
+NonNegativeNumber = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _one_or_more(value: Any) -> Any:
+    """A single name where a list is expected is a list of one (eval.harness.tasks=tiny_mc)."""
+    return [value] if isinstance(value, str) else value
+
+
+Names = Annotated[list[str], BeforeValidator(_one_or_more)]
 
 
 def precision_of(dtype: str) -> str:
     """model.dtype as a precision name ("auto" stays "auto")."""
     return {name: precision for precision, name in PRECISION_DTYPE.items()}.get(dtype, dtype)
-DatasetFormat = Literal["messages", "prompt_completion", "preference", "text"]
 
 
 @dataclass(config=STRICT)
@@ -47,7 +65,7 @@ class ModelConfig:
     seed: int
     # The published architecture numbers (config.json keys): build on the meta device offline.
     architecture: dict[str, Any]
-    published_params: int | None
+    published_params: Count | None
 
 
 @dataclass(config=STRICT)
@@ -62,35 +80,35 @@ class DatasetConfig:
     train_split: str
     eval_split: str | None
     # Rows for the eval split carved from the train split when the dataset has none (0 = none).
-    eval_size: int
+    eval_size: NonNegative
     # Canonical column -> column in the data, e.g. {messages: conversations}.
     columns: dict[str, str]
     # Keep only rows whose column equals the value, e.g. {label: true}.
     where: dict[str, Any]
-    max_samples: int | None
-    max_eval_samples: int | None
+    max_samples: Count | None
+    max_eval_samples: Count | None
     seed: int
 
 
 @dataclass(config=STRICT)
 class DPOConfig:
-    beta: float
+    beta: PositiveNumber
     loss_type: str
     precompute_ref_log_probs: bool
 
 
 @dataclass(config=STRICT)
 class LoraSettings:
-    r: int
-    alpha: int
-    dropout: float
+    r: Count
+    alpha: Count
+    dropout: Annotated[float, Field(ge=0, lt=1)]
     # PEFT's "all-linear" (every linear layer but the output head) or a list of module names.
     target_modules: str | list[str]
 
 
 @dataclass(config=STRICT)
 class PromptTuningSettings:
-    num_virtual_tokens: int
+    num_virtual_tokens: Count
     init_text: str | None  # null: random initialisation
 
 
@@ -105,26 +123,26 @@ class MethodConfig:
     peft: PeftKind
     lora: LoraSettings
     prompt_tuning: PromptTuningSettings
-    learning_rate: float
+    learning_rate: PositiveNumber
     lr_scheduler_type: str
-    warmup_ratio: float
-    weight_decay: float
-    max_grad_norm: float
+    warmup_ratio: Fraction
+    weight_decay: NonNegativeNumber
+    max_grad_norm: NonNegativeNumber  # 0: no clipping
     optim: str
-    num_train_epochs: float
-    max_steps: int
+    num_train_epochs: NonNegativeNumber
+    max_steps: int  # -1: train num_train_epochs; otherwise at least 1 (checked in validate)
     global_batch_size: int
-    max_length: int
+    max_length: Count
     packing: bool
     # TRL's strategies: bfd and bfd_split pack padding-free (needs flash attention); wrapped does not.
     packing_strategy: Literal["bfd", "bfd_split", "wrapped"]
     padding_free: bool
     assistant_only_loss: bool | None  # null: on for chat data whose template marks replies
     completion_only_loss: bool | None
-    logging_steps: int
-    save_steps: int
-    save_total_limit: int | None
-    eval_steps: int | None
+    logging_steps: Count
+    save_steps: Count
+    save_total_limit: Count | None
+    eval_steps: Count | None
     # Preference methods only (method=dpo); null for the others.
     dpo: DPOConfig | None
 
@@ -139,10 +157,10 @@ class HardwareConfig:
     accelerator: Literal["cpu", "cuda"]
     world_size: int  # processes on all nodes together; the global batch divides by it
     num_nodes: int
-    node_rank: int | None  # null: SLURM_NODEID inside a SLURM job, else 0
+    node_rank: NonNegative | None  # null: SLURM_NODEID inside a SLURM job, else 0
     main_address: str | None  # null: the first node of the SLURM allocation, else 127.0.0.1
-    main_port: int | None  # null: free on one node; across nodes from the SLURM job id, else 29500
-    per_device_batch_size: int
+    main_port: Port | None  # null: free on one node; across nodes from the SLURM job id, else 29500
+    per_device_batch_size: Count
     precision: Precision
     supports_bf16: bool  # false for GPUs without bf16 (T4, V100)
     gradient_checkpointing: bool
@@ -150,13 +168,14 @@ class HardwareConfig:
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"]
     distributed: Literal["none", "ddp", "fsdp", "deepspeed"]
     launch_config: str | None  # accelerate config in launch/, for the distributed kinds
-    dataloader_num_workers: int
-    torch_threads: int | None
-    device_memory_gib: float | None  # per device; the plan warns when its estimate exceeds it
+    dataloader_num_workers: NonNegative
+    torch_threads: Count | None
+    # Per device; the plan warns when its estimate exceeds it.
+    device_memory_gib: PositiveNumber | None
     # What hydra/launcher=slurm asks for on each node (null: SLURM's default).
-    cpus_per_node: int | None
-    memory_gib_per_node: int | None
-    time_limit_minutes: int
+    cpus_per_node: Count | None
+    memory_gib_per_node: Count | None
+    time_limit_minutes: Count
 
 
 @dataclass(config=STRICT)
@@ -181,10 +200,11 @@ class JudgeConfig:
 class HarnessConfig:
     """eval.harness: lm-evaluation-harness tasks (conf/eval/harness.yaml)."""
 
-    tasks: list[str]
+    tasks: Names
     num_fewshot: int | list[int]
-    limit: int | float | None
-    batch_size: int
+    # Documents per task: a count, or a fraction of each task in (0, 1].
+    limit: Count | Annotated[float, Field(gt=0, le=1)] | None
+    batch_size: Count
     apply_chat_template: bool
     # Few-shot examples as earlier chat turns; null: with the chat template, as lm-eval does.
     fewshot_as_multiturn: bool | None
@@ -211,7 +231,7 @@ class NemoConfig:
     benchmarks: str | list[str]
     server: Literal["vllm", "sglang", "transformers", "external"]
     server_address: str | None  # server=external: its OpenAI base URL (.../v1)
-    server_startup_timeout_s: float
+    server_startup_timeout_s: PositiveNumber
     nemo_env: str | None  # NeMo-Skills' own virtualenv (it pins datasets<4)
     inference: dict[str, Any]  # ++inference.<key>=<value>: temperature, top_p, ...
     nemo_args: list[str]  # more `ns eval` arguments, e.g. ['++max_samples=20']
@@ -269,9 +289,9 @@ class ReportConfig:
 
 @dataclass(config=STRICT)
 class WatchConfig:
-    poll_seconds: float
+    poll_seconds: PositiveNumber
     # Give up when no new checkpoint appeared and training did not finish for this long.
-    idle_timeout_minutes: float
+    idle_timeout_minutes: PositiveNumber
     # null: evaluate here; a launcher option (slurm): each checkpoint is its own job there.
     submit_to: str | None
 

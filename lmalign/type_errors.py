@@ -7,7 +7,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import ValidationError
 
@@ -17,6 +17,7 @@ from lmalign.schema import Config
 
 def _walk(loc: tuple) -> tuple[list[str], Any, type | None]:
     """Follow an error location through the schema: (dotted key parts, annotation, owning class).
+    The annotation keeps its bounds (Annotated[int, Field(ge=1)]).
 
     Stops at pydantic's union-member tags ('int', 'list[int]'), which are not config keys.
     """
@@ -26,7 +27,7 @@ def _walk(loc: tuple) -> tuple[list[str], Any, type | None]:
     for element in loc:
         cls = _dataclass_in(annotation)
         if cls is not None and isinstance(element, str):
-            hints = typing.get_type_hints(cls)
+            hints = typing.get_type_hints(cls, include_extras=True)
             owner = cls
             parts.append(element)
             if element not in hints:
@@ -40,25 +41,57 @@ def _walk(loc: tuple) -> tuple[list[str], Any, type | None]:
     return parts, annotation, owner
 
 
+def _plain(annotation: Any) -> Any:
+    """The type without its bounds."""
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated \
+        else annotation
+
+
+def _bounds(annotation: Any) -> list[tuple[str, Any]]:
+    """(">=", 1) and the like, from Field(ge=1, ...)."""
+    if typing.get_origin(annotation) is not Annotated:
+        return []
+    found = []
+    for meta in typing.get_args(annotation)[1:]:
+        for item in getattr(meta, "metadata", [meta]):
+            for name, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+                if getattr(item, name, None) is not None:
+                    found.append((symbol, getattr(item, name)))
+    return found
+
+
+def _satisfies(value: float, bounds: list[tuple[str, Any]]) -> bool:
+    checks = {">=": value.__ge__, ">": value.__gt__, "<=": value.__le__, "<": value.__lt__}
+    return all(checks[symbol](limit) for symbol, limit in bounds)
+
+
 def _dataclass_in(annotation: Any) -> type | None:
-    if dataclasses.is_dataclass(annotation):
-        return annotation
-    for arg in typing.get_args(annotation):
-        if dataclasses.is_dataclass(arg):
-            return arg
+    annotation = _plain(annotation)
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
     return None
 
 
 def _is_mapping(annotation: Any) -> bool:
-    return typing.get_origin(annotation) is dict
+    return typing.get_origin(_plain(annotation)) is dict
 
 
 def _item_type(annotation: Any) -> Any:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    args = [a for a in typing.get_args(_plain(annotation)) if a is not type(None)]
     return args[-1] if args else Any
 
 
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_PLURALS = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+
+
 def _describe_type(annotation: Any) -> str:
+    bounds = _bounds(annotation)
+    if bounds:
+        return f"{_describe_type(_plain(annotation))} " + " and ".join(
+            f"{symbol} {limit}" for symbol, limit in bounds)
+    annotation = _plain(annotation)
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return "one of " + ", ".join(str(a) for a in typing.get_args(annotation))
@@ -67,25 +100,37 @@ def _describe_type(annotation: Any) -> str:
         text = " or ".join(_describe_type(a) for a in members)
         return text + (" or null" if type(None) in typing.get_args(annotation) else "")
     if origin is list:
-        return f"a list of {_describe_type(typing.get_args(annotation)[0])}s"
+        item = typing.get_args(annotation)[0]
+        return f"a list of {_PLURALS.get(item) or _describe_type(item)}" + (
+            ", or one of them" if item is str else "")
     if origin is dict:
         return "a mapping"
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    if annotation in names:
-        return names[annotation]
+    if annotation in _NAMES:
+        return _NAMES[annotation]
     if dataclasses.is_dataclass(annotation):
         return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(annotation))
     return str(annotation)
 
 
-def _example(annotation: Any) -> str:
+def _example(annotation: Any, received: Any = None) -> str:
+    """A value the annotation allows: the closest choice to what was received, else a typical
+    one within the bounds."""
+    bounds = _bounds(annotation)
+    annotation = _plain(annotation)
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
-        return str(typing.get_args(annotation)[0])
+        choices = [str(a) for a in typing.get_args(annotation)]
+        close = difflib.get_close_matches(str(received), choices, n=1)
+        return close[0] if close else choices[0]
     members = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if origin is not None and members and origin is not list and origin is not dict:
-        return _example(members[0])
-    return {int: "8", float: "0.0002", bool: "true", str: "NAME"}.get(annotation, "<value>")
+    if origin is list:
+        return f"[{_example(typing.get_args(annotation)[0])}]"
+    if origin is not None and members and origin is not dict:
+        return _example(members[0], received)
+    typical = {int: 8, float: 0.0002, bool: "true", str: "NAME"}.get(annotation, "<value>")
+    if bounds and isinstance(typical, (int, float)) and not _satisfies(typical, bounds):
+        typical = next(limit for symbol, limit in bounds if symbol in (">=", "<="))
+    return str(typical)
 
 
 def describe_type_errors(exc: ValidationError, container: dict[str, Any]) -> list[str]:
@@ -95,7 +140,8 @@ def describe_type_errors(exc: ValidationError, container: dict[str, Any]) -> lis
         key = ".".join(parts)
         if key in problems:
             continue  # a union reports once per member; one line per key is enough
-        value = err["input"] if err["type"] != "missing_argument" else "<missing>"
+        value = err["input"] if err["type"] not in ("missing_argument", "missing") \
+            else "<missing>"
         if err["type"] == "unexpected_keyword_argument":
             known = [f.name for f in dataclasses.fields(owner)] if owner else []
             close = difflib.get_close_matches(parts[-1], known, n=1)
@@ -109,9 +155,10 @@ def describe_type_errors(exc: ValidationError, container: dict[str, Any]) -> lis
                 key, value, "missing", _describe_type(annotation),
                 f"add `{parts[-1]}:` to the YAML option or pass +{key}=...")
         else:
+            received = _lookup(container, parts, err["input"])
             problems[key] = problem(
-                key, _lookup(container, parts, err["input"]), f"not valid ({err['msg'].lower()})",
-                _describe_type(annotation), f"{key}={_example(annotation)}")
+                key, received, f"not valid ({err['msg'].lower()})",
+                _describe_type(annotation), f"{key}={_example(annotation, received)}")
     return list(problems.values())
 
 

@@ -142,7 +142,18 @@ def _method_problems(config: Config) -> list[str]:
             "model.attn_implementation=flash_attention_2 on a GPU, or "
             + ("method.padding_free=false" if method.padding_free
                else "method.packing_strategy=wrapped")))
-    if method.max_steps <= 0 and method.num_train_epochs <= 0:
+    context = config.model.architecture.get("max_position_embeddings")
+    if isinstance(context, int) and method.max_length > context:
+        problems.append(problem(
+            "method.max_length", method.max_length, f"longer than model={config.model.name}'s "
+            f"context of {context} positions (its max_position_embeddings)",
+            f"at most {context}", f"method.max_length={min(context, 4096)}"))
+    if method.max_steps == 0 or method.max_steps < -1:
+        problems.append(problem(
+            "method.max_steps", method.max_steps, "neither a number of steps nor -1",
+            "-1 (train for method.num_train_epochs) or 1 or more steps",
+            "method.max_steps=-1, or method.max_steps=100"))
+    elif method.max_steps == -1 and method.num_train_epochs <= 0:
         problems.append(problem(
             "method.num_train_epochs", method.num_train_epochs,
             "with method.max_steps=-1 the epoch count decides the length of training",

@@ -97,6 +97,7 @@ def prepared(hub_root, tmp_path_factory, lmalign_cache):
     return cache, first, first_requests, second, second_requests
 
 
+@pytest.mark.slow
 def test_prepare_retries_fetches_only_what_is_missing_and_summarises(prepared):
     cache, first, first_requests, second, second_requests = prepared
     # The chats' repo failed on every attempt: the others were fetched, the run says which
@@ -143,6 +144,7 @@ def cluster_cache(prepared, tmp_path_factory) -> Path:
     return _unpack(prepared[0], tmp_path_factory.mktemp("cluster") / "unpacked")
 
 
+@pytest.mark.slow
 def test_verify_loads_the_unpacked_cache_and_names_damage(cluster_cache, tmp_path,
                                                           lmalign_cache):
     log = tmp_path / "network.log"
@@ -172,6 +174,7 @@ def test_verify_loads_the_unpacked_cache_and_names_damage(cluster_cache, tmp_pat
     assert not log.exists()
 
 
+@pytest.mark.slow
 def test_offline_run_trains_and_evaluates_from_the_cache_alone(cluster_cache, tmp_path,
                                                                lmalign_cache):
     log = tmp_path / "network.log"
@@ -185,6 +188,7 @@ def test_offline_run_trains_and_evaluates_from_the_cache_alone(cluster_cache, tm
     assert "arc_easy" in metrics and "tiny_mc" in metrics
 
 
+@pytest.mark.slow
 def test_offline_run_missing_from_the_cache_exits_2_naming_the_prepare(cluster_cache, tmp_path,
                                                                        lmalign_cache):
     result = lmalign("stage=eval", "model=smollm2_1.7b", "eval.harness.tasks=[arc_easy]", "offline=true",

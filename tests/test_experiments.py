@@ -33,6 +33,7 @@ def test_method_comparison_prints_one_table_of_all_four_methods(tmp_path, lmalig
         assert (tmp_path / "runs" / arm / "final").is_dir()
 
 
+@pytest.mark.slow
 def test_synthetic_instruction_recipe_plans_offline(tmp_path, lmalign_cache):
     result = lmalign("+experiment=synthetic_instruction", "dry_run=true", cwd=tmp_path,
                      cache=lmalign_cache, env={"HF_HUB_OFFLINE": "1"}, check=True)
@@ -53,6 +54,7 @@ def test_full_finetune_fsdp_recipe_plans_eight_processes_offline(tmp_path, lmali
     assert "launch/fsdp2.yaml --num_processes 8" in plan and "--mixed_precision bf16" in plan
 
 
+@pytest.mark.slow
 def test_intermediate_checkpoints_recipe_plans_revisions_by_tasks_offline(tmp_path, lmalign_cache):
     result = lmalign("+experiment=intermediate_checkpoints", "dry_run=true", cwd=tmp_path,
                      cache=lmalign_cache, env={"HF_HUB_OFFLINE": "1"}, check=True)
@@ -65,6 +67,7 @@ def test_intermediate_checkpoints_recipe_plans_revisions_by_tasks_offline(tmp_pa
     assert "3.19 GiB of weights per loaded model" in plan and "optimizer" not in plan
 
 
+@pytest.mark.slow
 def test_offline_evaluation_recipe_plans_every_model_and_task_into_one_cache(tmp_path,
                                                                             lmalign_cache):
     cache = tmp_path / "cache"
@@ -81,6 +84,7 @@ def test_offline_evaluation_recipe_plans_every_model_and_task_into_one_cache(tmp
     assert not (tmp_path / "runs").exists()  # planning leaves no run directories
 
 
+@pytest.mark.slow
 def test_chat_sft_nemo_recipe_plans_packed_chat_sft_and_nemo_skills_on_every_checkpoint(
         tmp_path, lmalign_cache):
     result = lmalign("+experiment=chat_sft_nemo", "dry_run=true", cwd=tmp_path,
