@@ -21,7 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lmalign import adapters, outcome
 from lmalign.config_tree import CONF_DIR, CONFIG_NAME, register_resolvers
-from lmalign.errors import EXIT_USER_ERROR, JobFailed, TrainingStopped, UserError, report
+from lmalign.errors import (EXIT_INTERRUPTED, EXIT_USER_ERROR, JobFailed, TrainingStopped,
+                            UserError, report)
 
 # PEFT calls transformers' renamed property; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -83,6 +84,11 @@ def _launch(outcomes: Path) -> int:
     failed_jobs = 0
     try:
         _hydra_job()
+    except KeyboardInterrupt:  # Ctrl-C: the run's record says "interrupted"
+        print("stopped: interrupted (Ctrl-C); run the same command again to resume from the "
+              "newest complete checkpoint and skip the evaluations that are done",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except UserError as exc:  # refused before any job started (a sweep's shared run_name)
         problems += exc.problems
     except JobFailed as exc:  # a cluster job or a cache stage: no traceback
@@ -108,7 +114,10 @@ def _launch(outcomes: Path) -> int:
     if problems:
         report(problems)
         return EXIT_USER_ERROR
-    return 1 if failed_jobs or any(job.status == "stopped" for job in ended) else 0
+    signals = [job.signal for job in ended if job.status == "stopped"]
+    if signals:  # the shell's convention: 128 + the signal that stopped it (143: SIGTERM)
+        return 128 + signals[0] if signals[0] else 1
+    return 1 if failed_jobs else 0
 
 
 def _collate_sweep(sweep: Path) -> int:

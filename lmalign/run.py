@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -268,6 +269,10 @@ def _accepted(job: Job, owner: bool) -> Iterator[rundir.RunRecord]:
     config, run_dir = job.config, job.run_dir
     if config.hardware.torch_threads:
         torch.set_num_threads(config.hardware.torch_threads)
+    if config.hardware.accelerator == "cpu":
+        # accelerate imports DeepSpeed where it is installed, which then warns that it found no
+        # GPU: on a CPU profile that is the plan, not news.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not rundir.has_config_record(run_dir) or (config.trains and not _has_trained(run_dir)):
         rundir.write_config_record(run_dir, TypeAdapter(Config).dump_python(config, mode="json"),
                                    job.choices, job.recorded_overrides)

@@ -109,7 +109,7 @@ def test_sigterm_and_sigkill_runs_resume_to_the_weights_of_an_uninterrupted_run(
 
     # SIGTERM (preemption): every rank saves a checkpoint at the next step and stops cleanly.
     code = _start_then_signal(tmp_path, lmalign_cache, "termed", args, 20, signal.SIGTERM)
-    assert code == 1 and "Traceback" not in _start_then_signal.stderr
+    assert code == 128 + signal.SIGTERM and "Traceback" not in _start_then_signal.stderr
     (line,) = [l for l in _start_then_signal.stderr.splitlines() if l.startswith("stopped: ")]
     saved = sorted(int(p.name.split("-")[1]) for p in
                    (tmp_path / "runs" / "termed" / "checkpoints").glob("checkpoint-*"))
@@ -117,13 +117,21 @@ def test_sigterm_and_sigkill_runs_resume_to_the_weights_of_an_uninterrupted_run(
     assert 20 < stopped_at < 60 and stopped_at % 20 and f"checkpoint-{stopped_at}" in line
     # SIGKILL: nothing to save; the newest complete checkpoint is where it resumes.
     assert _start_then_signal(tmp_path, lmalign_cache, "killed", args, 40, signal.SIGKILL) != 0
+    # Ctrl-C: one line, 130 as a shell reports it, and the run says it was interrupted.
+    code = _start_then_signal(tmp_path, lmalign_cache, "interrupted", args, 20, signal.SIGINT)
+    assert code == 130 and "Traceback" not in _start_then_signal.stderr
+    assert [l for l in _start_then_signal.stderr.splitlines() if l.strip()] == [
+        "stopped: interrupted (Ctrl-C); run the same command again to resume from the newest "
+        "complete checkpoint and skip the evaluations that are done"]
+    assert json.loads((tmp_path / "runs" / "interrupted" / "run.json").read_text())[
+        "status"] == "interrupted"
 
     # A checkpoint cut short on disk is reported by name and passed over for the one before it.
     weights_file = tmp_path / "runs" / "killed" / "checkpoints" / "checkpoint-40" / \
         "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:100_000])
 
-    for name, step in (("termed", stopped_at), ("killed", 20)):
+    for name, step in (("termed", stopped_at), ("killed", 20), ("interrupted", 20)):
         result = lmalign(f"run_name={name}", *args, cwd=tmp_path, cache=lmalign_cache,
                          check=True)
         log = result.stdout + result.stderr
