@@ -37,6 +37,16 @@ class ComparisonTableCallback(Callback):
               f"({sweep_dir / report.COMPARISON_FILE}):\n{table}\n", flush=True)
 
 
+def sweep_overrides(config: Any) -> list[str]:
+    """What the sweeper expands into jobs: a recipe's hydra.sweeper.params, then the command
+    line (as Hydra's basic sweeper orders them). As typed: an override may hold
+    ${hydra:job.num}, which only a job can resolve."""
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    recipe = [f"{key}={value}" for key, value in
+              (OmegaConf.to_container(params, resolve=False) if params else {}).items()]
+    return recipe + OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+
+
 def _collated(config: Any) -> bool:
     """Dry runs and the cache stages have no results to collate."""
     return not config.get("dry_run") and not str(config.get("stage")).startswith("cache_")
@@ -52,9 +62,7 @@ class SweepJobsCallback(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         from lmalign import config_tree, outcome, report, rundir
 
-        # As typed: an override may hold ${hydra:job.num}, which only a job can resolve.
-        typed = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-        jobs = adapters.expand_sweep(typed)
+        jobs = adapters.expand_sweep(sweep_overrides(config))
         try:
             composed = config_tree.sweep_jobs(config, jobs)
         except Exception:  # a job that does not compose: the launcher raises, main diagnoses

@@ -72,7 +72,8 @@ PLOTS_DIR = "plots"
 JOBS_DIR = "jobs"            # <sweep>/jobs/<num>.json: one per started job (callbacks.py)
 EXPECTED_JOBS = "expected.json"
 SUMMARY_COLUMNS = ["job", "overrides", "checkpoint", "step", "backend", "task", "group", "metric",
-                   "num_fewshot", "eval_mode", "value", "stderr", "run_dir", "cell"]
+                   "num_fewshot", "eval_mode", "value", "stderr", "settings", "settings_hash",
+                   "run_dir", "cell"]
 # Keys whose values are a plot's x axis or its lines, not separate experiments.
 _AXIS_KEYS = ("eval.harness.num_fewshot", "eval.checkpoints", "eval.revisions", "model.revision")
 
@@ -144,8 +145,10 @@ def summary_rows(jobs: list[Job]) -> list[dict[str, Any]]:
         for row in collect_rows(job.run_dir):
             if job.cells is not None and row["cell"] not in job.cells:
                 continue
+            shown = " ".join(p for p in (variant, f"[{row['settings']}]" if row.get("settings")
+                                         else "") if p)
             rows.append({**row, "job": job.name, "overrides": " ".join(job.overrides),
-                         "variant": variant, "run_dir": str(job.run_dir)})
+                         "variant": shown, "run_dir": str(job.run_dir)})
     return rows
 
 

@@ -31,6 +31,9 @@ def test_method_comparison_prints_one_table_of_all_four_methods(tmp_path, lmalig
     assert all(arm in saved.read_text() for arm in ARMS)
     for arm in ARMS:
         assert (tmp_path / "runs" / arm / "final").is_dir()
+    summary = saved.with_name("summary.md").read_text()  # the sweep's summary: every arm
+    assert "4 job(s): 4 done" in summary
+    assert all(f"+arm={arm.replace('-', '/', 1)}" in summary for arm in ARMS)
 
 
 @pytest.mark.slow

@@ -213,3 +213,20 @@ def test_a_run_recorded_in_the_old_layout_works_with_eval_watch_report_and_init_
     child = run("run_name=child", "model.init_from=old", "method.max_steps=2", "eval=none")
     assert "starting from" in child and "old/final" in child
     assert (tmp_path / "runs" / "child" / "final" / "model.safetensors").exists()
+
+
+def test_cells_of_different_settings_are_never_read_as_one(demo, tmp_path, lmalign_cache):
+    """A limit=4 evaluation beside the full one: metrics.csv, the printed table and
+    summary.md keep them apart and say which is which."""
+    _, run_dir, _ = demo
+    shutil.copytree(run_dir, tmp_path / "runs" / "demo")
+    result = lmalign("stage=eval", "run_name=demo", "eval.checkpoints=[final]",
+                     "eval.harness.limit=4", cwd=tmp_path, cache=lmalign_cache, check=True)
+    rows = [r for r in _metrics(tmp_path / "runs" / "demo") if r["checkpoint"] == "final"
+            and r["task"] == "tiny_mc" and r["metric"] == "acc"]
+    assert sorted(r["settings"] for r in rows) == ["limit=4", "limit=null"]
+    assert len({r["settings_hash"] for r in rows}) == 2
+    assert "settings" in result.stdout and "limit=4" in result.stdout
+    lmalign("stage=report", "run_name=demo", cwd=tmp_path, cache=lmalign_cache, check=True)
+    summary = (tmp_path / "runs" / "demo" / "summary.md").read_text()
+    assert "[limit=4]" in summary and "[limit=null]" in summary

@@ -21,7 +21,9 @@ from lmalign.tables import aligned
 CELL_RECORD = "cell.json"
 METRICS_CSV = "metrics.csv"
 METRICS_COLUMNS = ["checkpoint", "step", "backend", "task", "metric", "num_fewshot", "eval_mode",
-                   "value", "stderr", "cell", "group"]
+                   "value", "stderr", "settings", "settings_hash", "cell", "group"]
+# Columns of their own: never part of the readable `settings` that tells cells apart.
+_OWN_COLUMNS = ("backend", "tasks", "num_fewshot", "benchmarks")
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,32 @@ def write_record(staging: Path, target: Target, settings: dict[str, Any],
 
 
 def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Every row of every complete cell. `settings` names what tells a cell apart from the
+    run's other cells of its backend (`limit=20;seed=1`), so rows of different settings are
+    never read as one; `settings_hash` is the cell's full identity."""
+    cells = [(record, json.loads(record.read_text()))
+             for record in sorted((Path(run_dir) / "eval").glob(f"*/*/{CELL_RECORD}"))]
+    varying: dict[str, set[str]] = {}
+    for backend in {cell["settings"].get("backend") for _, cell in cells}:
+        same = [cell["settings"] for _, cell in cells
+                if cell["settings"].get("backend") == backend]
+        keys = {key for settings in same for key in settings} - set(_OWN_COLUMNS)
+        varying[backend] = {key for key in keys
+                            if len({json.dumps(s.get(key), sort_keys=True) for s in same}) > 1}
     rows = []
-    for record in sorted((Path(run_dir) / "eval").glob(f"*/*/{CELL_RECORD}")):
-        cell = json.loads(record.read_text())
+    for record, cell in cells:
+        settings = cell["settings"]
+        shown = ";".join(f"{key}={_text(settings.get(key))}"
+                         for key in sorted(varying[settings.get("backend")]))
         for row in cell["rows"]:
-            rows.append({**row, "cell": str(record.parent.relative_to(run_dir))})
+            rows.append({**row, "settings": shown,
+                         "settings_hash": cell.get("settings_hash") or settings_hash(settings),
+                         "cell": str(record.parent.relative_to(run_dir))})
     return rows
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def rebuild_metrics_csv(run_dir: Path) -> list[dict[str, Any]]:
@@ -92,13 +114,16 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     labels = sorted({r["checkpoint"] for r in rows}, key=_order)
     grouped: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        key = (r["task"], r["metric"], r["eval_mode"], r["num_fewshot"])
+        key = (r["task"], r["metric"], r["eval_mode"], r["num_fewshot"], r.get("settings") or "")
         grouped.setdefault(key, {})[r["checkpoint"]] = r["value"]
-    header = ["task", "metric", "fewshot", *labels] + (["delta"] if len(labels) > 1 else [])
+    varied = any(key[4] for key in grouped)  # a column only when cells differ in settings
+    header = ["task", "metric", "fewshot", *(["settings"] if varied else []), *labels] + (
+        ["delta"] if len(labels) > 1 else [])
     lines = [header]
-    for (task, metric, mode, shots), values in sorted(grouped.items(), key=str):
+    for (task, metric, mode, shots, settings), values in sorted(grouped.items(), key=str):
         shown = [f"{values[l]:.3f}" if l in values else "-" for l in labels]
-        row = [task, metric if mode == "none" else f"{metric} ({mode})", str(shots), *shown]
+        row = [task, metric if mode == "none" else f"{metric} ({mode})", str(shots),
+               *([settings or "-"] if varied else []), *shown]
         if len(labels) > 1:
             first, last = values.get(labels[0]), values.get(labels[-1])
             row.append(f"{last - first:+.3f}" if first is not None and last is not None else "-")
