@@ -214,7 +214,8 @@ def write_plots(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
         figure, axes = pyplot.subplots(figsize=(6, 4))
         for (variant, shots), points in sorted(lines.items(), key=str):
             points = sorted(set(points))
-            label = f"{shots}-shot" + (f" {variant}" if variant else "")
+            label = (f"{shots}-shot" if shots is not None else metric) + (
+                f" {variant}" if variant else "")
             axes.plot([s for s, _ in points], [v for _, v in points], marker="o", label=label)
         axes.set_xlabel("step")
         axes.set_ylabel(metric if mode == "none" else f"{metric} ({mode})")
@@ -267,7 +268,8 @@ def _metric_table(task: str, metric: str, mode: str, rows: list[dict[str, Any]])
         key = (_variant(row), row["checkpoint"], row.get("step"))
         cells.setdefault(key, {})[row["num_fewshot"]] = row["value"]
     name = metric if mode == "none" else f"{metric} ({mode})"
-    table = [["experiment", "checkpoint", "step", *(f"{s}-shot" for s in shots)]]
+    table = [["experiment", "checkpoint", "step",
+              *(f"{s}-shot" if s is not None else "value" for s in shots)]]
     for (variant, checkpoint, step), values in sorted(cells.items(), key=lambda item: (
             item[0][0], item[0][2] if isinstance(item[0][2], int) else -1, item[0][1])):
         table.append([variant or "-", checkpoint, str(step) if step is not None else "-",
@@ -301,7 +303,9 @@ def _subtask_table(group: str, rows: list[dict[str, Any]]) -> list[str]:
 RESULTS_ZIP = "results.zip"
 _RUN_FILES = ("metrics.csv", "run.json", rundir.CONFIG_RECORD, "summary.*", "plots/*.png",
               ".hydra/**/*.yaml", "jobs/*.json")
-_CELL_FILES = ("*.json", "*.jsonl")  # cell.json, lm-eval's results_* and samples_*
+# cell.json, lm-eval's results_* and samples_*; NeMo-Skills' metrics.json and outputs per
+# benchmark (not the benchmark data a cell links to).
+_CELL_FILES = ("*.json", "*.jsonl", "eval-results/**/*.json", "eval-results/**/*.jsonl")
 
 
 def pack(directory: Path, jobs: list[Job]) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
 import os
 import re
 import shutil
@@ -319,6 +320,14 @@ def test_harness_and_nemo_in_one_job_write_both_backends_cells_into_one_metrics_
     assert {r["task"] for r in rows if r["backend"] == "nemo"} == {"gsm8k"}
     record = json.loads((trained / "run.json").read_text())
     assert record["attempts"][-1]["status"] == "done" and record["status"] == "done"
+    # The run's summary and results.zip hold NeMo-Skills' own results, titled as values.
+    lmalign("stage=report", "run_name=sft", "report.pack=true", cwd=tmp_path,
+            cache=lmalign_cache, check=True)
+    summary = (trained / "summary.md").read_text()
+    assert "None-shot" not in summary and "| value |" in summary
+    with zipfile.ZipFile(trained / "results.zip") as packed:
+        names = packed.namelist()
+    assert any(n.endswith("eval-results/gsm8k/metrics.json") for n in names), names
 
 
 @pytest.mark.slow
