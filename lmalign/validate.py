@@ -320,10 +320,6 @@ def _cache_problems(config: Config) -> list[str]:
         problems.append(problem("cache.dir", None, f"stage={config.stage} needs the cache "
                                 "directory", "a directory (created if missing)",
                                 f"stage={config.stage} cache.dir=/path/to/lmalign-cache"))
-    if config.offline and not config.cache.dir:
-        problems.append(problem("cache.dir", None, "offline=true reads every model and dataset "
-                                "from the offline cache", "the directory stage=cache_prepare "
-                                "filled", "offline=true cache.dir=/path/to/lmalign-cache"))
     if config.offline and config.stage == "cache_prepare":
         problems.append(problem("offline", True, "stage=cache_prepare fetches from the hub",
                                 "offline=false on a connected machine",

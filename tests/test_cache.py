@@ -212,3 +212,52 @@ def test_verify_warns_of_a_datasets_version_unlike_the_one_that_wrote_the_cache(
     assert line.startswith(f"the cache was written with datasets 3.6.0 and this machine has "
                            f"{here['datasets']}: datasets caches from another major version")
     assert fetch.version_warnings(here) == []
+
+
+def test_prepare_without_network_stops_at_once_with_one_line(tmp_path, lmalign_cache):
+    """No hub answering: one line naming the endpoint within seconds, not one slow failure per
+    item with every retry."""
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    started = time.time()
+    result = lmalign(*RUN, "stage=cache_prepare", f"cache.dir={tmp_path / 'cache'}",
+                     cwd=tmp_path, cache=lmalign_cache, env={"HF_ENDPOINT": endpoint})
+    assert result.returncode == 2 and time.time() - started < 60, result.stderr[-2000:]
+    (line,) = [l for l in result.stderr.splitlines() if l.strip()]
+    assert line.startswith(f"error: stage='cache_prepare': the hub ({endpoint}) cannot be "
+                           "reached from this machine; 0 of ") and "fetches only what" in line
+
+
+def test_offline_needs_a_cache_only_for_what_comes_from_the_hub(tmp_path, lmalign_cache):
+    """The embedded model and lmalign's own tasks need nothing: offline=true runs without a
+    cache. A hub model does: one line naming it and the fix."""
+    alone = lmalign("offline=true", "stage=eval", "eval.checkpoints=[base]",
+                    "eval.harness.limit=2", cwd=tmp_path, cache=lmalign_cache)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    hub = lmalign("offline=true", "model=smollm2_135m", "eval=none", cwd=tmp_path,
+                  cache=lmalign_cache)
+    assert hub.returncode == 2
+    (line,) = [l for l in hub.stderr.splitlines() if l.strip()]
+    assert line.startswith("error: cache.dir=None: offline=true, and this run needs from the "
+                           "hub: model HuggingFaceTB/SmolLM2-135M") and \
+        "fix: offline=true cache.dir=" in line
+
+
+def test_a_group_missing_from_the_cache_is_one_line_not_one_per_subtask(tmp_path):
+    from conftest import typed_config
+    from lmalign.cache.offline import offline_problems
+
+    subjects = [f"dataset:cais/mmlu:{name}" for name in ("anatomy", "astronomy", "virology",
+                                                          "nutrition", "law")]
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"format": 1, "items": [], "tasks": {"mmlu": subjects}, "local": []}))
+    config = typed_config("stage=eval", "offline=true", f"cache.dir={tmp_path}",
+                          "eval.harness.tasks=[mmlu,tiny_mc]", "eval.checkpoints=[base]")
+    (line,) = offline_problems(config, ["eval.harness.tasks=[mmlu,tiny_mc]"])
+    assert line.startswith("eval.harness.tasks='mmlu': dataset:cais/mmlu:anatomy, "
+                           "dataset:cais/mmlu:astronomy, dataset:cais/mmlu:virology and 2 more "
+                           "are not in the offline cache")

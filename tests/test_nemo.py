@@ -243,6 +243,19 @@ def test_eval_without_nemo_skills_exits_2_with_the_install_line(tmp_path, lmalig
         "NVIDIA-NeMo/Skills.git" in line
 
 
+def test_a_failed_prepare_never_passes_for_done_on_an_older_copy(tmp_path, monkeypatch):
+    nemo_env = tmp_path / "nemo-env"  # ns prepare_data writes into its environment: a copy
+    shutil.copytree(STAND_IN, nemo_env)
+    for name, value in _stand_in_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    ns = nemo_skills.ns_executable(str(nemo_env))
+    assert nemo_skills.prepare_data(ns, "gsm8k", tmp_path / "first").stat().st_size > 0
+    monkeypatch.setenv("LMALIGN_NS_PREPARE_FAILS", "1")
+    with pytest.raises(RuntimeError, match="ns prepare_data gsm8k exited 1 and wrote no "):
+        nemo_skills.prepare_data(ns, "gsm8k", tmp_path / "second")
+    assert not (tmp_path / "second").exists()
+
+
 @pytest.mark.slow
 def test_offline_from_prepared_benchmark_data_cells_land_in_metrics_csv_and_a_rerun_skips_them(
         trained, tmp_path, lmalign_cache, monkeypatch):

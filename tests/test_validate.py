@@ -65,12 +65,6 @@ def test_cache_stages_need_the_cache_directory():
         typed_config("stage=cache_prepare")
 
 
-def test_offline_runs_read_from_a_cache_directory():
-    with pytest.raises(UserError, match=r"cache.dir=None: offline=true reads every model and "
-                       r"dataset from the offline cache.*fix: offline=true cache.dir="):
-        typed_config("offline=true")
-
-
 def test_prepare_is_refused_offline():
     with pytest.raises(UserError, match=r"offline=True: stage=cache_prepare fetches from the hub"
                        r".*fix: drop offline=true"):

@@ -16,6 +16,7 @@ from lmalign.cache.manifest import (DATASETS, HUB, Item, damage, first_line, lib
 from lmalign.cache.pack import pack
 from lmalign.cache.plan import LOCAL_TASK, describe, plan
 from lmalign.errors import JobFailed, UserError, problem
+from lmalign.machine import hub_reachable
 from lmalign.schema import Config
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ def prepare(config: Config, cache_dir: Path) -> None:
     todo = [item for item in manifest.items.values() if damage(item, cache_dir)]
     print(f"cache_prepare: {len(manifest.items)} item(s) in {manifest_path(cache_dir)}, "
           f"{len(todo)} to fetch", flush=True)
+    if todo and not hub_reachable():  # else every item would fail slowly, one by one
+        raise UserError(_no_network(len(todo), 0))
     for number, item in enumerate(todo, 1):
         print(f"[{number}/{len(todo)}] {item.label}", flush=True)
         _remove_damaged(item, cache_dir)
@@ -55,6 +58,8 @@ def prepare(config: Config, cache_dir: Path) -> None:
                                       config.eval.nemo.nemo_env if config.eval.nemo else None)
         with updating(cache_dir) as latest:  # each item is kept as soon as it is fetched
             latest.items[fetched.key] = fetched
+        if fetched.status == "failed" and not hub_reachable():
+            raise UserError(_no_network(len(todo), number - 1))
     with updating(cache_dir) as manifest:
         failed = [item for item in manifest.items.values() if item.status != "done"]
         manifest.versions = library_versions()
@@ -78,6 +83,15 @@ def prepare(config: Config, cache_dir: Path) -> None:
                                     else f"tar xzf {parts[0].name}"), flush=True)
 
 
+def _no_network(todo: int, fetched: int) -> str:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return problem("stage", "cache_prepare", f"the hub ({endpoint}) cannot be reached from this "
+                   f"machine; {fetched} of {todo} item(s) fetched (kept)", "a machine that "
+                   "reaches the hub (HF_ENDPOINT names a mirror)", "run the same command on a "
+                   "connected machine, or again once the network is back: it fetches only what "
+                   "is missing")
+
+
 def _fetch_with_retries(item: Item, cache_dir: Path, retries: int,
                         nemo_env: str | None) -> Item:
     fetched = dataclasses.replace(item, status="planned", error=None, files=[], rows={})
@@ -91,7 +105,7 @@ def _fetch_with_retries(item: Item, cache_dir: Path, retries: int,
             return fetched
         except Exception as exc:
             fetched.error = f"{type(exc).__name__}: {first_line(exc)}"
-            if attempt < retries and _worth_retrying(exc):
+            if attempt < retries and _worth_retrying(exc) and hub_reachable():
                 wait = 2 ** attempt
                 print(f"  attempt {attempt + 1} failed ({fetched.error}); retrying in {wait} s",
                       flush=True)

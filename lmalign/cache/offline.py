@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from lmalign.cache.manifest import DATASETS, HUB, damage, load_manifest
 from lmalign.cache.plan import model_items, nemo_items, training_dataset_item
@@ -44,13 +45,8 @@ def use_environment(offline: bool, cache_dir: str | None, stage: str) -> None:
 
 
 def offline_problems(config: Config, overrides: list[str]) -> list[str]:
-    cache_dir = Path(str(config.cache.dir)).expanduser().resolve()
-    command = prepare_command(cache_dir, overrides)
-    manifest = load_manifest(cache_dir)
-    if manifest is None:
-        return [problem("cache.dir", str(cache_dir), "offline=true but it holds no manifest.json",
-                        "a cache that stage=cache_prepare filled", f"on a connected machine: "
-                        f"{command}, then copy {cache_dir} here")]
+    """What this offline run needs that the cache lacks, grouped: one line per key and kind of
+    lack, however many items (mmlu's 57 subjects are one line)."""
     training = config.trains
     evaluating = config.evaluates or (config.stage == "watch" and bool(config.eval.backends))
     needed = [(("model.init_from", config.model.init_from) if config.model.init_from else
@@ -60,34 +56,56 @@ def offline_problems(config: Config, overrides: list[str]) -> list[str]:
         needed.append((("dataset.path", config.dataset.path), dataset))
     if evaluating and config.eval.nemo is not None:
         needed += [(("eval.nemo.benchmarks", item.repo), item) for item in nemo_items(config)]
-    problems = []
+    tasks = _hub_tasks(config.eval.harness.tasks) if evaluating and config.eval.harness else []
+    if not config.cache.dir:
+        if not needed and not tasks:
+            return []  # nothing comes from the hub (the embedded model, local data, tiny tasks)
+        wanted = [item.label for _, item in needed] + [f"eval task {t}" for t in tasks]
+        return [problem("cache.dir", None, "offline=true, and this run needs from the hub: "
+                        + _some(wanted), "the offline cache that stage=cache_prepare filled",
+                        "offline=true cache.dir=/path/to/lmalign-cache")]
+    cache_dir = Path(str(config.cache.dir)).expanduser().resolve()
+    command = prepare_command(cache_dir, overrides)
+    fix = f"on a connected machine: {command}, then copy the cache here"
+    manifest = load_manifest(cache_dir)
+    if manifest is None:
+        return [problem("cache.dir", str(cache_dir), "offline=true but it holds no manifest.json",
+                        "a cache that stage=cache_prepare filled", f"on a connected machine: "
+                        f"{command}, then copy {cache_dir} here")]
+    lacking: dict[tuple[str, Any, str], list[str]] = {}  # (key, value, why) -> item labels
     for (key, value), item in needed:
         kept = manifest.items.get(item.key)
         why = "not in its manifest" if kept is None else "; ".join(damage(kept, cache_dir))
         if why:
-            problems.append(problem(key, value, f"{item.label} is not in the offline cache "
-                                    f"{cache_dir} ({why})", "what stage=cache_prepare fetched",
-                                    f"on a connected machine: {command}, then copy the cache "
-                                    "here"))
-    for task in (config.eval.harness.tasks if evaluating and config.eval.harness is not None
-                 else []):
+            lacking.setdefault((key, value, why), []).append(item.label)
+    for task in tasks:
         if task not in manifest.tasks:
-            problems.append(problem("eval.harness.tasks", task, "not planned into the offline "
-                                    f"cache {cache_dir}",
-                                    "tasks whose datasets stage=cache_prepare fetched",
-                                    f"on a connected machine: {command}, then copy the cache "
-                                    "here"))
+            lacking.setdefault(("eval.harness.tasks", task, "not planned into it"), []).append(
+                f"eval task {task}")
             continue
         for key in manifest.tasks[task]:
             kept = manifest.items.get(key)
             why = "; ".join(damage(kept, cache_dir)) if kept else "not in its manifest"
             if why:
-                problems.append(problem("eval.harness.tasks", task,
-                                        f"{kept.label if kept else key} is not usable in the "
-                                        f"offline cache {cache_dir} ({why})",
-                                        "what stage=cache_prepare fetched", f"on a connected "
-                                        f"machine: {command}, then copy the cache here"))
-    return problems
+                lacking.setdefault(("eval.harness.tasks", task, why.split(" (")[0]), []).append(
+                    kept.label if kept else key)
+    return [problem(key, value, f"{_some(labels)} {'is' if len(labels) == 1 else 'are'} not "
+                    f"in the offline cache {cache_dir} ({why})", "what stage=cache_prepare "
+                    "fetched", fix)
+            for (key, value, why), labels in lacking.items()]
+
+
+def _hub_tasks(tasks: list[str]) -> list[str]:
+    """The tasks whose data comes from the hub: all but lmalign's own (tiny_mc, ...)."""
+    from lmalign.evaluation import harness
+
+    own = harness.own_tasks()
+    return [task for task in tasks if task not in own]
+
+
+def _some(labels: list[str], shown: int = 3) -> str:
+    more = len(labels) - shown
+    return ", ".join(labels[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def prepare_command(cache_dir: Path, overrides: list[str]) -> str:

@@ -51,6 +51,11 @@ def _registry(with_lm_eval_tasks: bool):
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=with_lm_eval_tasks)
 
 
+def own_tasks() -> set[str]:
+    """lmalign's own tasks (lmalign/tasks), which need nothing from the hub."""
+    return set(_registry(False).all_tasks)
+
+
 def task_manager(tasks: Iterable[str] = ()):
     """One registry per process. lm-eval's own scans ~15k task configs (about 9 s on 2 cores);
     tasks that all ship with lmalign (lmalign/tasks) are found without that scan."""

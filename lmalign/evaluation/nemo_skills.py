@@ -225,11 +225,13 @@ def prepare_data(ns: Path, name: str, target: Path) -> Path:
             "eval.nemo.benchmarks", name, "a benchmark group (cache its members)" if info else
             f"not a benchmark of the NeMo-Skills in {ns.parent.parent}",
             ", ".join(found.known), "list the benchmarks themselves in eval.nemo.benchmarks"))
+    source = found.root / name
+    split = source / f"{info['split']}.jsonl"
+    # An older copy from an earlier prepare must not pass for this one's result.
+    split.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         code = subprocess.run([str(ns), "prepare_data", name], cwd=scratch,
                               env=ns_environment(ns)).returncode
-    source = found.root / name
-    split = source / f"{info['split']}.jsonl"
     if not split.exists() or split.stat().st_size == 0:
         raise RuntimeError(f"ns prepare_data {name} exited {code} and wrote no {split}")
     with rundir.staged_directory(target) as staging:
