@@ -140,7 +140,7 @@ def train_and_evaluate(job: Job) -> None:
     config, run_dir = job.config, job.run_dir
     _refuse_changed_settings(config, run_dir)
     if config.evaluates:
-        evaluation.check(config.eval)  # before training, not after it
+        evaluation.check(config.eval, config.cache.dir)  # before training, not after it
     problems = []
     if config.trains and not rundir.final_dir(run_dir):
         from lmalign.data_preflight import preflight
@@ -171,7 +171,7 @@ def evaluate_run(job: Job) -> None:
         "eval.checkpoints=[base]")]
     try:
         if config.evaluates:
-            evaluation.check(config.eval)
+            evaluation.check(config.eval, config.cache.dir)
     except UserError as exc:
         problems += exc.problems
     if problems:
@@ -202,7 +202,7 @@ def watch_run(job: Job) -> None:
     if saved is None:
         raise UserError(_no_such_run(job.config, "stage=watch watches a training run that has "
                                      "started", "start the training first"))
-    evaluation.check(job.config.eval)
+    evaluation.check(job.config.eval, job.config.cache.dir)
     handler = _log_to_file(job.run_dir, job.config.stage, owner=False)
     try:
         watch.watch(job.config, job.run_dir, _trained_from(job.config, saved), saved,

@@ -113,7 +113,7 @@ def _nemo_config(*overrides: str):
 
 def test_an_unknown_benchmark_is_refused_with_the_ones_nemo_skills_has():
     with pytest.raises(UserError, match=r"eval.nemo.benchmarks='gsm9k': not a benchmark of the "
-                       r"NeMo-Skills in .*nemo_stand_in; allowed: arena-hard, gsm8k, human-eval"):
+                       r"NeMo-Skills in .*nemo_stand_in; allowed: arena-hard, gsm8k, human-eval, ifeval"):
         nemo.check(_nemo_config("eval.nemo.benchmarks=[gsm9k,gsm8k]").eval)
 
 
@@ -130,6 +130,40 @@ def test_a_judged_benchmark_without_its_api_key_is_refused_before_anything_runs(
                        r"judged by my-judge"):  # any benchmark is judged once a judge is set
         nemo.check(_nemo_config("eval.nemo.benchmarks=gsm8k", "eval.nemo.judge.model=my-judge",
                                 "eval.nemo.judge.api_key_env=TEAM_JUDGE_KEY").eval)
+
+
+def test_a_benchmark_without_prepared_data_is_refused_before_any_server_starts(tmp_path):
+    nemo_env = tmp_path / "nemo-env"
+    shutil.copytree(STAND_IN, nemo_env)
+    (nemo_env / "lib" / "nemo_skills" / "dataset" / "gsm8k" / "test.jsonl").unlink()
+    with pytest.raises(UserError, match=r"eval.nemo.benchmarks='gsm8k': its data is not prepared "
+                       r"\(.*gsm8k/test.jsonl is missing\), so ns eval would fail after the "
+                       r"server started; .*fix: .*/ns prepare_data gsm8k, or stage=cache_prepare"):
+        nemo.check(typed_config("stage=eval", "eval=nemo", "eval.nemo.server=transformers",
+                                f"eval.nemo.nemo_env={nemo_env}",
+                                "eval.nemo.benchmarks=[gsm8k]").eval)
+
+
+def test_a_benchmark_scored_only_in_nemo_skills_container_is_refused_before_any_work():
+    with pytest.raises(UserError, match=r"eval.nemo.benchmarks='ifeval': NeMo-Skills scores it "
+                       r"with a tool only its container has \(/opt/benchmarks/google-research\)"):
+        nemo.check(_nemo_config("eval.nemo.benchmarks=[gsm8k,ifeval]").eval)
+
+
+@pytest.mark.parametrize("typer, spelling", [("0.26", "--server_address"),
+                                             ("0.27", "--server-address")])
+def test_the_help_is_read_whole_however_narrow_the_terminal(tmp_path, monkeypatch, typer,
+                                                            spelling):
+    """typer draws `ns eval --help` with rich at 80 columns, cutting long option names."""
+    for name, value in _stand_in_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LMALIGN_NS_TYPER", typer)
+    monkeypatch.setenv("COLUMNS", "80")
+    ns = STAND_IN / "bin" / "ns"
+    help_text = nemo_skills.eval_help(ns, tuple(sorted(nemo_skills.ns_environment(ns).items())))
+    assert nemo_skills.flag_spelling(help_text, "server_address") == spelling
+    assert nemo_skills.flag_spelling(help_text, "judge_server_address") == spelling.replace(
+        "--", "--judge" + spelling[8])
 
 
 # ---------------------------------------------------------------------------------------------

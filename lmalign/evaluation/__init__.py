@@ -16,16 +16,17 @@ from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, EvalConfig, ModelConfig
 
 
-def check(evaluation: EvalConfig) -> None:
+def check(evaluation: EvalConfig, cache_dir: str | None = None) -> None:
     """Before anything trains or loads: each selected backend's tasks exist and it is installed.
-    Every backend's problems are reported together."""
+    Every backend's problems are reported together. cache_dir: the offline cache, which may
+    hold prepared benchmark data."""
     problems: list[str] = []
     for backend in evaluation.backends:
         try:
             if backend == "nemo":
                 from lmalign.evaluation import nemo
 
-                nemo.check(evaluation)
+                nemo.check(evaluation, cache_dir)
             else:
                 from lmalign.evaluation import harness
 

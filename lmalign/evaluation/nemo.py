@@ -45,12 +45,14 @@ def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path
     return [cells.cell_dir(run_dir, target, settings(evaluation)) for target in targets]
 
 
-def check(evaluation: EvalConfig) -> Path:
-    """Before any training: NeMo-Skills is there, it knows every benchmark, and each judge's
-    API key is in the environment. Every problem at once."""
+def check(evaluation: EvalConfig, cache_dir: str | None = None) -> Path:
+    """Before any training or server: NeMo-Skills is there, it knows every benchmark, their data
+    is prepared (in NeMo-Skills' environment or the offline cache), their scoring can run here,
+    and each judge's API key is in the environment. Every problem at once."""
     benchmarks = parse_benchmarks(str(evaluation.nemo.benchmark_spec))
     ns = ns_executable(evaluation.nemo.nemo_env)
     known = catalog(ns, tuple(dict.fromkeys(b.name for b in benchmarks)))
+    cached = cached_data(cache_dir, benchmarks)
     problems = []
     for name in dict.fromkeys(b.name for b in benchmarks):
         if name not in known.benchmarks:
@@ -59,7 +61,22 @@ def check(evaluation: EvalConfig) -> Path:
                                     "a name from that list "
                                     "(eval.nemo.benchmarks=[gsm8k:4,ifeval])"))
             continue
-        default_judge = known.benchmarks[name]["judge"]
+        info = known.benchmarks[name]
+        data = known.root / name / f"{info['split']}.jsonl"
+        if cached is None and not info["group"] and not data.exists():
+            problems.append(problem(
+                "eval.nemo.benchmarks", name, f"its data is not prepared ({data} is missing), "
+                "so ns eval would fail after the server started", "prepared benchmarks",
+                f"{ns} prepare_data {name}, or stage=cache_prepare cache.dir=<dir> with this "
+                "run's settings and cache.dir=<dir> here"))
+        if info.get("container") and not Path(info["container"]).exists():
+            problems.append(problem(
+                "eval.nemo.benchmarks", name, f"NeMo-Skills scores it with a tool only its "
+                f"container has ({info['container']}); here it would generate every answer "
+                "and never be scored", "benchmarks scored outside the container, or a run "
+                "inside NeMo-Skills' container", f"drop {name}, or run inside the NeMo-Skills "
+                "container"))
+        default_judge = info["judge"]
         if not (default_judge or is_judged(evaluation)):
             continue
         variable = judge_key_variable(evaluation, default_judge)
@@ -80,7 +97,7 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model
              hardware: HardwareConfig, cache_dir: str | None = None) -> None:
     """model: the run's model settings (dtype, for merging a LoRA adapter); cache_dir: the
     offline cache, whose prepared benchmark data is used when it has all of it."""
-    ns = check(evaluation)
+    ns = check(evaluation, cache_dir)
     env = ns_environment(ns)
     help_text = eval_help(ns, tuple(sorted(env.items())))
     benchmarks = parse_benchmarks(str(evaluation.nemo.benchmark_spec))

@@ -77,7 +77,7 @@ def ns_executable(env: str | None) -> Path:
 # Run with NeMo-Skills' own python: what it knows of each benchmark (its dataset module's
 # settings), without building anything. A module that exists but fails to import raises.
 _CATALOG_QUERY = r"""
-import importlib, json, os, sys
+import importlib, json, os, re, sys
 import nemo_skills.dataset as datasets
 root = os.path.dirname(datasets.__file__)
 found = {}
@@ -90,7 +90,21 @@ for name in sys.argv[1:]:
         continue
     found[name] = {"split": getattr(module, "EVAL_SPLIT", "test"),
                    "judge": getattr(module, "JUDGE_PIPELINE_ARGS", None) or None,
-                   "group": bool(getattr(module, "IS_BENCHMARK_GROUP", False))}
+                   "group": bool(getattr(module, "IS_BENCHMARK_GROUP", False)),
+                   "container": None}
+    # Scoring that runs a tool only NeMo-Skills' container has (ifeval: /opt/benchmarks/...).
+    kind = re.search(r"\+\+eval_type=(\S+)", getattr(module, "EVAL_ARGS", "") or "")
+    if kind:
+        try:
+            import inspect
+            from nemo_skills.evaluation import evaluator
+            scorer = getattr(evaluator, "EVALUATOR_MAP", {}).get(kind.group(1)) or getattr(
+                evaluator, "EVALUATOR_CLASS_MAP", {}).get(kind.group(1))
+            where = re.search(r"/opt/benchmarks/[\w.-]+", inspect.getsource(
+                inspect.getmodule(scorer))) if scorer else None
+            found[name]["container"] = where.group(0) if where else None
+        except Exception:
+            pass
 known = sorted(n for n in os.listdir(root) if os.path.exists(os.path.join(root, n, "__init__.py")))
 print(json.dumps({"root": root, "benchmarks": found, "known": known}, default=str))
 """
@@ -99,7 +113,9 @@ print(json.dumps({"root": root, "benchmarks": found, "known": known}, default=st
 @dataclass(frozen=True)
 class Catalog:
     root: Path  # nemo_skills/dataset in NeMo-Skills' environment (ns prepare_data writes there)
-    benchmarks: dict[str, dict[str, Any]]  # name -> split, judge (its default), group
+    # name -> split, judge (its default), group, container (a path only NeMo-Skills' container
+    # has, which its scoring needs)
+    benchmarks: dict[str, dict[str, Any]]
     known: list[str]
 
 
@@ -208,9 +224,11 @@ def ns_environment(ns: Path) -> dict[str, str]:
 
 @lru_cache(maxsize=4)
 def eval_help(ns: Path, env: tuple[tuple[str, str], ...]) -> str:
-    """`ns eval --help`, once per process (the watcher evaluates checkpoint after checkpoint)."""
-    return subprocess.run([str(ns), "eval", "--help"], env=dict(env), capture_output=True,
-                          text=True).stdout
+    """`ns eval --help`, once per process (the watcher evaluates checkpoint after checkpoint).
+    typer draws it with rich at the terminal's width, cutting long option names
+    (`--server_addre…`) at 80 columns: drawn wide here, every name is whole."""
+    return subprocess.run([str(ns), "eval", "--help"], env={**dict(env), "COLUMNS": "400"},
+                          capture_output=True, text=True).stdout
 
 
 def prepare_data(ns: Path, name: str, target: Path) -> Path:
