@@ -19,10 +19,10 @@ import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from lmalign import adapters, outcome
+from lmalign import adapters, outcome, processes
 from lmalign.config_tree import CONF_DIR, CONFIG_NAME, register_resolvers
-from lmalign.errors import (EXIT_INTERRUPTED, EXIT_USER_ERROR, JobFailed, TrainingStopped,
-                            UserError, report)
+from lmalign.errors import (EXIT_INTERRUPTED, EXIT_USER_ERROR, JobFailed, Stopped,
+                            TrainingStopped, UserError, report)
 
 # PEFT calls transformers' renamed property; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -72,8 +72,10 @@ def _hand_on_signal(number: int | None) -> None:
 def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach us; Hydra would print and exit 1
     register_resolvers()
+    processes.become_subreaper()
     with outcome.folder() as outcomes:
-        code = _launch(outcomes)
+        with processes.owned():
+            code = _launch(outcomes)
     if code:
         sys.exit(code)
 
@@ -89,6 +91,10 @@ def _launch(outcomes: Path) -> int:
               "newest complete checkpoint and skip the evaluations that are done",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Stopped as exc:  # SIGTERM/SIGHUP outside training
+        print(f"stopped: {exc} (signal {exc.signal_number}); run the same command again to "
+              "continue where it stopped", file=sys.stderr)
+        return 128 + exc.signal_number
     except UserError as exc:  # refused before any job started (a sweep's shared run_name)
         problems += exc.problems
     except JobFailed as exc:  # a cluster job or a cache stage: no traceback

@@ -37,6 +37,17 @@ class TrainingStopped(Exception):
         self.signal_number = signal_number  # what stopped it, for a cluster launcher to requeue
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP outside training: raised in the main thread (as Ctrl-C raises
+    KeyboardInterrupt), so that every `finally` runs; the command exits 128 + the signal."""
+
+    def __init__(self, signal_number: int):
+        import signal
+
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
 class JobFailed(Exception):
     """A sweep job that failed on a cluster: one line naming the job and its log (the traceback
     is in that log)."""

@@ -24,7 +24,7 @@ from pydantic import TypeAdapter
 from lmalign import config_tree, evaluation, launch, loggers, merge, models
 from lmalign import outcome, rundir, secrets
 from lmalign.cache import fetch, offline
-from lmalign.errors import TrainingStopped, UserError, problem
+from lmalign.errors import Stopped, TrainingStopped, UserError, problem
 from lmalign.evaluation import cells, targets
 from lmalign.evaluation.cells import Target
 from lmalign.schema import Config, ModelConfig
@@ -284,6 +284,9 @@ def _accepted(job: Job, owner: bool) -> Iterator[rundir.RunRecord]:
         record.finish("done")
     except KeyboardInterrupt:
         record.finish("interrupted")
+        raise
+    except Stopped as exc:
+        record.finish("stopped", error=f"{exc} outside training")
         raise
     except TrainingStopped as exc:
         record.finish("stopped", error=str(exc))

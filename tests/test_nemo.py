@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import zipfile
 import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -434,3 +434,56 @@ def test_a_checkpoint_sweep_and_the_watcher_share_nemo_cells_and_never_write_the
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if SECRET.encode() in p.read_bytes()]
     assert SECRET not in sweep.stdout + sweep.stderr + watcher.stdout + watcher.stderr
+
+
+def _marked(marker: str) -> list[int]:
+    """Processes whose environment holds the marker: everything a run started."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+@pytest.mark.slow
+def test_sigterm_while_generating_ends_the_server_and_nemo_skills_own_jobs(trained, tmp_path,
+                                                                           lmalign_cache):
+    """NeMo-Skills' generation runs in a session of its own (nemo_run): SIGTERM to lmalign ends
+    it and the server too, exits 143, and the re-run completes the cell."""
+    import signal
+    import socket
+    import time
+    import uuid
+
+    marker = f"lmalign-test-{uuid.uuid4().hex}"
+    args = [sys.executable, "-m", "lmalign", "stage=eval", "run_name=sft", "eval=nemo",
+            "eval.nemo.benchmarks=[gsm8k]", "eval.nemo.server=transformers",
+            f"eval.nemo.nemo_env={STAND_IN}", "eval.checkpoints=[final]"]
+    env = {**os.environ, "LMALIGN_CACHE": str(lmalign_cache), **_stand_in_env(tmp_path),
+           "LMALIGN_NS_JOB_SECONDS": "600", "LMALIGN_TEST_MARK": marker}
+    with open(tmp_path / "stopped.log", "wb") as output:
+        process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not list((trained / "eval" / "final").glob("*.partial/generation-job.pid")):
+        assert process.poll() is None and time.time() < deadline, \
+            (tmp_path / "stopped.log").read_text()[-3000:]
+        time.sleep(0.2)
+    (server_log,) = (trained / "eval" / "final").glob("*.partial/server.log")
+    port = int(re.search(r"--port (\d+)", server_log.read_text()).group(1))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    output = (tmp_path / "stopped.log").read_text()
+    assert "Traceback" not in output and "stopped: SIGTERM" in output
+    assert _marked(marker) == []  # the server, ns and its own-session job: all gone
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert list((trained / "eval" / "final").glob("nemo-*.partial"))  # kept for the re-run
+    env.pop("LMALIGN_NS_JOB_SECONDS")
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [p for p in (trained / "eval" / "final").glob("nemo-*") if (p / "cell.json").exists()]

@@ -122,7 +122,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     lines = [header]
     for (task, metric, mode, shots, settings), values in sorted(grouped.items(), key=str):
         shown = [f"{values[l]:.3f}" if l in values else "-" for l in labels]
-        row = [task, metric if mode == "none" else f"{metric} ({mode})", str(shots),
+        row = [task, metric if mode == "none" else f"{metric} ({mode})",
+               str(shots) if shots is not None else "-",
                *([settings or "-"] if varied else []), *shown]
         if len(labels) > 1:
             first, last = values.get(labels[0]), values.get(labels[-1])

@@ -1,0 +1,80 @@
+"""Every process a command starts ends with it (docs/design.md, Launch and signals).
+
+`main()` makes lmalign a child subreaper (Linux's PR_SET_CHILD_SUBREAPER): a descendant whose
+parent exits, such as the generation and scoring jobs NeMo-Skills starts in sessions of their
+own, is re-parented to lmalign instead of init, so lmalign still finds it. SIGTERM and SIGHUP
+become `Stopped` in the main thread (as Ctrl-C becomes KeyboardInterrupt), so every `finally`
+runs: a server's block stops its server, a cell stays `.partial` for the re-run. When the
+command ends, whatever it started and is still running is asked to end (SIGTERM), given a
+bounded wait that is logged with its length, then killed. Training keeps its own handlers
+while it runs (lmalign.training.StopOnSignal: save a checkpoint, then stop).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from lmalign.errors import Stopped
+
+log = logging.getLogger(__name__)
+PR_SET_CHILD_SUBREAPER = 36
+STOP_GRACE_SECONDS = 20
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants come to this process (Linux); False where that is not possible."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _raise_stopped(number: int, _frame) -> None:
+    raise Stopped(number)
+
+
+@contextmanager
+def owned(grace: float = STOP_GRACE_SECONDS) -> Iterator[None]:
+    """While the block runs, SIGTERM/SIGHUP stop it as an exception; when it ends, however it
+    ends, the processes started inside it are ended with their trees."""
+    import psutil
+
+    me = psutil.Process()
+    before = {child.pid for child in me.children(recursive=True)}
+    previous = {number: signal.signal(number, _raise_stopped) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        end_started(me, before, grace)
+
+
+def end_started(me, before: set[int], grace: float) -> None:
+    """SIGTERM to every descendant started since `before`, a bounded wait, then SIGKILL."""
+    import psutil
+
+    for _ in range(3):  # killing a parent may hand us its orphans: look again
+        started = [child for child in me.children(recursive=True) if child.pid not in before]
+        if not started:
+            return
+        log.info("stopping %d process(es) this command started; waiting up to %.0f s",
+                 len(started), grace)
+        for child in started:
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(started, timeout=grace)
+        for child in alive:
+            log.warning("process %d did not stop within %.0f s: killing it", child.pid, grace)
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
