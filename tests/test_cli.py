@@ -114,6 +114,22 @@ def test_unknown_task_is_caught_before_training(run):
     assert "training" not in result.stdout + result.stderr
 
 
+def test_hub_tasks_without_network_are_refused_in_seconds_before_training(run):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a hub endpoint nothing answers
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    started = time.time()
+    result = run("eval.harness.tasks=[arc_easy,tiny_mc]", "run_name=t",
+                 env={"HF_ENDPOINT": endpoint})
+    assert result.returncode == 2 and time.time() - started < 60
+    (line,) = _errors(result)
+    assert line.startswith("error: eval.harness.tasks=['arc_easy']: their datasets come from "
+                           "the hub, which cannot be reached") and "HF_DATASETS_OFFLINE=1" in line
+
+
 def test_an_evaluation_key_of_the_old_flat_layout_names_its_new_place(run):
     result = run("eval.tasks=[tiny_mc]", "eval.benchmarks=[gsm8k]", "eval=none",
                  "eval.harness.limit=3")

@@ -31,6 +31,7 @@ def check(evaluation: EvalConfig, cache_dir: str | None = None) -> None:
                 from lmalign.evaluation import harness
 
                 harness.check_tasks(evaluation.harness.tasks)
+                problems += harness.unreachable_problems(evaluation.harness.tasks)
         except UserError as exc:
             problems += exc.problems
     if problems:

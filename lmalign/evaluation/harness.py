@@ -51,6 +51,25 @@ def _registry(with_lm_eval_tasks: bool):
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=with_lm_eval_tasks)
 
 
+def unreachable_problems(tasks: list[str]) -> list[str]:
+    """Tasks whose data comes from the hub when the hub cannot be reached: datasets would retry
+    for most of a minute per task, then fail with a traceback."""
+    import os
+
+    from lmalign.machine import hub_offline, hub_reachable
+
+    hub = [task for task in tasks if task not in own_tasks()]
+    offline = hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
+    if not hub or offline or hub_reachable():
+        return []
+    return [problem("eval.harness.tasks", hub, "their datasets come from the hub, which cannot "
+                    "be reached from this machine", "tasks whose data is here: lmalign's own "
+                    "(tiny_mc, tiny_gen, tiny_prefs), your Hugging Face cache, or an offline cache",
+                    "HF_DATASETS_OFFLINE=1 if they are in your Hugging Face cache, or "
+                    "stage=cache_prepare on a connected machine and offline=true "
+                    "cache.dir=<the cache> here")]
+
+
 def own_tasks() -> set[str]:
     """lmalign's own tasks (lmalign/tasks), which need nothing from the hub."""
     return set(_registry(False).all_tasks)
