@@ -111,6 +111,21 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+def interpolated_keys(cfg: Any, prefix: str = "") -> set[str]:
+    """Dotted keys whose value is an interpolation of another (`eval.seed: ${seed}`)."""
+    from omegaconf import DictConfig
+
+    found = set()
+    for key, node in cfg.items_ex(resolve=False) if isinstance(cfg, DictConfig) else []:
+        if str(key) == "hydra":
+            continue
+        if OmegaConf.is_interpolation(cfg, str(key)):
+            found.add(f"{prefix}{key}")
+        elif isinstance(node, DictConfig):
+            found |= interpolated_keys(node, f"{prefix}{key}.")
+    return found
+
+
 def group_options(group: str) -> list[str]:
     """The options of a config group a user may choose (shared bases start with _)."""
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")

@@ -92,7 +92,8 @@ def _validated_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path, new_dir: bool
             group, option, f"a shared base of the {group} options, not an option itself",
             ", ".join(config_tree.group_options(group)), f"{group}=<one of them>")
             for group, option in bases])
-    config = validate(OmegaConf.to_container(cfg, resolve=True), explicit_keys=explicit)
+    config = validate(OmegaConf.to_container(cfg, resolve=True), explicit_keys=explicit,
+                      following=config_tree.interpolated_keys(cfg))
     secrets.export(config.secrets)
     secrets.scrub_argv(secrets.secret_values(config.secrets))
     if config.offline and not config.dry_run and (config.loads_weights

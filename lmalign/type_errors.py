@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Collection
 from typing import Annotated, Any
 
 from pydantic import ValidationError
@@ -133,12 +134,16 @@ def _example(annotation: Any, received: Any = None) -> str:
     return str(typical)
 
 
-def describe_type_errors(exc: ValidationError, container: dict[str, Any]) -> list[str]:
+def describe_type_errors(exc: ValidationError, container: dict[str, Any],
+                         following: Collection[str] = ()) -> list[str]:
+    """One line per key; `following` keys (another key's value, interpolated) are left out
+    when that other key is reported too."""
     problems: dict[str, str] = {}
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors:
         parts, annotation, owner = _walk(err["loc"])
         key = ".".join(parts)
-        if key in problems:
+        if key in problems or (key in following and len(errors) > 1):
             continue  # a union reports once per member; one line per key is enough
         value = err["input"] if err["type"] not in ("missing_argument", "missing") \
             else "<missing>"

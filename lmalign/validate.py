@@ -22,17 +22,18 @@ CHECKPOINT_SELECTOR = re.compile(r"^(base|final|latest|all|checkpoint-\d+|\d+)$"
 
 
 def validate(container: dict[str, Any], check_environment: bool = True,
-             explicit_keys: Collection[str] = ()) -> Config:
+             explicit_keys: Collection[str] = (), following: Collection[str] = ()) -> Config:
     """Typed Config from a resolved config dict, or UserError listing every problem.
 
     explicit_keys: the keys the user set on the command line. What this machine cannot do is an
     error for those and an announced fallback for profile defaults (docs/design.md, Errors and
-    exit codes).
+    exit codes). following: keys whose value is another key's (`eval.seed: ${seed}`): a wrong
+    value is reported once, at its source.
     """
     try:
         config = TypeAdapter(Config).validate_python(container)
     except ValidationError as exc:
-        raise UserError(describe_type_errors(exc, container)) from None
+        raise UserError(describe_type_errors(exc, container, following)) from None
     problems = check_combinations(config)
     if check_environment:
         from lmalign.machine import check_environment_for

@@ -135,3 +135,56 @@ def test_a_single_task_is_a_list_of_one_and_a_stage_typo_gets_the_closest_stage(
     assert typed_config("eval.harness.tasks=tiny_mc").eval.harness.tasks == ["tiny_mc"]
     with pytest.raises(UserError, match=r"stage='evaluate': .*; fix: stage=eval$"):
         typed_config("stage=evaluate")
+
+
+def _typed_keys():
+    """(key, annotation, the overrides that select its section) for every leaf of the schema."""
+    import dataclasses
+    import typing
+
+    from lmalign.schema import Config, DPOConfig, NemoConfig
+    from lmalign.type_errors import _plain
+
+    selects = {NemoConfig: ("eval=nemo",), DPOConfig: ("method=dpo", "dataset=tiny_prefs")}
+
+    def walk(cls, prefix, needs):
+        for field in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls, include_extras=True)[field.name]
+            members = [hint] + [a for a in typing.get_args(hint) if a is not type(None)]
+            inner = next((m for m in members if isinstance(_plain(m), type)
+                          and dataclasses.is_dataclass(_plain(m))), None)
+            if inner is not None:
+                sub = _plain(inner)
+                yield from walk(sub, f"{prefix}{field.name}.", needs + selects.get(sub, ()))
+            elif not field.name.startswith("_"):
+                yield f"{prefix}{field.name}", hint, needs
+
+    return list(walk(Config, "", ()))
+
+
+def test_every_wrong_choice_and_every_word_for_a_number_is_one_line_with_a_fix(tmp_path,
+                                                                               lmalign_cache):
+    """The generated corpus: a value outside every fixed choice, and a word where every number
+    goes, each through the CLI entry in this process: one `error:` line, exit 2, no traceback."""
+    import typing
+
+    from conftest import lmalign_in_process
+    from lmalign.type_errors import _plain
+
+    cases = []
+    for key, hint, needs in _typed_keys():
+        plain = _plain(hint)
+        members = [_plain(m) for m in (plain, *typing.get_args(plain))]
+        if any(typing.get_origin(m) is typing.Literal for m in members):
+            cases.append((key, "bogus", needs, "allowed: one of "))
+        elif any(m in (int, float) for m in members) and str not in members:
+            cases.append((key, "abc", needs, "allowed: a"))
+    assert len(cases) >= 50
+    for key, value, needs, allowed in cases:
+        result = lmalign_in_process(*needs, f"{key}={value}", "dry_run=true", cwd=tmp_path,
+                                    cache=lmalign_cache)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (key, result.stderr)
+        assert lines[0].startswith(f"error: {key}='{value}': not valid"), lines[0]
+        assert allowed in lines[0] and "; fix: " in lines[0] and "Traceback" not in lines[0]
+    assert not list(tmp_path.iterdir())
