@@ -8,6 +8,8 @@ next to it (docs/design.md, Architecture). The tests that exercise each: tests/t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +75,25 @@ def task_settings(entry: Any, resolve: bool = False) -> dict[str, Any]:
     if entry.yaml_path:
         return dict(load_yaml(entry.yaml_path, resolve_func=resolve))
     return dict(entry.cfg or {})
+
+
+@contextmanager
+def quiet_git_lookup() -> Iterator[None]:
+    """lm-eval records `git describe` of the working directory in its results, and outside a
+    repository git prints `fatal: not a git repository` to the terminal twice per cell. While
+    the block runs, the same lookup runs with git's complaint discarded (None outside a
+    repository, as lm-eval's own fallback gives)."""
+    import subprocess
+    from unittest import mock
+
+    from lm_eval import evaluator
+
+    def describe() -> str | None:
+        found = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True)
+        return found.stdout.strip() or None if found.returncode == 0 else None
+
+    with mock.patch.object(evaluator, "get_git_commit_hash", describe):
+        yield
 
 
 def distribute_harness_model(lm: Any, accelerator: Any) -> None:

@@ -4,6 +4,9 @@ Every stage is one function in `STAGES`. Each checks what it needs (the run exis
 tasks exist, the checkpoints asked for are there) before it is accepted; only then does it write
 anything into the run directory: the record (record.yaml) of a new run, its own attempt in
 run.json and its own log file (docs/design.md, Run directory).
+
+Over 400 lines on purpose: the stage table, each stage's checks and the one place where a
+command is accepted (`_accepted`) stay together, so a stage reads top to bottom in one file.
 """
 
 from __future__ import annotations

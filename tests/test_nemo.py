@@ -482,8 +482,30 @@ def test_sigterm_while_generating_ends_the_server_and_nemo_skills_own_jobs(train
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert list((trained / "eval" / "final").glob("nemo-*.partial"))  # kept for the re-run
+
+    # SIGKILL leaves no chance to stop anything: the re-run ends the server it recorded.
+    with open(tmp_path / "killed.log", "wb") as output:
+        process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT)
+    pid_files = list((trained / "eval" / "final").glob("*.partial/generation-job.pid"))
+    for stale in pid_files:
+        stale.unlink()
+    while not list((trained / "eval" / "final").glob("*.partial/generation-job.pid")):
+        assert process.poll() is None and time.time() < deadline + 300
+        time.sleep(0.2)
+    (record,) = (trained / "eval" / "final").glob("*.partial/server.json")
+    server = json.loads(record.read_text())["pid"]
+    process.kill()
+    process.wait()
+    assert Path(f"/proc/{server}").exists()  # left running by the killed run
     env.pop("LMALIGN_NS_JOB_SECONDS")
+    env["LMALIGN_TEST_MARK"] = marker + "-rerun"
     rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "ending the server an earlier, stopped run left running" in rerun.stdout
+    assert not Path(f"/proc/{server}").exists() or "zombie" in Path(
+        f"/proc/{server}/status").read_text()
     assert [p for p in (trained / "eval" / "final").glob("nemo-*") if (p / "cell.json").exists()]
+    for pid in _marked(marker):  # the killed run's own-session job, which nothing recorded
+        os.kill(pid, signal.SIGKILL)

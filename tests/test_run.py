@@ -230,3 +230,11 @@ def test_cells_of_different_settings_are_never_read_as_one(demo, tmp_path, lmali
     lmalign("stage=report", "run_name=demo", cwd=tmp_path, cache=lmalign_cache, check=True)
     summary = (tmp_path / "runs" / "demo" / "summary.md").read_text()
     assert "[limit=4]" in summary and "[limit=null]" in summary
+
+
+def test_the_default_run_prints_no_noise_a_user_cannot_act_on(demo):
+    """Run outside a git repository on a CPU: no git complaint from lm-eval's environment
+    record, no DeepSpeed notice that it found no GPU."""
+    output = demo[0].stdout + demo[0].stderr
+    assert "fatal: not a git repository" not in output
+    assert "Setting accelerator to CPU" not in output

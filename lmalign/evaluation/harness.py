@@ -190,7 +190,8 @@ def _evaluate_cell(target: Target, lm, evaluation: EvalConfig, num_fewshot: int,
 def _simple_evaluate(lm, evaluation: EvalConfig, num_fewshot: int, tracker):
     from lm_eval import simple_evaluate
 
-    return simple_evaluate(
+    with adapters.quiet_git_lookup():
+        return simple_evaluate(
             model=lm, tasks=list(evaluation.harness.tasks), num_fewshot=num_fewshot,
             limit=evaluation.harness.limit, task_manager=task_manager(evaluation.harness.tasks),
             apply_chat_template=evaluation.harness.apply_chat_template,

@@ -169,6 +169,7 @@ def _serve_and_evaluate(target: Target, evaluation: EvalConfig, model: ModelConf
     # the cell at once.
     work = cell.with_name(cell.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
+    server.end_left_behind(work)  # a run killed outright could not stop its server
     served = served_model(target, evaluation, model, hardware, work)
     data_dir = None
     if data is not None:

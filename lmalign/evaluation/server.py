@@ -105,11 +105,56 @@ def serving(launch: Launch, log_path: Path, startup_timeout: float,
             raise ServerFailed(f"cannot start the {launch.kind} server: {exc}") from None
     base_url = f"http://127.0.0.1:{port}/v1"
     log.info("starting the %s server on %s (log: %s)", launch.kind, base_url, log_path)
+    _record(log_path.parent / SERVER_RECORD, process.pid)
     try:
         _await_health(process, base_url, launch, log_path, startup_timeout)
         yield Server(base_url, process.pid)
     finally:
         stop(process)
+        (log_path.parent / SERVER_RECORD).unlink(missing_ok=True)
+
+
+SERVER_RECORD = "server.json"  # in the cell's work directory: the server it started, for a re-run
+
+
+def _record(path: Path, pid: int) -> None:
+    import json
+
+    import psutil
+
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return
+    path.write_text(json.dumps({"pid": pid, "started": started}))
+
+
+def end_left_behind(work: Path) -> None:
+    """A server a killed run left (SIGKILL leaves no chance to stop it): ended when the recorded
+    pid is still that process (same start time), else only reported as gone."""
+    import json
+
+    import psutil
+
+    path = work / SERVER_RECORD
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())
+    try:
+        process = psutil.Process(recorded["pid"])
+        # Start times read at different moments may differ by a second (boot-time rounding).
+        same = abs(process.create_time() - recorded["started"]) < 2.5
+    except psutil.NoSuchProcess:
+        same = False
+    if same:
+        log.warning("ending the server an earlier, stopped run left running (pid %d)",
+                    recorded["pid"])
+        _signal_group(recorded["pid"], signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_GRACE_SECONDS)
+        except psutil.TimeoutExpired:
+            _signal_group(recorded["pid"], signal.SIGKILL)
+    path.unlink(missing_ok=True)
 
 
 def _await_health(process: subprocess.Popen, base_url: str, launch: Launch, log_path: Path,
