@@ -224,8 +224,9 @@ def test_cells_of_different_settings_are_never_read_as_one(demo, tmp_path, lmali
                      "eval.harness.limit=4", cwd=tmp_path, cache=lmalign_cache, check=True)
     rows = [r for r in _metrics(tmp_path / "runs" / "demo") if r["checkpoint"] == "final"
             and r["task"] == "tiny_mc" and r["metric"] == "acc"]
-    assert sorted(r["settings"] for r in rows) == ["limit=4", "limit=null"]
-    assert len({r["settings_hash"] for r in rows}) == 2
+    settings = [r["settings"] for r in rows]  # other tests may have evaluated the demo too
+    assert "limit=4" in settings and "limit=null" in settings
+    assert len(set(settings)) == len(rows) == len({r["settings_hash"] for r in rows})
     assert "settings" in result.stdout and "limit=4" in result.stdout
     lmalign("stage=report", "run_name=demo", cwd=tmp_path, cache=lmalign_cache, check=True)
     summary = (tmp_path / "runs" / "demo" / "summary.md").read_text()
