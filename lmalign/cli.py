@@ -64,7 +64,7 @@ def _hand_on_signal(number: int | None) -> None:
     import signal
 
     handler = signal.getsignal(number) if number else None
-    if callable(handler):
+    if callable(handler) and not processes.is_ours(handler):
         print(f"stopped: handing signal {number} on to the launcher's handler", flush=True)
         handler(number, None)
 

@@ -38,6 +38,11 @@ def _raise_stopped(number: int, _frame) -> None:
     raise Stopped(number)
 
 
+def is_ours(handler) -> bool:
+    """Whether a signal handler is the one `owned` installs (not a launcher's, like submitit's)."""
+    return handler is _raise_stopped
+
+
 @contextmanager
 def owned(grace: float = STOP_GRACE_SECONDS) -> Iterator[None]:
     """While the block runs, SIGTERM/SIGHUP stop it as an exception; when it ends, however it
