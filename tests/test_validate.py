@@ -74,30 +74,17 @@ def test_prepare_is_refused_offline():
 def _bounded_keys():
     """(key, a value outside its bounds, the overrides that select its section) for every
     number in the schema that has bounds."""
-    import dataclasses
     import typing
 
-    from lmalign.schema import Config, DPOConfig, NemoConfig
-    from lmalign.type_errors import _bounds, _plain
+    from lmalign.type_errors import _bounds
 
-    selects = {NemoConfig: ("eval=nemo",), DPOConfig: ("method=dpo", "dataset=tiny_prefs")}
-
-    def walk(cls, prefix, needs):
-        for field in dataclasses.fields(cls):
-            hint = typing.get_type_hints(cls, include_extras=True)[field.name]
-            members = [hint] + [a for a in typing.get_args(hint) if a is not type(None)]
-            inner = next((m for m in members if isinstance(_plain(m), type)
-                          and dataclasses.is_dataclass(_plain(m))), None)
-            if inner is not None:
-                sub = _plain(inner)
-                yield from walk(sub, f"{prefix}{field.name}.", needs + selects.get(sub, ()))
-                continue
-            bounds = next((_bounds(m) for m in members if _bounds(m)), [])
-            for symbol, limit in bounds:
-                outside = {">=": limit - 1, ">": limit, "<=": limit + 1, "<": limit}[symbol]
-                yield f"{prefix}{field.name}", outside, needs
-
-    return list(walk(Config, "", ()))
+    found = []
+    for key, hint, needs in _typed_keys():
+        members = [hint] + [a for a in typing.get_args(hint) if a is not type(None)]
+        for symbol, limit in next((_bounds(m) for m in members if _bounds(m)), []):
+            outside = {">=": limit - 1, ">": limit, "<=": limit + 1, "<": limit}[symbol]
+            found.append((key, outside, needs))
+    return found
 
 
 def test_every_bounded_number_out_of_bounds_is_one_error_line_naming_the_bound(tmp_path,
