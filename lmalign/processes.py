@@ -60,6 +60,19 @@ def owned(grace: float = STOP_GRACE_SECONDS) -> Iterator[None]:
         end_started(me, before, grace)
 
 
+@contextmanager
+def owned_children(grace: float = STOP_GRACE_SECONDS) -> Iterator[None]:
+    """The processes started inside the block (and their orphans) end with it."""
+    import psutil
+
+    me = psutil.Process()
+    before = {child.pid for child in me.children(recursive=True)}
+    try:
+        yield
+    finally:
+        end_started(me, before, grace)
+
+
 def end_started(me, before: set[int], grace: float) -> None:
     """SIGTERM to every descendant started since `before`, a bounded wait, then SIGKILL."""
     import psutil

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmalign import models, rundir, secrets
+from lmalign import models, processes, rundir, secrets
 from lmalign.errors import JobFailed, UserError, problem
 from lmalign.evaluation import cells, server
 from lmalign.evaluation.cells import Target
@@ -191,7 +191,8 @@ def _serve_and_evaluate(target: Target, evaluation: EvalConfig, model: ModelConf
                                 f"lmalign-{target.label}", dict(evaluation.nemo.inference or {}),
                                 list(evaluation.nemo.nemo_args), evaluation.nemo.judge,
                                 data_dir)
-            with open(work / "ns_eval.log", "a") as output:
+            with open(work / "ns_eval.log", "a") as output, processes.owned_children():
+                # NeMo-Skills' jobs hold connections to the server: on a stop they end first.
                 output.write(f"$ {' '.join(argv)}\n")
                 output.flush()
                 code = subprocess.run(argv, cwd=work, env=env, stdout=output,

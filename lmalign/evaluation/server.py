@@ -180,15 +180,14 @@ def stop(process: subprocess.Popen) -> None:
     SIGKILL to whatever is left after the grace period."""
     if process.poll() is not None and not _group_alive(process.pid):
         return
+    log.info("stopping the server (waiting up to %d s)", STOP_GRACE_SECONDS)
     _signal_group(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        log.warning("the server did not stop within %d s: killing it", STOP_GRACE_SECONDS)
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while _group_alive(process.pid) and time.monotonic() < deadline:
+    deadline = time.monotonic() + STOP_GRACE_SECONDS  # one bound for the server and its workers
+    while (process.poll() is None or _group_alive(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    _signal_group(process.pid, signal.SIGKILL)
+    if process.poll() is None or _group_alive(process.pid):
+        log.warning("the server did not stop within %d s: killing it", STOP_GRACE_SECONDS)
+        _signal_group(process.pid, signal.SIGKILL)
     process.wait()
 
 
