@@ -49,7 +49,8 @@ def prepare(config: Config, cache_dir: Path) -> None:
     todo = [item for item in manifest.items.values() if damage(item, cache_dir)]
     print(f"cache_prepare: {len(manifest.items)} item(s) in {manifest_path(cache_dir)}, "
           f"{len(todo)} to fetch", flush=True)
-    if todo and not hub_reachable():  # else every item would fail slowly, one by one
+    from_hub = [item for item in todo if item.kind != "nemo-benchmark"]  # ns fetches its own
+    if from_hub and not hub_reachable():  # else every item would fail slowly, one by one
         raise UserError(_no_network(len(todo), 0))
     for number, item in enumerate(todo, 1):
         print(f"[{number}/{len(todo)}] {item.label}", flush=True)
@@ -58,7 +59,7 @@ def prepare(config: Config, cache_dir: Path) -> None:
                                       config.eval.nemo.nemo_env if config.eval.nemo else None)
         with updating(cache_dir) as latest:  # each item is kept as soon as it is fetched
             latest.items[fetched.key] = fetched
-        if fetched.status == "failed" and not hub_reachable():
+        if fetched.status == "failed" and item.kind != "nemo-benchmark" and not hub_reachable():
             raise UserError(_no_network(len(todo), number - 1))
     with updating(cache_dir) as manifest:
         failed = [item for item in manifest.items.values() if item.status != "done"]
@@ -105,7 +106,8 @@ def _fetch_with_retries(item: Item, cache_dir: Path, retries: int,
             return fetched
         except Exception as exc:
             fetched.error = f"{type(exc).__name__}: {first_line(exc)}"
-            if attempt < retries and _worth_retrying(exc) and hub_reachable():
+            if attempt < retries and _worth_retrying(exc) and (
+                    item.kind == "nemo-benchmark" or hub_reachable()):
                 wait = 2 ** attempt
                 print(f"  attempt {attempt + 1} failed ({fetched.error}); retrying in {wait} s",
                       flush=True)
