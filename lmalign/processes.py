@@ -47,17 +47,13 @@ def is_ours(handler) -> bool:
 def owned(grace: float = STOP_GRACE_SECONDS) -> Iterator[None]:
     """While the block runs, SIGTERM/SIGHUP stop it as an exception; when it ends, however it
     ends, the processes started inside it are ended with their trees."""
-    import psutil
-
-    me = psutil.Process()
-    before = {child.pid for child in me.children(recursive=True)}
-    previous = {number: signal.signal(number, _raise_stopped) for number in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        end_started(me, before, grace)
+    with owned_children(grace):
+        previous = {number: signal.signal(number, _raise_stopped) for number in STOP_SIGNALS}
+        try:
+            yield
+        finally:  # before the children are ended, so that a second signal cannot cut it short
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 @contextmanager
