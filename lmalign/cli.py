@@ -91,7 +91,7 @@ def _launch(outcomes: Path) -> int:
               "newest complete checkpoint and skip the evaluations that are done",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Stopped as exc:  # SIGTERM/SIGHUP outside training
+    except Stopped as exc:  # SIGTERM/SIGHUP/SIGUSR1/SIGUSR2 outside training
         print(f"stopped: {exc} (signal {exc.signal_number}); run the same command again to "
               "continue where it stopped", file=sys.stderr)
         return 128 + exc.signal_number

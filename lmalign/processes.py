@@ -3,7 +3,8 @@
 `main()` makes lmalign a child subreaper (Linux's PR_SET_CHILD_SUBREAPER): a descendant whose
 parent exits, such as the generation and scoring jobs NeMo-Skills starts in sessions of their
 own, is re-parented to lmalign instead of init, so lmalign still finds it. SIGTERM and SIGHUP
-become `Stopped` in the main thread (as Ctrl-C becomes KeyboardInterrupt), so every `finally`
+(and SIGUSR1/SIGUSR2 unless a launcher, such as submitit, handles them) become `Stopped` in the
+main thread (as Ctrl-C becomes KeyboardInterrupt), so every `finally`
 runs: a server's block stops its server, a cell stays `.partial` for the re-run. When the
 command ends, whatever it started and is still running is asked to end (SIGTERM), given a
 bounded wait that is logged with its length, then killed. Training keeps its own handlers
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36
 STOP_GRACE_SECONDS = 20
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# What SLURM sends before a preemption or a time limit. Their default action ends a process at
+# once, with no `finally` and no child stopped; a launcher's handler (submitit's requeue) is kept.
+CLUSTER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def become_subreaper() -> bool:
@@ -45,10 +49,13 @@ def is_ours(handler) -> bool:
 
 @contextmanager
 def owned(grace: float = STOP_GRACE_SECONDS) -> Iterator[None]:
-    """While the block runs, SIGTERM/SIGHUP stop it as an exception; when it ends, however it
-    ends, the processes started inside it are ended with their trees."""
+    """While the block runs, SIGTERM/SIGHUP (and SIGUSR1/SIGUSR2 where no launcher handles them)
+    stop it as an exception; when it ends, however it ends, the processes started inside it are
+    ended with their trees."""
     with owned_children(grace):
-        previous = {number: signal.signal(number, _raise_stopped) for number in STOP_SIGNALS}
+        taken = STOP_SIGNALS + tuple(number for number in CLUSTER_SIGNALS
+                                     if signal.getsignal(number) == signal.SIG_DFL)
+        previous = {number: signal.signal(number, _raise_stopped) for number in taken}
         try:
             yield
         finally:  # before the children are ended, so that a second signal cannot cut it short

@@ -222,6 +222,79 @@ def test_the_watcher_evaluates_in_the_processes_train_eval_uses_and_reuses_its_c
         "watch" in p.name or "eval" in p.name for p in (run_dir / "handoff").iterdir())
 
 
+@pytest.mark.slow
+def test_sigterm_while_workers_evaluate_ends_every_worker_and_the_rerun_writes_the_cell(
+        ddp_run, tmp_path, lmalign_cache):
+    """Evaluation in 2 processes (torch's agent between us and them): SIGTERM to lmalign ends
+    the launcher and both workers, exits 143 with one stopped: line, writes no cell, and the
+    same command then writes it."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from lmalign.evaluation import cells
+
+    run_dir = tmp_path / "runs" / "ddp"
+    shutil.copytree(ddp_run[1], run_dir, ignore=shutil.ignore_patterns(
+        "checkpoint-*", "eval"))
+    marker = f"lmalign-test-{uuid.uuid4().hex}"
+    args = [sys.executable, "-m", "lmalign", "stage=eval", "run_name=ddp", "hardware=cpu_ddp",
+            "eval.checkpoints=[final]", "eval.harness.tasks=[tiny_mc]",
+            "eval.harness.limit=40", "eval.harness.num_fewshot=3"]
+    env = {**os.environ, "LMALIGN_CACHE": str(lmalign_cache), "LMALIGN_TEST_MARK": marker}
+    log = tmp_path / "stopped.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while "eval final: tiny_mc, 3-shot" not in log.read_text():  # the workers are evaluating
+        assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    workers = [pid for pid in _marked(marker)
+               if "lmalign.worker" in _cmdline(pid) and "accelerate" not in _cmdline(pid)]
+    assert len(workers) == 2  # and the launcher, which started them
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    output = log.read_text()
+    assert "Traceback" not in output and "stopped: SIGTERM" in output, output[-3000:]
+    assert _marked(marker) == []
+    assert not list((run_dir / "eval").rglob(cells.CELL_RECORD))
+
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    (cell,) = (run_dir / "eval" / "final").glob(f"*fs3*/{cells.CELL_RECORD}")
+    assert '"processes": 2' in cell.read_text()
+    assert _marked(marker) == []
+
+
+def _marked(marker: str) -> list[int]:
+    """Processes whose environment holds the marker: everything a run started."""
+    from pathlib import Path
+
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def _rows(run_dir, checkpoint):
     with open(run_dir / "metrics.csv") as handle:
         return {(r["task"], r["metric"]): (r["value"], r["cell"].split("/")[-1])

@@ -509,3 +509,78 @@ def test_sigterm_while_generating_ends_the_server_and_nemo_skills_own_jobs(train
     assert [p for p in (trained / "eval" / "final").glob("nemo-*") if (p / "cell.json").exists()]
     for pid in _marked(marker):  # the killed run's own-session job, which nothing recorded
         os.kill(pid, signal.SIGKILL)
+
+
+def _start_stoppable(args: list[str], env: dict[str, str], cwd: Path,
+                     log: Path) -> subprocess.Popen:
+    """As from a terminal: background shells (CI's too) start jobs with SIGINT ignored."""
+    import signal
+
+    def default_signals() -> None:
+        for number in (signal.SIGINT, signal.SIGUSR1):
+            signal.signal(number, signal.SIG_DFL)
+
+    with open(log, "wb") as output:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                preexec_fn=default_signals)
+
+
+def _await_file(process: subprocess.Popen, folder: Path, pattern: str, log: Path) -> Path:
+    import time
+
+    deadline = time.time() + 300
+    while not list(folder.glob(pattern)):
+        assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    return next(folder.glob(pattern))
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_server_starts_and_sigusr1_while_scoring_end_everything_then_resume(
+        trained, tmp_path, lmalign_cache):
+    """Ctrl-C before the server answers, then SLURM's SIGUSR1 while NeMo-Skills scores (in a job
+    of its own session): each run ends every process it started within the bound, closes the
+    server's port, keeps the cell .partial, and the third run completes it."""
+    import signal
+    import socket
+    import uuid
+
+    marker = f"lmalign-test-{uuid.uuid4().hex}"
+    args = [sys.executable, "-m", "lmalign", "stage=eval", "run_name=sft", "eval=nemo",
+            "eval.nemo.benchmarks=[gsm8k]", "eval.nemo.server=transformers",
+            f"eval.nemo.nemo_env={STAND_IN}", "eval.checkpoints=[final]"]
+    env = {**os.environ, "LMALIGN_CACHE": str(lmalign_cache), **_stand_in_env(tmp_path),
+           "LMALIGN_NS_SCORE_SECONDS": "600", "LMALIGN_TEST_MARK": marker}
+    cells = trained / "eval" / "final"
+
+    def assert_all_ended(log: Path, stopped: str) -> None:
+        output = log.read_text()
+        assert "Traceback" not in output and f"stopped: {stopped}" in output, output[-3000:]
+        assert _marked(marker) == []
+        (server_log,) = cells.glob("*.partial/server.log")
+        for port in re.findall(r"--port (\d+)", server_log.read_text()):
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", int(port)), timeout=2).close()
+        assert not list(cells.glob("*.partial/server.json"))  # stopped, not left for a re-run
+
+    log = tmp_path / "interrupted.log"
+    process = _start_stoppable(args, env, tmp_path, log)
+    _await_file(process, cells, "*.partial/server.json", log)
+    assert "server answers" not in log.read_text()  # still loading the model
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert_all_ended(log, "interrupted")
+
+    log = tmp_path / "usr1.log"
+    process = _start_stoppable(args, env, tmp_path, log)
+    _await_file(process, cells, "*.partial/scoring-job.pid", log)
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(timeout=60) == 128 + signal.SIGUSR1
+    assert_all_ended(log, "SIGUSR1")
+
+    env.pop("LMALIGN_NS_SCORE_SECONDS")
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [p for p in cells.glob("nemo-*") if (p / "cell.json").exists()]
+    assert _marked(marker) == []
