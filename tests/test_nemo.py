@@ -584,3 +584,59 @@ def test_ctrl_c_while_the_server_starts_and_sigusr1_while_scoring_end_everything
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [p for p in cells.glob("nemo-*") if (p / "cell.json").exists()]
     assert _marked(marker) == []
+
+
+REAL_NEMO_ENV = os.environ.get("LMALIGN_NEMO_ENV")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_NEMO_ENV, reason=(
+    "opt-in: set LMALIGN_NEMO_ENV to a real NeMo-Skills 0.7.0 environment with gsm8k prepared "
+    "(../shared/tools/nemo-skills: build-venv.sh, then prepare-data.sh)"))
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_real_nemo_skills_stopped_while_generating_leaves_nothing_and_the_rerun_completes(
+        stop, trained, tmp_path, lmalign_cache):
+    """The signal cases against the real `ns` (its generation job in a session of its own)."""
+    import signal
+    import socket
+    import time
+    import uuid
+
+    number = signal.Signals[stop]
+    marker = f"lmalign-test-{uuid.uuid4().hex}"
+    args = [sys.executable, "-m", "lmalign", "stage=eval", "run_name=sft", "eval=nemo",
+            "eval.nemo.benchmarks=[gsm8k]", "eval.nemo.server=transformers",
+            f"eval.nemo.nemo_env={REAL_NEMO_ENV}", "eval.checkpoints=[final]",
+            "eval.nemo.nemo_args=['++max_samples=4']", "eval.nemo.inference.tokens_to_generate=16"]
+    env = {**os.environ, "LMALIGN_CACHE": str(lmalign_cache), "LMALIGN_TEST_MARK": marker}
+    log = tmp_path / "stopped.log"
+    process = _start_stoppable(args, env, tmp_path, log)
+    deadline = time.time() + 300
+    while not [pid for pid in _marked(marker) if os.getsid(pid) != os.getsid(process.pid)
+               and "nemo_skills.inference" in _command_line(pid)]:
+        assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    (server_log,) = (trained / "eval" / "final").glob("*.partial/server.log")
+    port = int(re.search(r"--port (\d+)", server_log.read_text()).group(1))
+    stopped_at = time.time()
+    process.send_signal(number)
+    assert process.wait(timeout=90) == 128 + number
+    print(f"{stop}: lmalign exited {128 + number} after {time.time() - stopped_at:.1f} s")
+    output = log.read_text()
+    assert "Traceback" not in output and "stopped: " in output, output[-3000:]
+    assert _marked(marker) == []
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [p for p in (trained / "eval" / "final").glob("nemo-*") if (p / "cell.json").exists()]
+    assert _marked(marker) == []
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
