@@ -26,6 +26,13 @@ def command_line_overrides(argv: list[str]) -> list[str]:
     return list(args.overrides or [])
 
 
+def is_multirun(argv: list[str]) -> bool:
+    """Whether the command line asks for a multirun (-m, --multirun)."""
+    from hydra._internal.utils import get_args_parser
+
+    return bool(get_args_parser().parse_known_args(argv)[0].multirun)
+
+
 def parse_override(text: str) -> Any:
     """One override as Hydra parses it (hydra.core.override_parser.types.Override); raises
     Hydra's own error, whose message says what is wrong."""

@@ -53,8 +53,9 @@ def _collated(config: Any) -> bool:
 
 
 class SweepJobsCallback(Callback):
-    """Before a sweep starts: training jobs that would share a run directory are found (each
-    refuses itself when it starts). Then <sweep>/jobs/: the expected jobs, then one record per started job (overrides, run
+    """Before a sweep starts: every job's config is checked, and training jobs that would share
+    a run directory are found; a sweep with any problem is refused whole (each job refuses
+    itself when it starts). Then <sweep>/jobs/: the expected jobs, then one record per started job (overrides, run
     directory, outcome), so stage=report names failed and missing jobs. Hydra's sweeper raises
     on a failed job before on_multirun_end, so collation runs from the CLI (lmalign.cli), told
     which sweep by the command's outcomes folder (lmalign.outcome)."""
@@ -63,15 +64,20 @@ class SweepJobsCallback(Callback):
         from lmalign import config_tree, outcome, report, rundir
 
         jobs = adapters.expand_sweep(sweep_overrides(config))
+        sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
+        new_dir = None if sweep.exists() else sweep
         try:
             composed = config_tree.sweep_jobs(config, jobs)
         except Exception:  # a job that does not compose: the launcher raises, main diagnoses
-            composed = []
-        # A callback cannot stop Hydra (it warns and goes on): each refused job refuses itself.
-        outcome.refuse(config_tree.shared_run_dirs(composed))
+            outcome.refuse({}, [], new_dir)
+            return
+        problems = config_tree.sweep_problems(composed)
+        if problems:  # a callback cannot stop Hydra (it warns and goes on): each job refuses
+            # itself, and the sweep directory Hydra is about to make goes again if it is new.
+            outcome.refuse(problems, [number for number, _ in composed], new_dir)
+            return
         if not _collated(config):
             return
-        sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         found = dict(config.get("secrets") or {})
         rundir.atomic_write_json(sweep / report.JOBS_DIR / report.EXPECTED_JOBS,
                                  [secrets.redact_overrides(job, found) for job in jobs])
@@ -80,7 +86,11 @@ class SweepJobsCallback(Callback):
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         from hydra.types import RunMode
 
+        from lmalign import outcome
+
         if config.hydra.mode == RunMode.MULTIRUN:
+            if outcome.refusal(str(config.hydra.job.num)) is not None:
+                return  # a refused sweep keeps no record
             redact_sweep_record(Path(OmegaConf.select(config, "hydra.sweep.dir")), config)
         self._record(config, "running")
 
@@ -90,7 +100,8 @@ class SweepJobsCallback(Callback):
 
         from lmalign import outcome
 
-        if config.hydra.mode != RunMode.MULTIRUN:
+        if config.hydra.mode != RunMode.MULTIRUN or outcome.refusal(
+                str(config.hydra.job.num)) is not None:
             return
         ended = outcome.read(str(config.hydra.job.num))
         cells = ended.cells if ended else []

@@ -82,7 +82,12 @@ def main() -> None:
 
 def _launch(outcomes: Path) -> int:
     """Run the command's jobs; report how they ended. Returns the exit status."""
-    problems: list[str] = []
+    from lmalign.diagnose import removed_required_keys
+
+    problems = removed_required_keys(adapters.command_line_overrides(sys.argv[1:]))
+    if problems:  # before Hydra, which would read a removed stage or interpolate a removed group
+        report(problems)
+        return EXIT_USER_ERROR
     failed_jobs = 0
     try:
         _hydra_job()
@@ -106,24 +111,41 @@ def _launch(outcomes: Path) -> int:
             raise
         from lmalign.diagnose import diagnose, message
 
-        report(diagnose(adapters.command_line_overrides(sys.argv[1:])) or [message(exc)])
+        report(diagnose(adapters.command_line_overrides(sys.argv[1:]),
+                        multirun=adapters.is_multirun(sys.argv[1:])) or [message(exc)])
         return EXIT_USER_ERROR
     finally:
         sweep = outcome.sweep_to_collate(outcomes)
         if sweep is not None:
             failed_jobs = max(failed_jobs, _collate_sweep(sweep))
+        _remove_refused_sweep(outcome.refused_sweep_dir(outcomes))
     ended = outcome.read_all(outcomes)
     for job in ended:
         if job.status == "stopped":
             print(f"stopped: {job.stopped}", file=sys.stderr)
         problems += job.problems
     if problems:
-        report(problems)
+        report(list(dict.fromkeys(problems)))  # an override all sweep jobs share: one line
         return EXIT_USER_ERROR
     signals = [job.signal for job in ended if job.status == "stopped"]
     if signals:  # the shell's convention: 128 + the signal that stopped it (143: SIGTERM)
         return 128 + signals[0] if signals[0] else 1
     return 1 if failed_jobs else 0
+
+
+def _remove_refused_sweep(sweep: Path | None) -> None:
+    """A refused sweep writes nothing: its new directory goes, and the date folder above it
+    (Hydra's multirun/<date>/<time>) when that is left empty."""
+    import shutil
+
+    if sweep is None or not sweep.exists():
+        return
+    shutil.rmtree(sweep, ignore_errors=True)
+    for parent in list(sweep.parents)[:2]:
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
 
 
 def _collate_sweep(sweep: Path) -> int:

@@ -28,7 +28,7 @@ def _sweep_subdir(root: str, run_name: str | None, job_num: int) -> str:
     # A sweep job with a run_name lives in <runs_root>/<run_name> like a single run, so chained
     # runs find each other (Hydra joins the sweep dir with an absolute subdir to the subdir).
     # Training jobs that would share one are refused before the sweep starts
-    # (refuse_shared_run_dirs).
+    # (sweep_problems).
     return os.path.abspath(os.path.join(root, run_name)) if run_name else str(job_num)
 
 
@@ -76,13 +76,54 @@ def shared_run_dirs(jobs: list[tuple[int, Any]]) -> dict[int, str]:
     return problems
 
 
-def refuse_shared_run_dirs(jobs: list[tuple[int, Any]]) -> None:
+def invalid_jobs(jobs: list[tuple[int, Any]]) -> dict[int, list[str]]:
+    """Sweep jobs whose config alone is refused (types, bounds, combinations; what needs this
+    machine is checked when each job starts): each one's problem lines."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from lmalign.errors import UserError
+    from lmalign.validate import validate
+
+    problems: dict[int, list[str]] = {}
+    current = HydraConfig.instance().cfg
+    try:
+        for number, config in jobs:
+            HydraConfig.instance().set_config(config)  # ${hydra:...} in the job's values
+            task = config.copy()
+            with open_dict(task):
+                del task["hydra"]
+            try:
+                validate(OmegaConf.to_container(task, resolve=True), check_environment=False,
+                         following=interpolated_keys(task))
+            except UserError as exc:
+                problems[number] = exc.problems
+    finally:
+        HydraConfig.instance().cfg = current
+    return problems
+
+
+def sweep_problems(jobs: list[tuple[int, Any]]) -> dict[int, list[str]]:
+    """Every problem of a sweep's jobs found before it starts, per job: a sweep with any is
+    refused whole, so that no job runs for hours before another is found wrong."""
+    found = invalid_jobs(jobs)
+    for number, line in shared_run_dirs(jobs).items():
+        found.setdefault(number, []).append(line)
+    return found
+
+
+def refuse_invalid_sweep(jobs: list[tuple[int, Any]]) -> None:
     """A cluster sweep: refused whole before anything is submitted."""
     from lmalign.errors import UserError
 
-    problems = shared_run_dirs(jobs)
+    problems = sweep_problems(jobs)
     if problems:
-        raise UserError(list(problems.values()))
+        raise UserError(_once([line for number in sorted(problems) for line in problems[number]]))
+
+
+def _once(lines: list[str]) -> list[str]:
+    """The same problem in several jobs (an override they share) is one line."""
+    return list(dict.fromkeys(lines))
 
 
 def _gpus_per_node(accelerator: str, world_size: int, num_nodes: int) -> int | None:

@@ -24,7 +24,7 @@ def message(exc: BaseException) -> str:
     return " ".join(p for p in parts if p) or type(exc).__name__
 
 
-def diagnose(overrides: list[str]) -> list[str]:
+def diagnose(overrides: list[str], multirun: bool = False) -> list[str]:
     """Every problem of a command line that Hydra could not compose, one line each."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -32,7 +32,7 @@ def diagnose(overrides: list[str]) -> list[str]:
     from lmalign.validate import validate
 
     problems: list[str] = []
-    candidates = _single_values(overrides, problems)
+    candidates = _single_values(overrides, problems, multirun)
     # Sweep values of one key cannot be composed together: later values are tried separately.
     first = {}
     for index, (_, parsed) in enumerate(candidates):
@@ -44,6 +44,7 @@ def diagnose(overrides: list[str]) -> list[str]:
     found = _Found(problems)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="lmalign"):
         found.loader = GlobalHydra.instance().config_loader()
+        kept = found.drop_unknown_keys(kept, compose)
         while True:  # drop the override that broke composition until the rest composes
             try:
                 cfg = compose(CONFIG_NAME, overrides=[t for t, _ in kept])
@@ -68,15 +69,48 @@ def diagnose(overrides: list[str]) -> list[str]:
     return problems
 
 
-def _single_values(overrides: list[str], problems: list[str]) -> list[tuple[str, Any]]:
-    """(text, parsed) for each override, a sweep's values one by one; what does not parse is a
-    problem."""
+def removed_required_keys(overrides: list[str]) -> list[str]:
+    """`~key` on a key every run needs (a config group, stage, a field without a default):
+    one problem each. Entries of a mapping (dataset.where.*) and optional blocks may go."""
+    import dataclasses
+
+    from lmalign.type_errors import _walk
+
+    problems = []
+    for text in overrides:
+        try:
+            parsed = adapters.parse_override(text)
+        except Exception:
+            continue  # reported by diagnose, with the grammar's own message
+        if not parsed.is_delete():
+            continue
+        key = parsed.key_or_group.lstrip("/")
+        parts, _, owner = _walk(tuple(key.split(".")))
+        field = next((f for f in dataclasses.fields(owner) if f.name == parts[-1]), None) \
+            if owner is not None and len(parts) == len(key.split(".")) else None
+        if field is not None and field.default is dataclasses.MISSING:
+            problems.append(f"{text}: removes {key}, which every run needs; allowed: another "
+                            f"value for it; fix: drop {text}, or set {key}=<value>")
+    return problems
+
+
+def _single_values(overrides: list[str], problems: list[str],
+                   multirun: bool) -> list[tuple[str, Any]]:
+    """(text, parsed) for each override, a sweep's values one by one; what does not parse, and
+    a sweep without -m, is a problem."""
     texts: list[str] = []
     for text in overrides:
         try:
             parsed = adapters.parse_override(text)
-        except Exception as exc:  # the parser's own message says what is wrong
-            problems.append(f"could not parse override {text!r}: {exc}")
+        except Exception as exc:  # the parser's own message says where it stopped
+            problems.append(_unparsable(text, exc))
+            continue
+        if parsed.is_sweep_override() and not multirun:
+            key, _, value = text.partition("=")
+            problems.append(
+                f"{text}: several values, which only a sweep takes; allowed: one value, a list "
+                f"in brackets, or -m to run one job per value; fix: -m {text} (a sweep), "
+                f"{key}=[{value}] (a list), or {key}='{value}' (a text with commas)")
             continue
         if parsed.is_sweep_override():
             key = parsed.get_key_element()
@@ -86,11 +120,56 @@ def _single_values(overrides: list[str], problems: list[str]) -> list[tuple[str,
     return [(text, adapters.parse_override(text)) for text in texts]
 
 
+
+def _unparsable(text: str, exc: Exception) -> str:
+    """Hydra's grammar error in one line, with the override quoted as the grammar needs:
+    characters such as = + ( ) or spaces inside a value must be in quotes."""
+    cause = " ".join(line for line in str(exc).splitlines()
+                     if line.strip() and not line.startswith(("Error parsing override", "See ")))
+    key, _, value = text.partition("=")
+    if value.startswith("[") and value.endswith("]"):
+        items = [item.strip().strip("'\"") for item in value[1:-1].split(",")]
+        quoted = f"{key}=[{','.join(repr(item) for item in items)}]"
+    else:
+        quoted = f"{key}={value.strip(chr(39) + chr(34))!r}"
+    return (f"could not parse override {text!r}: {cause}; fix: quote the value, {quoted} "
+            "(in a shell, put the whole override in double quotes); the grammar: "
+            "https://hydra.cc/docs/advanced/override_grammar/basic/")
+
+
 class _Found:
     """The problems found so far, and the unknown keys among them (for spelling hints)."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems, self.unknown_keys, self.loader = problems, [], None
+
+    def drop_unknown_keys(self, among: list[tuple[str, Any]], compose) -> list[tuple[str, Any]]:
+        """The overrides left once those setting a key the config does not have are recorded
+        as problems: all found in one composition of the group choices, where one composition
+        per key would take a second for every ten."""
+        from pathlib import Path
+
+        def is_group(parsed) -> bool:
+            return (Path(CONF_DIR) / parsed.key_or_group.lstrip("/")).is_dir()
+
+        try:
+            base = compose(CONFIG_NAME, overrides=[t for t, parsed in among if is_group(parsed)])
+        except Exception:
+            return among  # a group choice is wrong: the one-by-one search finds it
+        absent = object()
+        kept = []
+        for text, parsed in among:
+            key = parsed.key_or_group
+            if is_group(parsed) or parsed.is_delete() or parsed.is_add() \
+                    or parsed.is_force_add() or key.startswith("hydra."):
+                kept.append((text, parsed))
+            elif OmegaConf.select(base, key, default=absent,
+                                  throw_on_resolution_failure=False) is absent:
+                self.unknown_keys.append(key)
+                self.problems.append(f"{text}: no such key")
+            else:
+                kept.append((text, parsed))
+        return kept
 
     def culprit(self, exc: Exception, among: list[tuple[str, Any]]) -> int | None:
         """Index in `among` (the overrides just composed) of the one that broke composition,
@@ -130,22 +209,33 @@ def _suggest_keys(problems: list[str], keys: list[str], cfg: DictConfig | None) 
     for key in keys:
         for i, line in enumerate(problems):
             if line.startswith(f"{key}=") or line.startswith(f"+{key}="):
-                problems[i] = f"{line}; {_eval_key_hint(line, key, cfg) or _key_hint(key, cfg)}"
+                value = line.split("=", 1)[1].split(": no such key")[0]
+                problems[i] = (f"{line}; "
+                               f"{_eval_key_hint(key, value, cfg) or _key_hint(key, value, cfg)}")
 
 
-def _key_hint(key: str, cfg: DictConfig) -> str:
+def _key_hint(key: str, value: str, cfg: DictConfig) -> str:
+    from pathlib import Path
+
     parent, _, leaf = key.rpartition(".")
+    if not parent and (Path(CONF_DIR) / leaf).is_dir():  # a group the defaults do not select
+        return (f"allowed: {leaf} is a config group the defaults do not include; fix: "
+                f"+{leaf}={value} adds it")
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if not isinstance(node, DictConfig):
         return "allowed: the keys of the config; fix: check the key's spelling"
     known = [str(k) for k in node.keys() if not str(k).startswith("_")]
-    match = difflib.get_close_matches(leaf, known, n=1)
-    hint = f"did you mean {parent + '.' if parent else ''}{match[0]}?" if match \
+    # A nested key written flat (method.lora_r for method.lora.r) is matched as well.
+    nested = {f"{k}.{inner}": f"{k}_{inner}" for k in known
+              if isinstance(node.get(k), DictConfig) for inner in node[k].keys()}
+    flat = {**{k: k for k in known}, **{spelt: dotted for dotted, spelt in nested.items()}}
+    match = difflib.get_close_matches(leaf, list(flat), n=1)
+    hint = f"did you mean {parent + '.' if parent else ''}{flat[match[0]]}?" if match \
         else f"use one of {', '.join(known)}"
     return f"allowed: the keys of {parent or 'the config'}; fix: {hint}"
 
 
-def _eval_key_hint(line: str, key: str, cfg: DictConfig) -> str | None:
+def _eval_key_hint(key: str, value: str, cfg: DictConfig) -> str | None:
     """Evaluation settings live under their backend (eval.harness.tasks, eval.nemo.benchmarks):
     an old flat key, or a key of a backend the command did not select."""
     import dataclasses
@@ -155,10 +245,11 @@ def _eval_key_hint(line: str, key: str, cfg: DictConfig) -> str | None:
     parts = key.split(".")
     if parts[0] != "eval" or len(parts) < 2:
         return None
-    value = line.split("=", 1)[1].split(": no such key")[0]
     selected = [b for b in BACKENDS if b in cfg.eval]
-    if parts[1] in BACKENDS:  # a backend that is not selected
+    if parts[1] in BACKENDS:  # a backend that is not selected (a selected one: a misspelt key)
         backend = parts[1]
+        if backend in selected:
+            return None
         wanted = "[" + ",".join(selected + [backend]) + "]"
         return (f"allowed: eval.{backend}.* once eval selects {backend} (selected: "
                 f"{', '.join(selected) or 'none'}); fix: 'eval={wanted}', or eval={backend}")

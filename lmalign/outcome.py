@@ -24,7 +24,7 @@ from typing import Literal
 
 ENV = "LMALIGN_OUTCOMES"
 SWEEP = "sweep.json"  # the sweep to collate once the jobs have ended
-REFUSED = "refused.json"  # sweep jobs refused before the sweep started: number -> problem
+REFUSED = "refused.json"  # a sweep refused before it started: job number -> problems
 Status = Literal["running", "done", "user error", "stopped"]
 
 
@@ -99,19 +99,31 @@ def collate_later(sweep: Path | None) -> None:
         atomic_write_json(found / SWEEP, {"dir": str(sweep)})
 
 
-def refuse(problems: dict[int, str]) -> None:
-    """Sweep jobs that must not run, found before the sweep started; each refuses itself."""
+def refuse(problems: dict[int, list[str]], jobs: list[int], new_sweep_dir: Path | None) -> None:
+    """A sweep found wrong before it started: every job refuses itself, those with problems
+    with their lines, the others with none (they are not run either). `new_sweep_dir`: made
+    for this sweep alone, so `main()` removes it afterwards."""
     from lmalign.rundir import atomic_write_json
 
     found = _folder()
-    if found is not None and problems:
-        atomic_write_json(found / REFUSED, {str(number): line for number, line in problems.items()})
+    if found is not None:
+        atomic_write_json(found / REFUSED, {
+            "jobs": {str(number): problems.get(number, []) for number in jobs},
+            "remove": str(new_sweep_dir) if new_sweep_dir else None})
 
 
-def refusal(job: str) -> str | None:
+def refusal(job: str) -> list[str] | None:
+    """This job's problem lines if its sweep was refused ([] when other jobs had them)."""
     found = _folder()
     path = found / REFUSED if found else None
-    return json.loads(path.read_text()).get(job) if path and path.exists() else None
+    return json.loads(path.read_text())["jobs"].get(job) if path and path.exists() else None
+
+
+def refused_sweep_dir(path: Path) -> Path | None:
+    """The directory Hydra made for a sweep that was then refused: nothing of it is kept."""
+    marker = path / REFUSED
+    removed = json.loads(marker.read_text())["remove"] if marker.exists() else None
+    return Path(removed) if removed else None
 
 
 def sweep_to_collate(path: Path) -> Path | None:

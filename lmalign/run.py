@@ -65,7 +65,7 @@ def run_job(cfg: DictConfig, ended: outcome.Outcome) -> None:
     new_dir = not any(run_dir.iterdir())
     try:
         refused = outcome.refusal(ended.job)
-        if refused:
+        if refused is not None:
             raise UserError(refused)
         job = _validated_job(cfg, hydra_cfg, run_dir, new_dir, ended)
         if job.config.dry_run:

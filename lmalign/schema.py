@@ -31,6 +31,7 @@ PositiveNumber = Annotated[float, Field(gt=0)]
 NonNegativeNumber = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # what numpy's generator accepts
 
 
 def _one_or_more(value: Any) -> Any:
@@ -62,7 +63,7 @@ class ModelConfig:
     eos_token: str | None
     # Start from an earlier run's final/ (its run_name under runs_root, or a path): full or adapter.
     init_from: str | None
-    seed: int
+    seed: Seed
     # The published architecture numbers (config.json keys): build on the meta device offline.
     architecture: dict[str, Any]
     published_params: Count | None
@@ -87,7 +88,7 @@ class DatasetConfig:
     where: dict[str, Any]
     max_samples: Count | None
     max_eval_samples: Count | None
-    seed: int
+    seed: Seed
 
 
 @dataclass(config=STRICT)
@@ -131,7 +132,7 @@ class MethodConfig:
     optim: str
     num_train_epochs: NonNegativeNumber
     max_steps: int  # -1: train num_train_epochs; otherwise at least 1 (checked in validate)
-    global_batch_size: int
+    global_batch_size: Count
     max_length: Count
     packing: bool
     # TRL's strategies: bfd and bfd_split pack padding-free (needs flash attention); wrapped does not.
@@ -155,8 +156,8 @@ class MethodConfig:
 class HardwareConfig:
     name: str
     accelerator: Literal["cpu", "cuda"]
-    world_size: int  # processes on all nodes together; the global batch divides by it
-    num_nodes: int
+    world_size: Count  # processes on all nodes together; the global batch divides by it
+    num_nodes: Count
     node_rank: NonNegative | None  # null: SLURM_NODEID inside a SLURM job, else 0
     main_address: str | None  # null: the first node of the SLURM allocation, else 127.0.0.1
     main_port: Port | None  # null: free on one node; across nodes from the SLURM job id, else 29500
@@ -201,7 +202,7 @@ class HarnessConfig:
     """eval.harness: lm-evaluation-harness tasks (conf/eval/harness.yaml)."""
 
     tasks: Names
-    num_fewshot: int | list[int]
+    num_fewshot: NonNegative | list[NonNegative]
     # Documents per task: a count, or a fraction of each task in (0, 1].
     limit: Count | Annotated[float, Field(gt=0, le=1)] | None
     batch_size: Count
@@ -258,7 +259,7 @@ class EvalConfig:
     checkpoints: str | int | list[str | int]
     # Hub revisions of the model to evaluate, e.g. [step-125000, step-250000]: one load each.
     revisions: list[str]
-    seed: int
+    seed: Seed
     harness: HarnessConfig | None = None
     nemo: NemoConfig | None = None
 
@@ -303,9 +304,9 @@ class CacheConfig:
     dir: str | None
     # lmalign's own builds (the embedded model), which need no network.
     build_dir: str
-    retries: int  # fetch attempts per item after the first
+    retries: NonNegative  # fetch attempts per item after the first
     pack: bool  # cache_prepare: also write <dir>.tar.gz with the manifest inside
-    pack_part_gib: float | None  # split the pack into parts of at most this size
+    pack_part_gib: PositiveNumber | None  # split the pack into parts of at most this size
 
 
 @dataclass(config=STRICT)
@@ -318,7 +319,7 @@ class Config:
     comparison: str | None
     runs_root: str
     resume: Literal["auto", "never"]
-    seed: int
+    seed: Seed
     # Run with the hub libraries' offline switches on, reading everything from cache.dir.
     offline: bool
     cache: CacheConfig

@@ -102,7 +102,10 @@ def _describe_type(annotation: Any) -> str:
         return text + (" or null" if type(None) in typing.get_args(annotation) else "")
     if origin is list:
         item = typing.get_args(annotation)[0]
-        return f"a list of {_PLURALS.get(item) or _describe_type(item)}" + (
+        bounds = " and ".join(f"{symbol} {limit}" for symbol, limit in _bounds(item))
+        plural = _PLURALS.get(_plain(item))
+        return (f"a list of {plural}{' ' + bounds if bounds else ''}" if plural
+                else f"a list of {_describe_type(item)}") + (
             ", or one of them" if item is str else "")
     if origin is dict:
         return "a mapping"
@@ -129,9 +132,25 @@ def _example(annotation: Any, received: Any = None) -> str:
     if origin is not None and members and origin is not dict:
         return _example(members[0], received)
     typical = {int: 8, float: 0.0002, bool: "true", str: "NAME"}.get(annotation, "<value>")
+    if bounds and isinstance(received, (int, float)) and not isinstance(received, bool):
+        typical = _nearest_within(received, bounds, annotation)  # -1 where >= 0: 0
     if bounds and isinstance(typical, (int, float)) and not _satisfies(typical, bounds):
         typical = next(limit for symbol, limit in bounds if symbol in (">=", "<="))
     return str(typical)
+
+
+def _nearest_within(value: float, bounds: list[tuple[str, Any]], kind: Any) -> Any:
+    """The allowed value closest to one outside the bounds (a typical one for an open bound)."""
+    if kind is int:
+        value = round(value)
+    for symbol, limit in bounds:
+        if symbol == ">=" and value < limit or symbol == "<=" and value > limit:
+            value = limit
+        elif symbol == ">" and value <= limit:
+            value = limit + 1 if kind is int else {int: 8, float: 0.0002}.get(kind, limit)
+        elif symbol == "<" and value >= limit:
+            value = limit - 1 if kind is int else limit
+    return value
 
 
 def describe_type_errors(exc: ValidationError, container: dict[str, Any],
@@ -140,11 +159,17 @@ def describe_type_errors(exc: ValidationError, container: dict[str, Any],
     when that other key is reported too."""
     problems: dict[str, str] = {}
     errors = exc.errors()
+    # A union reports once per member; one line per key is enough, from the member that got
+    # furthest into the value (a list given where int | list[int] goes: the list's error).
+    deepest: dict[str, Any] = {}
     for err in errors:
+        key = ".".join(_walk(err["loc"])[0])
+        if key not in deepest or len(err["loc"]) > len(deepest[key]["loc"]):
+            deepest[key] = err
+    for key, err in deepest.items():
         parts, annotation, owner = _walk(err["loc"])
-        key = ".".join(parts)
-        if key in problems or (key in following and len(errors) > 1):
-            continue  # a union reports once per member; one line per key is enough
+        if key in following and len(deepest) > 1:
+            continue
         value = err["input"] if err["type"] not in ("missing_argument", "missing") \
             else "<missing>"
         if err["type"] == "unexpected_keyword_argument":

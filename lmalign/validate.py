@@ -67,7 +67,7 @@ def _batch_problems(config: Config) -> list[str]:
     problems: list[str] = []
     method, hardware = config.method, config.hardware
     per_step = hardware.per_device_batch_size * hardware.world_size
-    if method.global_batch_size <= 0 or method.global_batch_size % per_step:
+    if method.global_batch_size % per_step:
         divisible = [n for n in (8, 16, 32, 64, 128, 256) if n % per_step == 0][:3]
         problems.append(problem(
             "method.global_batch_size", method.global_batch_size,

@@ -124,3 +124,32 @@ def test_good_data_reports_its_row_counts_after_each_filter(tmp_path, lmalign_ca
     (message,) = [r.getMessage() for r in records]
     assert "10 rows in" in message and "7 after dataset.where" in message
     assert "5 used (dataset.max_samples)" in message
+
+
+def test_a_hub_dataset_is_checked_on_its_first_rows_streamed_from_the_hub(tmp_path, lmalign_cache):
+    """Against the local hub stand-in (tests/hub_server.py): a chat row without an answer in
+    the hub dataset's train split is one error line before any model is built."""
+    import os
+    import subprocess
+    import sys
+
+    from hub_server import HubServer, write_parquet_dataset_repo
+
+    bad = {"messages": [{"role": "user", "content": "and then?"}]}
+    write_parquet_dataset_repo(tmp_path / "hub" / "datasets" / "HuggingFaceTB" / "smoltalk", {
+        "smol-magpie-ultra": {"train": [CHAT] * 6 + [bad] + [CHAT], "test": [CHAT]}})
+    with HubServer(tmp_path / "hub") as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+               "LMALIGN_CACHE": str(lmalign_cache), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.pop("HF_HUB_OFFLINE", None), env.pop("HF_DATASETS_OFFLINE", None)
+        result = subprocess.run(
+            [sys.executable, "-m", "lmalign", "dataset=smoltalk_magpie_ultra", "eval=none",
+             "method.max_steps=1", "run_name=r"], cwd=tmp_path, env=env, capture_output=True,
+            text=True, timeout=300)
+        streamed = [path for _, path in hub.requests if path.endswith(".parquet")]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: dataset."), lines
+    assert "row 7 of 8: no assistant turn" in lines[0] and "; fix: " in lines[0], lines[0]
+    assert any("smol-magpie-ultra/train" in path for path in streamed)  # read from the hub
+    assert "loading" not in result.stdout.lower()  # no model was loaded

@@ -37,7 +37,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
                initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
-        from lmalign import callbacks, outcome, secrets
+        from lmalign import callbacks, config_tree, outcome, secrets
 
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
@@ -54,6 +54,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
             # environment, which sbatch passes on.
             secrets.keep_in_environment(config)
             jobs.append((number, list(config.hydra.overrides.task), config))
+        config_tree.refuse_invalid_sweep([(number, config) for number, _, config in jobs])
         self.config = copy.deepcopy(self.config)  # pickled with the launcher: no secret in it
         secrets.keep_in_environment(self.config)
         callbacks.redact_sweep_record(sweep_dir, self.config)
