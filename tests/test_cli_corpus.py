@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import typing
 
-import pytest
 
 from conftest import lmalign_in_process
 
@@ -55,7 +54,7 @@ def _wrong_values():
         for symbol, limit in next((_bounds(m) for m in bounded if _bounds(m)), []):
             outside = {">=": limit - 1, ">": limit, "<=": limit + 1, "<": limit}[symbol]
             cases.append((needs, f"{key}={outside}", f"error: {key}={outside}: not valid",
-                          f"allowed: "))
+                          "allowed: "))
     return cases
 
 
