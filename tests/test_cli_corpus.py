@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import typing
 
-
 from conftest import lmalign_in_process
 
 
