@@ -142,12 +142,15 @@ def summary_rows(jobs: list[Job]) -> list[dict[str, Any]]:
         # What tells this job's experiment apart: overrides not shared by all, beside the axes.
         variant = " ".join(o for o in job.overrides if o not in shared
                            and o.split("=", 1)[0].lstrip("+~") not in _AXIS_KEYS)
+        writers = rundir.cell_writers(job.run_dir)
         for row in collect_rows(job.run_dir):
             if job.cells is not None and row["cell"] not in job.cells:
                 continue
             shown = " ".join(p for p in (variant, f"[{row['settings']}]" if row.get("settings")
                                          else "") if p)
-            rows.append({**row, "job": job.name, "overrides": " ".join(job.overrides),
+            # The command that wrote the cell (a later stage=eval's, not the training's).
+            overrides = writers.get(row["cell"], job.overrides)
+            rows.append({**row, "job": job.name, "overrides": " ".join(overrides),
                          "variant": shown, "run_dir": str(job.run_dir)})
     return rows
 

@@ -283,31 +283,35 @@ def _accepted(job: Job, owner: bool) -> Iterator[rundir.RunRecord]:
     handler = _log_to_file(run_dir, config.stage, owner)
     record = rundir.RunRecord(run_dir, config.stage, job.recorded_overrides, owner)
     log.info("run directory: %s", run_dir.resolve())
+
+    def finish(status: str, **fields: Any) -> None:  # the cells it asked for, for summaries
+        record.finish(status, cells=job.ended.cells, **fields)
+
     try:
         yield record
-        record.finish("done")
+        finish("done")
     except KeyboardInterrupt:
-        record.finish("interrupted")
+        finish("interrupted")
         raise
     except Stopped as exc:
-        record.finish("stopped", error=f"{exc} outside training")
+        finish("stopped", error=f"{exc} outside training")
         raise
     except TrainingStopped as exc:
-        record.finish("stopped", error=str(exc))
+        finish("stopped", error=str(exc))
         raise
     except UserError:
-        record.finish("failed (user error)")
+        finish("failed (user error)")
         raise
     except BaseException as exc:
         if config.offline and offline.offline_failure(exc):  # a library found the cache lacking
-            record.finish("failed (user error)")
+            finish("failed (user error)")
             command = offline.prepare_command(Path(str(config.cache.dir)).expanduser().resolve(),
                                             job.overrides)
             raise UserError(problem(
                 "offline", True, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
                 f"what stage=cache_prepare fetched into {config.cache.dir}",
                 f"on a connected machine: {command}, then copy the cache here")) from None
-        record.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         loggers.finish(config.logger)

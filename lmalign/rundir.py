@@ -193,8 +193,12 @@ class RunRecord:
         self.data.update(fields)
         self.save()
 
-    def finish(self, status: str, **fields: Any) -> None:
+    def finish(self, status: str, cells: list[str] | None = None, **fields: Any) -> None:
+        """cells: the evaluation cells the command asked for (its attempt alone records them:
+        a summary names the command that wrote each cell)."""
         self.data["attempts"][-1].update(status=status, ended=_now(), **fields)
+        if cells:
+            self.data["attempts"][-1]["cells"] = list(cells)
         if self.owner:
             self.data.update(status=status, ended=_now(), **fields)
         self.save()
@@ -259,6 +263,17 @@ def saved_config(run_dir: Path):
         raise UserError([problem("run_name", Path(run_dir).name, f"its record ({raw['path']}) "
                                  f"no longer validates: {line}", "a run recorded by lmalign",
                                  "use a new run_name") for line in exc.problems]) from None
+
+
+def cell_writers(run_dir: Path) -> dict[str, list[str]]:
+    """Each evaluation cell -> the overrides of the command that wrote it: the first attempt in
+    run.json that asked for the cell and finished."""
+    writers: dict[str, list[str]] = {}
+    for attempt in read_record(run_dir).get("attempts", []):
+        if attempt.get("status") == "done":
+            for cell in attempt.get("cells", []):
+                writers.setdefault(cell, [str(o) for o in attempt.get("overrides", [])])
+    return writers
 
 
 def saved_overrides(run_dir: Path) -> list[str]:

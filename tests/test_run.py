@@ -233,6 +233,12 @@ def test_cells_of_different_settings_are_never_read_as_one(demo, tmp_path, lmali
     lmalign("stage=report", "run_name=demo", cwd=tmp_path, cache=lmalign_cache, check=True)
     summary = (tmp_path / "runs" / "demo" / "summary.md").read_text()
     assert "[limit=4]" in summary and "[limit=null]" in summary
+    # Each row names the command that wrote its cell: the later stage=eval, or the training.
+    with open(tmp_path / "runs" / "demo" / "summary.csv") as handle:
+        written_by = {r["settings"]: r["overrides"] for r in csv.DictReader(handle)
+                      if r["checkpoint"] == "final" and r["task"] == "tiny_mc"}
+    assert "stage=eval" in written_by["limit=4"] and "eval.harness.limit=4" in written_by["limit=4"]
+    assert "stage=eval" not in written_by["limit=null"]
 
 
 def test_the_default_run_prints_no_noise_a_user_cannot_act_on(demo):
