@@ -536,11 +536,12 @@ def _await_file(process: subprocess.Popen, folder: Path, pattern: str, log: Path
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_the_server_starts_and_sigusr1_while_scoring_end_everything_then_resume(
+def test_each_signal_while_the_server_starts_and_while_scoring_ends_everything_then_resume(
         trained, tmp_path, lmalign_cache):
-    """Ctrl-C before the server answers, then SLURM's SIGUSR1 while NeMo-Skills scores (in a job
-    of its own session): each run ends every process it started within the bound, closes the
-    server's port, keeps the cell .partial, and the third run completes it."""
+    """SIGTERM and Ctrl-C before the server answers, SIGTERM and SLURM's SIGUSR1 while
+    NeMo-Skills scores (in a job of its own session): each run ends every process it started
+    within the bound, closes the server's port, keeps the cell .partial, and the next run
+    completes it. (While generating: the test above.)"""
     import signal
     import socket
     import uuid
@@ -552,31 +553,28 @@ def test_ctrl_c_while_the_server_starts_and_sigusr1_while_scoring_end_everything
     env = {**os.environ, "LMALIGN_CACHE": str(lmalign_cache), **_stand_in_env(tmp_path),
            "LMALIGN_NS_SCORE_SECONDS": "600", "LMALIGN_TEST_MARK": marker}
     cells = trained / "eval" / "final"
-
-    def assert_all_ended(log: Path, stopped: str) -> None:
+    stops = [("server.json", signal.SIGTERM, "SIGTERM"), ("server.json", signal.SIGINT,
+                                                          "interrupted"),
+             ("scoring-job.pid", signal.SIGTERM, "SIGTERM"),
+             ("scoring-job.pid", signal.SIGUSR1, "SIGUSR1")]
+    for when, number, said in stops:
+        for stale in cells.glob("*.partial/scoring-job.pid"):
+            stale.unlink()
+        log = tmp_path / f"{when}-{number}.log"
+        process = _start_stoppable(args, env, tmp_path, log)
+        _await_file(process, cells, f"*.partial/{when}", log)
+        if when == "server.json":
+            assert "server answers" not in log.read_text()  # still loading the model
+        process.send_signal(number)
+        assert process.wait(timeout=60) == 128 + number, (when, number)
         output = log.read_text()
-        assert "Traceback" not in output and f"stopped: {stopped}" in output, output[-3000:]
-        assert _marked(marker) == []
+        assert "Traceback" not in output and f"stopped: {said}" in output, output[-3000:]
+        assert _marked(marker) == [], (when, number)
         (server_log,) = cells.glob("*.partial/server.log")
         for port in re.findall(r"--port (\d+)", server_log.read_text()):
             with pytest.raises(OSError):
                 socket.create_connection(("127.0.0.1", int(port)), timeout=2).close()
         assert not list(cells.glob("*.partial/server.json"))  # stopped, not left for a re-run
-
-    log = tmp_path / "interrupted.log"
-    process = _start_stoppable(args, env, tmp_path, log)
-    _await_file(process, cells, "*.partial/server.json", log)
-    assert "server answers" not in log.read_text()  # still loading the model
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) == 130
-    assert_all_ended(log, "interrupted")
-
-    log = tmp_path / "usr1.log"
-    process = _start_stoppable(args, env, tmp_path, log)
-    _await_file(process, cells, "*.partial/scoring-job.pid", log)
-    process.send_signal(signal.SIGUSR1)
-    assert process.wait(timeout=60) == 128 + signal.SIGUSR1
-    assert_all_ended(log, "SIGUSR1")
 
     env.pop("LMALIGN_NS_SCORE_SECONDS")
     rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
