@@ -34,7 +34,7 @@ def preflight(dataset: DatasetConfig) -> list[str]:
     if dataset.source == "local":
         path = Path(str(dataset.path)).expanduser()
         if path.is_file():
-            problems = _parse_problems(path)
+            problems = parse_problems(path)
             if problems:
                 return problems
     import datasets
@@ -61,41 +61,42 @@ def preflight(dataset: DatasetConfig) -> list[str]:
     return _row_problems(dataset, rows)
 
 
-def _parse_problems(path: Path) -> list[str]:
-    """A JSON or JSONL file read whole: the first broken line by line and column, or empty."""
+def parse_problems(path: Path, key: str = "dataset.path") -> list[str]:
+    """A JSON or JSONL file read whole: the first broken line by line and column, or empty.
+    `key`: the setting that named the file."""
     suffixes = [s for s in path.suffixes if s != ".gz"]
     if not suffixes or suffixes[-1] not in (".json", ".jsonl"):
-        return [] if path.stat().st_size else [_empty(path)]
+        return [] if path.stat().st_size else [_empty(path, key)]
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
-        return [problem("dataset.path", str(path), f"could not be read ({exc})",
+        return [problem(key, str(path), f"could not be read ({exc})",
                         "a UTF-8 JSON or JSONL file", "check the file")]
     if not text.strip():
-        return [_empty(path)]
+        return [_empty(path, key)]
     try:  # a .json file may hold one document (a list of rows), or one row per line
         document = json.loads(text)
     except json.JSONDecodeError as whole:
         if suffixes[-1] == ".json" and not _looks_like_lines(text):
-            return [_broken(path, whole.lineno, whole.colno, whole.msg)]
+            return [_broken(path, whole.lineno, whole.colno, whole.msg, key)]
     else:
         if isinstance(document, dict):
             return []  # one row, or datasets' {"data": [...]} layout
         rows = document if isinstance(document, list) else [document]
         odd = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
         return [] if odd is None else [problem(
-            "dataset.path", str(path), f"row {odd + 1} is {json.dumps(rows[odd])[:40]}, not an "
+            key, str(path), f"row {odd + 1} is {json.dumps(rows[odd])[:40]}, not an "
             "object of columns", "a list of objects, or one object per line", "check the file")]
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as broken:
-                return [_broken(path, number, broken.colno, broken.msg)]
+                return [_broken(path, number, broken.colno, broken.msg, key)]
             if not isinstance(row, dict):
-                return [problem("dataset.path", str(path), f"line {number} is "
+                return [problem(key, str(path), f"line {number} is "
                                 f"{line.strip()[:40]}, not an object of columns",
                                 "one JSON object per line", f"fix line {number} of {path.name}")]
     return []
@@ -106,14 +107,14 @@ def _looks_like_lines(text: str) -> bool:
     return first == "{" and "\n{" in text
 
 
-def _broken(path: Path, line: int, column: int, message: str) -> str:
-    return problem("dataset.path", str(path), f"line {line}, column {column}: not JSON "
+def _broken(path: Path, line: int, column: int, message: str, key: str) -> str:
+    return problem(key, str(path), f"line {line}, column {column}: not JSON "
                    f"({message})", "one JSON object per line (JSONL), or a JSON list of objects",
                    f"fix line {line} of {path.name}, or remove it")
 
 
-def _empty(path: Path) -> str:
-    return problem("dataset.path", str(path), "the file is empty", "a file with rows",
+def _empty(path: Path, key: str = "dataset.path") -> str:
+    return problem(key, str(path), "the file is empty", "a file with rows",
                    "check the path, or write the data first")
 
 

@@ -240,7 +240,7 @@ def _eval_key_hint(key: str, value: str, cfg: DictConfig) -> str | None:
     an old flat key, or a key of a backend the command did not select."""
     import dataclasses
 
-    from lmalign.schema import BACKENDS, HarnessConfig, NemoConfig
+    from lmalign.schema import BACKENDS, GenerateConfig, HarnessConfig, NemoConfig
 
     parts = key.split(".")
     if parts[0] != "eval" or len(parts) < 2:
@@ -253,7 +253,8 @@ def _eval_key_hint(key: str, value: str, cfg: DictConfig) -> str | None:
         wanted = "[" + ",".join(selected + [backend]) + "]"
         return (f"allowed: eval.{backend}.* once eval selects {backend} (selected: "
                 f"{', '.join(selected) or 'none'}); fix: 'eval={wanted}', or eval={backend}")
-    for backend, schema in (("harness", HarnessConfig), ("nemo", NemoConfig)):
+    for backend, schema in (("harness", HarnessConfig), ("nemo", NemoConfig),
+                            ("generate", GenerateConfig)):
         if parts[1] in {f.name for f in dataclasses.fields(schema)}:
             moved = ".".join(["eval", backend, *parts[1:]])
             select = "" if backend in selected else f"eval={backend} "

@@ -86,6 +86,14 @@ def _eval_rows(config: Config) -> list[tuple[str, str]]:
         rows.append(("eval", f"harness: {', '.join(harness.tasks)}; few-shot "
                      f"{harness.fewshot_values}"
                      + ("; per-sample logs" if harness.log_samples else "")))
+    if evaluation.generate is not None:
+        generate = evaluation.generate
+        mode = f"temperature {generate.temperature}, top_p {generate.top_p}" \
+            if generate.temperature > 0 else "greedy"
+        rows.append(("eval", f"generate: {generate.prompts}"
+                     + (f" (first {generate.max_prompts})" if generate.max_prompts else "")
+                     + f" x {generate.num_samples} sample(s), {mode}, up to "
+                     f"{generate.max_new_tokens} new tokens, {generate.engine} engine"))
     if rows:
         rows.append(("evaluates", f"revisions {evaluation.revisions}" if evaluation.revisions
                      else f"checkpoints {evaluation.checkpoint_selectors}"))

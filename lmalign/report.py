@@ -304,10 +304,10 @@ def _subtask_table(group: str, rows: list[dict[str, Any]]) -> list[str]:
 
 
 RESULTS_ZIP = "results.zip"
-_RUN_FILES = ("metrics.csv", "run.json", rundir.CONFIG_RECORD, "summary.*", "plots/*.png",
-              ".hydra/**/*.yaml", "jobs/*.json")
-# cell.json, lm-eval's results_* and samples_*; NeMo-Skills' metrics.json and outputs per
-# benchmark (not the benchmark data a cell links to).
+_RUN_FILES = ("metrics.csv", "run.json", rundir.CONFIG_RECORD, "summary.*", "samples.md",
+              "plots/*.png", ".hydra/**/*.yaml", "jobs/*.json")
+# cell.json, lm-eval's results_* and samples_*, generations.jsonl; NeMo-Skills' metrics.json
+# and outputs per benchmark (not the benchmark data a cell links to).
 _CELL_FILES = ("*.json", "*.jsonl", "eval-results/**/*.json", "eval-results/**/*.jsonl")
 
 

@@ -246,7 +246,25 @@ class NemoConfig:
         return self.benchmarks
 
 
-BACKENDS = ("harness", "nemo")  # in the order a job evaluates them
+@dataclass(config=STRICT)
+class GenerateConfig:
+    """eval.generate: answers for every checkpoint (conf/eval/generate.yaml)."""
+
+    prompts: str  # mt_bench | ifeval | tiny | a prompts file or datasets directory
+    # A file's columns mapped onto prompt, turns, id, category, reference: {prompt: question}
+    columns: dict[str, str]
+    max_prompts: Count | None  # the first N prompts of the set
+    system_prompt: str | None
+    num_samples: Count  # answers per prompt (and per turn)
+    temperature: NonNegativeNumber  # 0: greedy (then one sample says all)
+    top_p: Annotated[float, Field(gt=0, le=1)]
+    max_new_tokens: Count
+    batch_size: Count  # sequences per generate call
+    engine: Literal["hf"]  # hf: batched generate in the evaluating process
+    extra: dict[str, Any]  # more generate() arguments, e.g. {repetition_penalty: 1.1}
+
+
+BACKENDS = ("harness", "nemo", "generate")  # in the order a job evaluates them
 
 
 @dataclass(config=STRICT)
@@ -262,6 +280,7 @@ class EvalConfig:
     seed: Seed
     harness: HarnessConfig | None = None
     nemo: NemoConfig | None = None
+    generate: GenerateConfig | None = None
 
     @property
     def backends(self) -> list[str]:

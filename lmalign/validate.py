@@ -235,6 +235,12 @@ def _eval_problems(config: Config) -> list[str]:
         problems += _harness_problems(evaluation.harness)
     if evaluation.nemo is not None:
         problems += _nemo_problems(evaluation.nemo)
+    generate = evaluation.generate
+    if generate is not None and generate.temperature == 0 and generate.num_samples > 1:
+        problems.append(problem(
+            "eval.generate.num_samples", generate.num_samples, "greedy decoding "
+            "(eval.generate.temperature=0) gives the same answer every time", "1 when greedy, "
+            "more when sampling", "eval.generate.num_samples=1, or eval.generate.temperature=0.7"))
     if config.eval.revisions and (config.model.source != "pretrained" or config.model.init_from
                                   or config.stage != "eval"):
         problems.append(problem(

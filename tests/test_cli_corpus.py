@@ -15,10 +15,11 @@ def _typed_keys():
     """(key, annotation, the overrides that select its section) for every leaf of the schema."""
     import dataclasses
 
-    from lmalign.schema import Config, DPOConfig, NemoConfig
+    from lmalign.schema import Config, DPOConfig, GenerateConfig, NemoConfig
     from lmalign.type_errors import _plain
 
-    selects = {NemoConfig: ("eval=nemo",), DPOConfig: ("method=dpo", "dataset=tiny_prefs")}
+    selects = {NemoConfig: ("eval=nemo",), GenerateConfig: ("eval=generate",),
+               DPOConfig: ("method=dpo", "dataset=tiny_prefs")}
 
     def walk(cls, prefix, needs):
         for field in dataclasses.fields(cls):

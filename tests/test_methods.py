@@ -214,3 +214,16 @@ def test_wrapped_packing_trains(tmp_path, lmalign_cache):
     user = tokenizer.convert_tokens_to_ids("<|user|>")
     assert (batch["input_ids"] == user).sum() > len(batch["input_ids"])  # chats share rows
     trainer.train()
+
+
+@pytest.mark.slow
+def test_a_lora_adapter_answers_unmerged_and_stops(lora_run, runs, lmalign_cache):
+    run_dir, _ = lora_run
+    result = lmalign("run_name=lora", "method=lora", "stage=eval", "eval=generate",
+                     "eval.generate.prompts=tiny", "eval.generate.max_prompts=8",
+                     "eval.generate.max_new_tokens=40", "eval.checkpoints=[final]", cwd=runs,
+                     cache=lmalign_cache, check=True)
+    (cell,) = (run_dir / "eval" / "final").glob("generate-*")
+    answers = [json.loads(line) for line in (cell / "generations.jsonl").read_text().splitlines()]
+    assert len(answers) == 8 and sum(a["finish_reason"] == "eos" for a in answers) >= 6
+    assert "merging" not in result.stdout + result.stderr  # the adapter as loaded

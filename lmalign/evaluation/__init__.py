@@ -1,7 +1,7 @@
 """Evaluation backends and the cells they write (docs/design.md, Evaluation backends).
 
-`harness` (lm-evaluation-harness, in this process or its workers) and `nemo` (NeMo-Skills through
-an inference server). `train_eval`, `stage=eval`, the watcher and the evaluation jobs it submits
+`harness` (lm-evaluation-harness, in this process or its workers), `nemo` (NeMo-Skills through
+an inference server) and `generate` (answers to a prompt set, in this process). `train_eval`, `stage=eval`, the watcher and the evaluation jobs it submits
 all go through `check`, `requested_cells` and `evaluate` here, so they find the same cells.
 """
 
@@ -27,6 +27,10 @@ def check(evaluation: EvalConfig, cache_dir: str | None = None) -> None:
                 from lmalign.evaluation import nemo
 
                 nemo.check(evaluation, cache_dir)
+            elif backend == "generate":
+                from lmalign.evaluation import generate
+
+                problems += generate.check(evaluation)
             else:
                 from lmalign.evaluation import harness
 
@@ -53,6 +57,10 @@ def requested_cells(targets: list[Target], config: Config, run_dir: Path) -> lis
         from lmalign.evaluation import nemo
 
         found += nemo.requested_cells(targets, config.eval, run_dir)
+    if config.eval.generate is not None:
+        from lmalign.evaluation import generate
+
+        found += generate.requested_cells(targets, config.eval, run_dir)
     return found
 
 
@@ -85,6 +93,10 @@ def evaluate(targets: list[Target], config: Config, run_dir: Path, model: ModelC
         from lmalign.evaluation import nemo
 
         nemo.evaluate(targets, config.eval, run_dir, model, config.hardware, config.cache.dir)
+    if config.eval.generate is not None:  # in this process, after any server has stopped
+        from lmalign.evaluation import generate
+
+        generate.evaluate(targets, config.eval, run_dir, model, config.hardware)
 
 
 def describe(evaluation: EvalConfig) -> str:
@@ -95,4 +107,8 @@ def describe(evaluation: EvalConfig) -> str:
     if evaluation.nemo is not None:
         parts.append(f"NeMo-Skills {evaluation.nemo.benchmark_spec} "
                      f"({evaluation.nemo.server} server)")
+    if evaluation.generate is not None:
+        generate = evaluation.generate
+        parts.append(f"answers to {generate.prompts} x {generate.num_samples} sample(s), up to "
+                     f"{generate.max_new_tokens} new tokens")
     return " and ".join(parts)

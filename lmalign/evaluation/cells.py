@@ -101,7 +101,7 @@ def rebuild_metrics_csv(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _order(label: str) -> tuple[int, int, str]:
+def checkpoint_order(label: str) -> tuple[int, int, str]:
     if label == "base":
         return (0, 0, label)
     if label.startswith("checkpoint-") and label[11:].isdigit():
@@ -111,7 +111,7 @@ def _order(label: str) -> tuple[int, int, str]:
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     """task | metric | few-shot | one column per checkpoint | delta (last - first)."""
-    labels = sorted({r["checkpoint"] for r in rows}, key=_order)
+    labels = sorted({r["checkpoint"] for r in rows}, key=checkpoint_order)
     grouped: dict[tuple, dict[str, float]] = {}
     for r in rows:
         key = (r["task"], r["metric"], r["eval_mode"], r["num_fewshot"], r.get("settings") or "")

@@ -1,0 +1,282 @@
+"""eval=generate: answers to a prompt set for every checkpoint, one resumable cell each
+(docs/design.md, Evaluation backends).
+
+A cell's answers are made turn by turn: every (prompt, sample) answers turn 1, then turn 2 is
+asked with the model's own turn-1 answer in the history, as MT-Bench does. Each batch's answers
+land in an atomic shard in the cell's work directory (`<cell>.partial/shards/`) as they are made,
+so a killed run resumes at the next unfinished answer and never makes one twice; once every
+answer exists the cell is written whole: `generations.jsonl`, then `cell.json`.
+
+Metrics (each a fraction except mean_new_tokens, a count of tokens):
+- `eos_rate`: the share of answers that ended with the model's EOS token (the rest hit
+  max_new_tokens).
+- `repetition`: the share of answers whose tail is a loop: the same piece of 1 to 100
+  characters three or more times in a row at the very end, covering at least 12 characters.
+- `mean_new_tokens`: tokens generated per answer, EOS included.
+- `distinct_2`: distinct word bigrams over all word bigrams of the cell's answers.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lmalign import models, rundir
+from lmalign.errors import UserError, problem
+from lmalign.evaluation import cells, prompts
+from lmalign.evaluation.cells import Target
+from lmalign.evaluation.prompts import Prompt
+from lmalign.schema import EvalConfig, GenerateConfig, HardwareConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+GENERATIONS = "generations.jsonl"
+SAMPLES_MD = "samples.md"
+SHARDS = "shards"
+
+
+def settings(evaluation: EvalConfig) -> dict[str, Any]:
+    """Everything that changes the answers; part of a cell's identity. A file's content is (its
+    hash), so an edited prompts file makes new cells."""
+    generate = evaluation.generate
+    found = {"backend": "generate", "prompts": generate.prompts,
+             "columns": dict(generate.columns), "max_prompts": generate.max_prompts,
+             "system_prompt": generate.system_prompt, "num_samples": generate.num_samples,
+             "temperature": generate.temperature, "top_p": generate.top_p,
+             "max_new_tokens": generate.max_new_tokens, "engine": generate.engine,
+             "extra": dict(generate.extra), "seed": evaluation.seed}
+    if generate.prompts not in prompts.NAMED:
+        found["prompts_sha256"] = _content_hash(Path(generate.prompts).expanduser())
+    return found
+
+
+def _content_hash(path: Path) -> str | None:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if file.exists():
+            digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16] if files else None
+
+
+def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path) -> list[Path]:
+    return [cells.cell_dir(run_dir, target, settings(evaluation)) for target in targets]
+
+
+def check(evaluation: EvalConfig) -> list[str]:
+    """Before anything trains or loads: the prompt set is there and readable."""
+    return prompts.check(evaluation.generate)
+
+
+def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model: ModelConfig,
+             hardware: HardwareConfig) -> None:
+    """Every missing cell of these targets; then samples.md, every checkpoint side by side."""
+    chosen = prompts.load(evaluation.generate)
+    for target in targets:
+        cell = cells.cell_dir(run_dir, target, settings(evaluation))
+        if cells.is_complete(cell):
+            log.info("eval %s: generate cell done, skipping", target.label)
+            continue
+        log.info("eval %s: %d prompt(s) of %s x %d sample(s) -> %s", target.label, len(chosen),
+                 evaluation.generate.prompts, evaluation.generate.num_samples,
+                 cell.relative_to(run_dir))
+        _generate_cell(target, evaluation, chosen, cell, model, hardware)
+    write_samples(run_dir)
+
+
+def _generate_cell(target: Target, evaluation: EvalConfig, chosen: list[Prompt], cell: Path,
+                   model: ModelConfig, hardware: HardwareConfig) -> None:
+    generate = evaluation.generate
+    work = cell.with_name(cell.name + ".partial")
+    (work / SHARDS).mkdir(parents=True, exist_ok=True)
+    done = _read_shards(work / SHARDS)
+    tokenizer = models.load_tokenizer(target.path, model, target.revision)
+    if not tokenizer.chat_template:
+        raise UserError(problem(
+            "model.chat_template_path", model.chat_template_path, f"{target.label}'s tokenizer "
+            "has no chat template, so prompts cannot be put as chat turns", "a model with a "
+            "chat template, or a Jinja template file", "model.chat_template_path=<template.jinja>"))
+    tokenizer.padding_side = "left"
+    loaded = models.load_trained(target.path, model, hardware, target.revision)
+    if hardware.accelerator == "cuda" and model.quantization == "none":
+        loaded.to("cuda")
+    loaded.eval()
+    for turn in range(max(len(p.turns) for p in chosen)):
+        pending = [(p, sample) for p in chosen if turn < len(p.turns)
+                   for sample in range(generate.num_samples)
+                   if (p.id, turn, sample) not in done]
+        for start in range(0, len(pending), generate.batch_size):
+            batch = pending[start:start + generate.batch_size]
+            answers = _answer(loaded, tokenizer, generate, evaluation.seed, turn, start,
+                              [(p, sample, _history(p, turn, sample, done, generate))
+                               for p, sample in batch])
+            rundir.atomic_write_text(work / SHARDS / f"turn{turn}-{start:06d}.jsonl",
+                                     "".join(json.dumps(a) + "\n" for a in answers))
+            done.update({(a["prompt_id"], a["turn"], a["sample"]): a for a in answers})
+            log.info("eval %s: turn %d, %d/%d answers", target.label, turn + 1,
+                     min(start + len(batch), len(pending)), len(pending))
+    del loaded
+    gc.collect()
+    order = {p.id: index for index, p in enumerate(chosen)}
+    rows = sorted((a for a in done.values() if a["prompt_id"] in order),
+                  key=lambda a: (order[a["prompt_id"]], a["turn"], a["sample"]))
+    with rundir.staged_directory(cell) as staging:
+        (staging / GENERATIONS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cells.write_record(staging, target, settings(evaluation),
+                           metric_rows(rows, target, generate.prompts))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _read_shards(shards: Path) -> dict[tuple[str, int, int], dict[str, Any]]:
+    done = {}
+    for shard in sorted(shards.glob("*.jsonl")):
+        for line in shard.read_text().splitlines():
+            answer = json.loads(line)
+            done[(answer["prompt_id"], answer["turn"], answer["sample"])] = answer
+    return done
+
+
+def _history(prompt: Prompt, turn: int, sample: int, done: dict,
+             generate: GenerateConfig) -> list[dict[str, str]]:
+    """The chat so far: the system prompt, each earlier turn with this sample's own answer."""
+    messages = [{"role": "system", "content": generate.system_prompt}] \
+        if generate.system_prompt else []
+    for earlier in range(turn):
+        messages += [{"role": "user", "content": prompt.turns[earlier]},
+                     {"role": "assistant",
+                      "content": done[(prompt.id, earlier, sample)]["answer"]}]
+    return messages + [{"role": "user", "content": prompt.turns[turn]}]
+
+
+def _answer(loaded, tokenizer, generate: GenerateConfig, seed: int, turn: int, start: int,
+            batch: list[tuple[Prompt, int, list[dict[str, str]]]]) -> list[dict[str, Any]]:
+    """One generate call for a batch of (prompt, sample, history), left-padded."""
+    import torch
+
+    texts = [tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+             for _, _, history in batch]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = {key: value.to(loaded.device) for key, value in encoded.items()}
+    sampling = {"do_sample": True, "temperature": generate.temperature,
+                "top_p": generate.top_p} if generate.temperature > 0 else {"do_sample": False}
+    torch.manual_seed(seed * 1_000_003 + turn * 10_007 + start)  # the same batch, the same draw
+    with torch.no_grad():
+        output = loaded.generate(**encoded, max_new_tokens=generate.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling,
+                                 **generate.extra)
+    stops = _eos_ids(loaded, tokenizer)
+    width = encoded["input_ids"].shape[1]
+    answers = []
+    for row, ((prompt, sample, history), text) in enumerate(zip(batch, texts)):
+        new = output[row, width:].tolist()
+        end = next((i for i, token in enumerate(new) if token in stops), None)
+        kept = new[:end] if end is not None else [t for t in new
+                                                  if t != tokenizer.pad_token_id]
+        answers.append({
+            "prompt_id": prompt.id, "category": prompt.category, "turn": turn, "sample": sample,
+            "question": prompt.turns[turn], "prompt": text, "answer": tokenizer.decode(kept, skip_special_tokens=True),
+            "finish_reason": "eos" if end is not None else "length",
+            "prompt_tokens": int(encoded["attention_mask"][row].sum()),
+            "new_tokens": end + 1 if end is not None else len(kept)})
+    return answers
+
+
+def _eos_ids(loaded, tokenizer) -> set[int]:
+    configured = loaded.generation_config.eos_token_id
+    found = set(configured if isinstance(configured, list) else [configured])
+    return {token for token in found | {tokenizer.eos_token_id} if token is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def repeats_at_end(text: str) -> bool:
+    """The tail is a loop: one piece of 1-100 characters at least three times in a row at the
+    very end (the earliest may lack the piece's leading spaces), the repeats covering at least
+    12 characters."""
+    text = text.rstrip()
+    for period in range(1, 101):
+        times = max(3, -(-12 // period))  # "!!!" is punctuation; 12 of them is a loop
+        piece = text[-period:]
+        if period * times > len(text) + (len(piece) - len(piece.lstrip())):
+            break
+        before = text[:len(text) - period * (times - 1)]
+        if text.endswith(piece * (times - 1)) and before.endswith(piece.lstrip()) \
+                and piece.strip():
+            return True
+    return False
+
+
+def distinct_2(answers: list[str]) -> float | None:
+    bigrams = [pair for answer in answers for pair in zip(answer.split(), answer.split()[1:])]
+    return len(set(bigrams)) / len(bigrams) if bigrams else None
+
+
+def metric_rows(rows: list[dict[str, Any]], target: Target, prompt_set: str) -> list[dict]:
+    task = prompt_set if prompt_set in prompts.NAMED else Path(prompt_set).stem
+    if not rows:
+        return []
+    values = {
+        "eos_rate": sum(r["finish_reason"] == "eos" for r in rows) / len(rows),
+        "repetition": sum(repeats_at_end(r["answer"]) for r in rows) / len(rows),
+        "mean_new_tokens": sum(r["new_tokens"] for r in rows) / len(rows),
+        "distinct_2": distinct_2([r["answer"] for r in rows]),
+    }
+    return [{"checkpoint": target.label, "step": target.step, "backend": "generate",
+             "task": task, "group": None, "metric": metric, "num_fewshot": None,
+             "eval_mode": "none", "value": value, "stderr": None}
+            for metric, value in values.items() if value is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the answers
+
+
+def write_samples(run_dir: Path) -> Path | None:
+    """samples.md: each prompt with every checkpoint's first answer (sample 0), turn by turn,
+    per generation setting. Rewritten from the cells, like metrics.csv."""
+    found = sorted((Path(run_dir) / "eval").glob(f"*/generate-*/{cells.CELL_RECORD}"))
+    if not found:
+        return None
+    by_setting: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for record in found:
+        cell = json.loads(record.read_text())
+        answers = [json.loads(line) for line in
+                   (record.parent / GENERATIONS).read_text().splitlines() if line.strip()]
+        by_setting.setdefault(cell["settings_hash"], {})[cell["checkpoint"]] = [
+            a for a in answers if a["sample"] == 0]
+    lines = ["# Samples", "", "Each prompt with every checkpoint's first answer (sample 0).", ""]
+    for setting, checkpoints in by_setting.items():
+        labels = sorted(checkpoints, key=cells.checkpoint_order)
+        lines += [f"## Generation settings {setting}", ""]
+        first = checkpoints[labels[0]]
+        for answer in [a for a in first if a["turn"] == 0]:
+            category = f" ({answer['category']})" if answer.get("category") else ""
+            lines += [f"### Prompt {answer['prompt_id']}{category}", ""]
+            turns = sorted({a["turn"] for a in first if a["prompt_id"] == answer["prompt_id"]})
+            for turn in turns:
+                question = next(a.get("question", "") for a in first if a["prompt_id"] ==
+                                answer["prompt_id"] and a["turn"] == turn)
+                lines += [f"**Turn {turn + 1}**: {_readable(question)}", ""]
+                for label in labels:
+                    mine = next((a for a in checkpoints[label] if a["prompt_id"] ==
+                                 answer["prompt_id"] and a["turn"] == turn), None)
+                    if mine is None:
+                        continue
+                    shown = _readable(mine["answer"]) or "(empty)"
+                    lines.append(f"- **{label}** ({mine['finish_reason']}, {mine['new_tokens']} "
+                                 f"tokens): {shown}")
+                lines.append("")
+    path = Path(run_dir) / SAMPLES_MD
+    rundir.atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _readable(text: str) -> str:
+    """One line, control characters (an untrained model's bytes) shown as U+FFFD."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in " ".join(text.split()))
