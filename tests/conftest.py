@@ -139,3 +139,23 @@ def typed_config(*overrides: str, check_environment: bool = False):
 
     return validate(OmegaConf.to_container(compose(*overrides), resolve=True),
                     check_environment=check_environment)
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Processes whose environment holds the marker (everything a run started), this one
+    excepted; zombies have no environment left and are not counted."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

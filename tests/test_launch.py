@@ -10,7 +10,7 @@ import shlex
 
 import pytest
 
-from conftest import lmalign, typed_config
+from conftest import command_line, lmalign, marked_processes, typed_config
 from lmalign import launch, machine
 from lmalign.errors import UserError
 
@@ -254,14 +254,14 @@ def test_sigterm_while_workers_evaluate_ends_every_worker_and_the_rerun_writes_t
     while "eval final: tiny_mc, 3-shot" not in log.read_text():  # the workers are evaluating
         assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
-    workers = [pid for pid in _marked(marker)
-               if "lmalign.worker" in _cmdline(pid) and "accelerate" not in _cmdline(pid)]
+    workers = [pid for pid in marked_processes(marker)
+               if "lmalign.worker" in command_line(pid) and "accelerate" not in command_line(pid)]
     assert len(workers) == 2  # and the launcher, which started them
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     output = log.read_text()
     assert "Traceback" not in output and "stopped: SIGTERM" in output, output[-3000:]
-    assert _marked(marker) == []
+    assert marked_processes(marker) == []
     assert not list((run_dir / "eval").rglob(cells.CELL_RECORD))
 
     rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -269,30 +269,7 @@ def test_sigterm_while_workers_evaluate_ends_every_worker_and_the_rerun_writes_t
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     (cell,) = (run_dir / "eval" / "final").glob(f"*fs3*/{cells.CELL_RECORD}")
     assert '"processes": 2' in cell.read_text()
-    assert _marked(marker) == []
-
-
-def _marked(marker: str) -> list[int]:
-    """Processes whose environment holds the marker: everything a run started."""
-    from pathlib import Path
-
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker.encode() in environ.read_bytes():
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    from pathlib import Path
-
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+    assert marked_processes(marker) == []
 
 
 def _rows(run_dir, checkpoint):

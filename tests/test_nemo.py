@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, guarded, lmalign, shared_path, typed_config
+from conftest import (REPO, command_line, guarded, lmalign, marked_processes, shared_path,
+                      typed_config)
 from lmalign.errors import JobFailed, UserError
 from lmalign.evaluation import nemo, nemo_skills
 from lmalign.evaluation.cells import Target
@@ -436,16 +437,17 @@ def test_a_checkpoint_sweep_and_the_watcher_share_nemo_cells_and_never_write_the
     assert SECRET not in sweep.stdout + sweep.stderr + watcher.stdout + watcher.stderr
 
 
-def _marked(marker: str) -> list[int]:
-    """Processes whose environment holds the marker: everything a run started."""
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker.encode() in environ.read_bytes():
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return [pid for pid in found if pid != os.getpid()]
+def _stop_case(tmp_path: Path, cache: Path, **stand_in: str):
+    """(marker, command, environment) of an eval=nemo run on the stand-in, to be stopped: every
+    process it starts carries the marker in its environment."""
+    import uuid
+
+    marker = f"lmalign-test-{uuid.uuid4().hex}"
+    args = [sys.executable, "-m", "lmalign", "stage=eval", "run_name=sft", "eval=nemo",
+            "eval.nemo.benchmarks=[gsm8k]", "eval.nemo.server=transformers",
+            f"eval.nemo.nemo_env={STAND_IN}", "eval.checkpoints=[final]"]
+    return marker, args, {**os.environ, "LMALIGN_CACHE": str(cache), **_stand_in_env(tmp_path),
+                          **stand_in, "LMALIGN_TEST_MARK": marker}
 
 
 @pytest.mark.slow
@@ -456,14 +458,8 @@ def test_sigterm_while_generating_ends_the_server_and_nemo_skills_own_jobs(train
     import signal
     import socket
     import time
-    import uuid
 
-    marker = f"lmalign-test-{uuid.uuid4().hex}"
-    args = [sys.executable, "-m", "lmalign", "stage=eval", "run_name=sft", "eval=nemo",
-            "eval.nemo.benchmarks=[gsm8k]", "eval.nemo.server=transformers",
-            f"eval.nemo.nemo_env={STAND_IN}", "eval.checkpoints=[final]"]
-    env = {**os.environ, "LMALIGN_CACHE": str(lmalign_cache), **_stand_in_env(tmp_path),
-           "LMALIGN_NS_JOB_SECONDS": "600", "LMALIGN_TEST_MARK": marker}
+    marker, args, env = _stop_case(tmp_path, lmalign_cache, LMALIGN_NS_JOB_SECONDS="600")
     with open(tmp_path / "stopped.log", "wb") as output:
         process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output,
                                    stderr=subprocess.STDOUT)
@@ -478,7 +474,7 @@ def test_sigterm_while_generating_ends_the_server_and_nemo_skills_own_jobs(train
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
     output = (tmp_path / "stopped.log").read_text()
     assert "Traceback" not in output and "stopped: SIGTERM" in output
-    assert _marked(marker) == []  # the server, ns and its own-session job: all gone
+    assert marked_processes(marker) == []  # the server, ns and its own-session job: all gone
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert list((trained / "eval" / "final").glob("nemo-*.partial"))  # kept for the re-run
@@ -507,7 +503,7 @@ def test_sigterm_while_generating_ends_the_server_and_nemo_skills_own_jobs(train
     assert not Path(f"/proc/{server}").exists() or "zombie" in Path(
         f"/proc/{server}/status").read_text()
     assert [p for p in (trained / "eval" / "final").glob("nemo-*") if (p / "cell.json").exists()]
-    for pid in _marked(marker):  # the killed run's own-session job, which nothing recorded
+    for pid in marked_processes(marker):  # the killed run's own-session job, which nothing recorded
         os.kill(pid, signal.SIGKILL)
 
 
@@ -544,14 +540,8 @@ def test_each_signal_while_the_server_starts_and_while_scoring_ends_everything_t
     completes it. (While generating: the test above.)"""
     import signal
     import socket
-    import uuid
 
-    marker = f"lmalign-test-{uuid.uuid4().hex}"
-    args = [sys.executable, "-m", "lmalign", "stage=eval", "run_name=sft", "eval=nemo",
-            "eval.nemo.benchmarks=[gsm8k]", "eval.nemo.server=transformers",
-            f"eval.nemo.nemo_env={STAND_IN}", "eval.checkpoints=[final]"]
-    env = {**os.environ, "LMALIGN_CACHE": str(lmalign_cache), **_stand_in_env(tmp_path),
-           "LMALIGN_NS_SCORE_SECONDS": "600", "LMALIGN_TEST_MARK": marker}
+    marker, args, env = _stop_case(tmp_path, lmalign_cache, LMALIGN_NS_SCORE_SECONDS="600")
     cells = trained / "eval" / "final"
     stops = [("server.json", signal.SIGTERM, "SIGTERM"), ("server.json", signal.SIGINT,
                                                           "interrupted"),
@@ -569,7 +559,7 @@ def test_each_signal_while_the_server_starts_and_while_scoring_ends_everything_t
         assert process.wait(timeout=60) == 128 + number, (when, number)
         output = log.read_text()
         assert "Traceback" not in output and f"stopped: {said}" in output, output[-3000:]
-        assert _marked(marker) == [], (when, number)
+        assert marked_processes(marker) == [], (when, number)
         (server_log,) = cells.glob("*.partial/server.log")
         for port in re.findall(r"--port (\d+)", server_log.read_text()):
             with pytest.raises(OSError):
@@ -581,7 +571,7 @@ def test_each_signal_while_the_server_starts_and_while_scoring_ends_everything_t
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [p for p in cells.glob("nemo-*") if (p / "cell.json").exists()]
-    assert _marked(marker) == []
+    assert marked_processes(marker) == []
 
 
 REAL_NEMO_ENV = os.environ.get("LMALIGN_NEMO_ENV")
@@ -610,8 +600,8 @@ def test_real_nemo_skills_stopped_while_generating_leaves_nothing_and_the_rerun_
     log = tmp_path / "stopped.log"
     process = _start_stoppable(args, env, tmp_path, log)
     deadline = time.time() + 300
-    while not [pid for pid in _marked(marker) if os.getsid(pid) != os.getsid(process.pid)
-               and "nemo_skills.inference" in _command_line(pid)]:
+    while not [pid for pid in marked_processes(marker) if os.getsid(pid) != os.getsid(process.pid)
+               and "nemo_skills.inference" in command_line(pid)]:
         assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     (server_log,) = (trained / "eval" / "final").glob("*.partial/server.log")
@@ -622,7 +612,7 @@ def test_real_nemo_skills_stopped_while_generating_leaves_nothing_and_the_rerun_
     print(f"{stop}: lmalign exited {128 + number} after {time.time() - stopped_at:.1f} s")
     output = log.read_text()
     assert "Traceback" not in output and "stopped: " in output, output[-3000:]
-    assert _marked(marker) == []
+    assert marked_processes(marker) == []
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -630,11 +620,5 @@ def test_real_nemo_skills_stopped_while_generating_leaves_nothing_and_the_rerun_
                            timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [p for p in (trained / "eval" / "final").glob("nemo-*") if (p / "cell.json").exists()]
-    assert _marked(marker) == []
+    assert marked_processes(marker) == []
 
-
-def _command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
