@@ -55,10 +55,10 @@ def _collated(config: Any) -> bool:
 class SweepJobsCallback(Callback):
     """Before a sweep starts: every job's config is checked, and training jobs that would share
     a run directory are found; a sweep with any problem is refused whole (each job refuses
-    itself when it starts). Then <sweep>/jobs/: the expected jobs, then one record per started job (overrides, run
-    directory, outcome), so stage=report names failed and missing jobs. Hydra's sweeper raises
-    on a failed job before on_multirun_end, so collation runs from the CLI (lmalign.cli), told
-    which sweep by the command's outcomes folder (lmalign.outcome)."""
+    itself when it starts). Then <sweep>/jobs/: the expected jobs, then one record per started
+    job (overrides, run directory, outcome), so stage=report names failed and missing jobs.
+    Hydra's sweeper raises on a failed job before on_multirun_end, so collation runs from the
+    CLI (lmalign.cli), told which sweep by the command's outcomes folder (lmalign.outcome)."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         from lmalign import config_tree, outcome, report, rundir

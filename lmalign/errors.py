@@ -38,8 +38,9 @@ class TrainingStopped(Exception):
 
 
 class Stopped(BaseException):
-    """SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2 outside training: raised in the main thread (as Ctrl-C raises
-    KeyboardInterrupt), so that every `finally` runs; the command exits 128 + the signal."""
+    """SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2 outside training: raised in the main thread (as
+    Ctrl-C raises KeyboardInterrupt), so that every `finally` runs; the command exits 128 + the
+    signal."""
 
     def __init__(self, signal_number: int):
         import signal

@@ -1,8 +1,9 @@
 """Evaluation backends and the cells they write (docs/design.md, Evaluation backends).
 
 `harness` (lm-evaluation-harness, in this process or its workers), `nemo` (NeMo-Skills through
-an inference server) and `generate` (answers to a prompt set, in this process). `train_eval`, `stage=eval`, the watcher and the evaluation jobs it submits
-all go through `check`, `requested_cells` and `evaluate` here, so they find the same cells.
+an inference server) and `generate` (answers to a prompt set, in this process). `train_eval`,
+`stage=eval`, the watcher and the evaluation jobs it submits all go through `check`,
+`requested_cells` and `evaluate` here, so they find the same cells.
 """
 
 from __future__ import annotations
