@@ -259,9 +259,16 @@ class GenerateConfig:
     temperature: NonNegativeNumber  # 0: greedy (then one sample says all)
     top_p: Annotated[float, Field(gt=0, le=1)]
     max_new_tokens: Count
-    batch_size: Count  # sequences per generate call
-    engine: Literal["hf"]  # hf: batched generate in the evaluating process
-    extra: dict[str, Any]  # more generate() arguments, e.g. {repetition_penalty: 1.1}
+    batch_size: Count  # engine=hf: sequences per generate call
+    # auto: vllm on a GPU profile where installed, else hf (batched generate in this process)
+    engine: Literal["auto", "hf", "vllm", "sglang", "transformers", "external"]
+    server_address: str | None  # engine=external: its OpenAI base URL (.../v1)
+    server_startup_timeout_s: PositiveNumber
+    api_key_env: str | None  # engine=external: the NAME of the variable holding its key
+    concurrency: Count  # server engines: requests in flight
+    max_retries: NonNegative  # server engines: the openai client's retries (429, 5xx, timeouts)
+    request_timeout_s: PositiveNumber
+    extra: dict[str, Any]  # more generate() arguments / request fields, e.g. repetition_penalty
 
 
 BACKENDS = ("harness", "nemo", "generate")  # in the order a job evaluates them

@@ -13,7 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from lmalign import models
 from lmalign.errors import UserError, problem
-from lmalign.schema import Config, HarnessConfig, NemoConfig, precision_of
+from lmalign.schema import Config, GenerateConfig, HarnessConfig, NemoConfig, precision_of
 from lmalign.type_errors import describe_type_errors
 
 LAUNCHER_OPTIONS = Path(__file__).resolve().parent.parent / "conf" / "hydra" / "launcher"
@@ -236,11 +236,8 @@ def _eval_problems(config: Config) -> list[str]:
     if evaluation.nemo is not None:
         problems += _nemo_problems(evaluation.nemo)
     generate = evaluation.generate
-    if generate is not None and generate.temperature == 0 and generate.num_samples > 1:
-        problems.append(problem(
-            "eval.generate.num_samples", generate.num_samples, "greedy decoding "
-            "(eval.generate.temperature=0) gives the same answer every time", "1 when greedy, "
-            "more when sampling", "eval.generate.num_samples=1, or eval.generate.temperature=0.7"))
+    if generate is not None:
+        problems += _generate_problems(generate, config)
     if config.eval.revisions and (config.model.source != "pretrained" or config.model.init_from
                                   or config.stage != "eval"):
         problems.append(problem(
@@ -250,6 +247,26 @@ def _eval_problems(config: Config) -> list[str]:
             "stage=eval model=<hub model> eval.revisions=[...], or eval.revisions=[]"))
     return problems
 
+
+def _generate_problems(generate: GenerateConfig, config: Config) -> list[str]:
+    problems = []
+    if generate.temperature == 0 and generate.num_samples > 1:
+        problems.append(problem(
+            "eval.generate.num_samples", generate.num_samples, "greedy decoding "
+            "(eval.generate.temperature=0) gives the same answer every time", "1 when greedy, "
+            "more when sampling", "eval.generate.num_samples=1, or eval.generate.temperature=0.7"))
+    if generate.engine == "external" and not generate.server_address:
+        problems.append(problem(
+            "eval.generate.server_address", None, "engine=external answers through a server you "
+            "run, at an address lmalign needs", "its OpenAI base URL",
+            "eval.generate.server_address=http://<host>:<port>/v1"))
+    if generate.engine not in ("auto", "hf") and config.method.peft == "prompt_tuning" \
+            and config.trains:
+        problems.append(problem(
+            "eval.generate.engine", generate.engine, "this run trains a prompt-tuning adapter, "
+            "which no inference server serves", "hf (or auto, which picks hf for it)",
+            "eval.generate.engine=hf"))
+    return problems
 
 def _harness_problems(harness: HarnessConfig) -> list[str]:
     problems = []

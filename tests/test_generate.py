@@ -153,7 +153,7 @@ def test_a_prompt_tuning_adapter_answers_with_its_virtual_tokens_unmerged(tmp_pa
                                                                           lmalign_cache):
     lmalign("run_name=pt", "method=prompt_tuning", "method.max_steps=2", "eval=generate",
             "eval.generate.prompts=tiny", "eval.generate.max_prompts=4",
-            "eval.generate.max_new_tokens=8", "eval.generate.temperature=0",
+            "eval.generate.max_new_tokens=8", "eval.generate.temperature=1.0",
             cwd=tmp_path, cache=lmalign_cache, check=True)
     run_dir = tmp_path / "runs" / "pt"
     assert (run_dir / "final" / "adapter_config.json").exists()
@@ -161,5 +161,33 @@ def test_a_prompt_tuning_adapter_answers_with_its_virtual_tokens_unmerged(tmp_pa
     answers = _answers(cell)
     assert len(answers) == 4 and all(a["new_tokens"] > 0 for a in answers)
     (base,) = (run_dir / "eval" / "base").glob("generate-*")
-    # The virtual tokens change what the model says: not the base model's greedy answers.
+    # Both draw with the same seed from the same base weights: only the virtual tokens, in
+    # effect unmerged, make final's answers differ from base's.
     assert [a["answer"] for a in answers] != [a["answer"] for a in _answers(base)]
+
+
+@pytest.mark.slow
+def test_a_served_checkpoint_answers_through_the_openai_client_and_the_server_stops(
+        demo_copy, tmp_path, lmalign_cache):
+    """engine=transformers: `transformers serve` returns one choice per request, so the samples
+    come from repeated requests; it leaves no process behind."""
+    import os
+    import uuid
+
+    from conftest import marked_processes
+
+    marker = f"lmalign-test-{uuid.uuid4().hex}"
+    result = lmalign(*TINY, "eval.generate.engine=transformers", "eval.generate.max_prompts=4",
+                     "eval.generate.num_samples=2", "eval.generate.max_new_tokens=40",
+                     "eval.checkpoints=[final]", cwd=tmp_path, cache=lmalign_cache, check=True,
+                     env={"LMALIGN_TEST_MARK": marker, "OPENAI_API_KEY": os.environ.get(
+                         "OPENAI_API_KEY", "")})
+    assert "starting the transformers server" in result.stdout + result.stderr
+    (cell,) = (demo_copy / "eval" / "final").glob("generate-*")
+    answers = _answers(cell)
+    assert sorted((a["prompt_id"], a["sample"]) for a in answers) == sorted(
+        (f"tiny-{i}", s) for i in range(4) for s in range(2))
+    assert sum(a["finish_reason"] == "eos" for a in answers) >= 7
+    assert all("<|end|>" not in a["answer"] for a in answers)  # the stop string is not kept
+    assert '"engine": "transformers"' in (cell / "cell.json").read_text()
+    assert marked_processes(marker) == []

@@ -18,7 +18,7 @@ import pytest
 from conftest import (REPO, command_line, guarded, lmalign, marked_processes, shared_path,
                       typed_config)
 from lmalign.errors import JobFailed, UserError
-from lmalign.evaluation import nemo, nemo_skills
+from lmalign.evaluation import nemo, nemo_skills, server
 from lmalign.evaluation.cells import Target
 from lmalign.schema import JudgeConfig
 
@@ -197,13 +197,11 @@ def test_a_lora_adapter_is_served_by_vllm_and_sglang_as_an_adapter(lora_adapter,
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     config = _nemo_config()
     target = Target("checkpoint-5", 5, str(adapter))
-    vllm = nemo.served_model(target, _nemo_config("eval.nemo.server=vllm").eval, config.model,
-                             config.hardware, tmp_path)
+    vllm = server.served_model(target, "vllm", config.model, config.hardware, tmp_path, "")
     assert vllm.name == "lmalign-checkpoint-5" and vllm.launch.model == base
     assert vllm.launch.extra_args == ("--enable-lora", "--lora-modules",
                                       f"lmalign-checkpoint-5={adapter}", "--max-lora-rank", "8")
-    sglang = nemo.served_model(target, _nemo_config("eval.nemo.server=sglang").eval, config.model,
-                               config.hardware, tmp_path)
+    sglang = server.served_model(target, "sglang", config.model, config.hardware, tmp_path, "")
     assert sglang.launch.extra_args == ("--lora-paths", f"lmalign-checkpoint-5={adapter}")
     assert not list(tmp_path.iterdir())  # nothing merged for servers that take adapters
 
@@ -214,8 +212,8 @@ def test_a_lora_adapter_is_merged_for_transformers_serve(lora_adapter, tmp_path)
 
     adapter, peft_model = lora_adapter
     config = _nemo_config()
-    served = nemo.served_model(Target("checkpoint-5", 5, str(adapter)), config.eval, config.model,
-                               config.hardware, tmp_path)
+    served = server.served_model(Target("checkpoint-5", 5, str(adapter)), "transformers",
+                                 config.model, config.hardware, tmp_path, "")
     assert served.merged == tmp_path / "merged-model" and served.launch.model == served.name
     merged = AutoModelForCausalLM.from_pretrained(served.merged)
     tokens = torch.tensor([[1, 5, 9, 13]])
@@ -234,10 +232,10 @@ def test_a_hub_revision_is_served_from_its_snapshot_in_the_hub_cache(tmp_path):
     write_tiny_model_repo(tmp_path / "hub" / "models" / "lmalign-test" / "tiny")
     script = (  # huggingface_hub reads HF_ENDPOINT when imported: a process of its own
         "import sys; sys.path.insert(0, sys.argv[1]); from conftest import typed_config\n"
-        "from lmalign.evaluation import nemo; from lmalign.evaluation.cells import Target\n"
+        "from lmalign.evaluation import server; from lmalign.evaluation.cells import Target\n"
         "config = typed_config('stage=eval', 'eval=nemo', 'eval.nemo.server=vllm')\n"
-        "served = nemo.served_model(Target('main', None, 'lmalign-test/tiny', 'main'), "
-        "config.eval, config.model, config.hardware, None)\n"
+        "served = server.served_model(Target('main', None, 'lmalign-test/tiny', 'main'), "
+        "'vllm', config.model, config.hardware, None, '')\n"
         "print(served.launch.model, served.name)")
     with HubServer(tmp_path / "hub") as hub:
         result = subprocess.run(

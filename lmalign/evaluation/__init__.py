@@ -61,7 +61,7 @@ def requested_cells(targets: list[Target], config: Config, run_dir: Path) -> lis
     if config.eval.generate is not None:
         from lmalign.evaluation import generate
 
-        found += generate.requested_cells(targets, config.eval, run_dir)
+        found += generate.requested_cells(targets, config.eval, config.hardware, run_dir)
     return found
 
 

@@ -22,13 +22,17 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lmalign import models, rundir
 from lmalign.errors import UserError, problem
-from lmalign.evaluation import cells, prompts
+from lmalign.evaluation import cells, prompts, server
 from lmalign.evaluation.cells import Target
 from lmalign.evaluation.prompts import Prompt
 from lmalign.schema import EvalConfig, GenerateConfig, HardwareConfig, ModelConfig
@@ -39,15 +43,17 @@ SAMPLES_MD = "samples.md"
 SHARDS = "shards"
 
 
-def settings(evaluation: EvalConfig) -> dict[str, Any]:
-    """Everything that changes the answers; part of a cell's identity. A file's content is (its
-    hash), so an edited prompts file makes new cells."""
+def settings(evaluation: EvalConfig, hardware: HardwareConfig, target: Target) -> dict[str, Any]:
+    """Everything that changes the answers; part of a cell's identity: the engine that answers
+    (`auto` resolved), and a prompts file's content (its hash), so an edited file makes new
+    cells."""
     generate = evaluation.generate
     found = {"backend": "generate", "prompts": generate.prompts,
              "columns": dict(generate.columns), "max_prompts": generate.max_prompts,
              "system_prompt": generate.system_prompt, "num_samples": generate.num_samples,
              "temperature": generate.temperature, "top_p": generate.top_p,
-             "max_new_tokens": generate.max_new_tokens, "engine": generate.engine,
+             "max_new_tokens": generate.max_new_tokens,
+             "engine": engine(generate, hardware, target),
              "extra": dict(generate.extra), "seed": evaluation.seed}
     if generate.prompts not in prompts.NAMED:
         found["prompts_sha256"] = _content_hash(Path(generate.prompts).expanduser())
@@ -63,8 +69,10 @@ def _content_hash(path: Path) -> str | None:
     return digest.hexdigest()[:16] if files else None
 
 
-def requested_cells(targets: list[Target], evaluation: EvalConfig, run_dir: Path) -> list[Path]:
-    return [cells.cell_dir(run_dir, target, settings(evaluation)) for target in targets]
+def requested_cells(targets: list[Target], evaluation: EvalConfig, hardware: HardwareConfig,
+                    run_dir: Path) -> list[Path]:
+    return [cells.cell_dir(run_dir, target, settings(evaluation, hardware, target))
+            for target in targets]
 
 
 def check(evaluation: EvalConfig) -> list[str]:
@@ -76,8 +84,13 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model
              hardware: HardwareConfig) -> None:
     """Every missing cell of these targets; then samples.md, every checkpoint side by side."""
     chosen = prompts.load(evaluation.generate)
+    if evaluation.generate.engine == "auto" and hardware.accelerator == "cuda" \
+            and not shutil.which("vllm"):
+        log.warning("eval.generate.engine=auto: vLLM is not installed, so answers come from the "
+                    "hf engine in this process (install vllm, or set eval.generate.engine=hf to "
+                    "silence this)")
     for target in targets:
-        cell = cells.cell_dir(run_dir, target, settings(evaluation))
+        cell = cells.cell_dir(run_dir, target, settings(evaluation, hardware, target))
         if cells.is_complete(cell):
             log.info("eval %s: generate cell done, skipping", target.label)
             continue
@@ -100,35 +113,125 @@ def _generate_cell(target: Target, evaluation: EvalConfig, chosen: list[Prompt],
             "model.chat_template_path", model.chat_template_path, f"{target.label}'s tokenizer "
             "has no chat template, so prompts cannot be put as chat turns", "a model with a "
             "chat template, or a Jinja template file", "model.chat_template_path=<template.jinja>"))
-    tokenizer.padding_side = "left"
-    loaded = models.load_trained(target.path, model, hardware, target.revision)
-    if hardware.accelerator == "cuda" and model.quantization == "none":
-        loaded.to("cuda")
-    loaded.eval()
-    for turn in range(max(len(p.turns) for p in chosen)):
-        pending = [(p, sample) for p in chosen if turn < len(p.turns)
-                   for sample in range(generate.num_samples)
-                   if (p.id, turn, sample) not in done]
-        for start in range(0, len(pending), generate.batch_size):
-            batch = pending[start:start + generate.batch_size]
-            answers = _answer(loaded, tokenizer, generate, evaluation.seed, turn, start,
-                              [(p, sample, _history(p, turn, sample, done, generate))
-                               for p, sample in batch])
-            rundir.atomic_write_text(work / SHARDS / f"turn{turn}-{start:06d}.jsonl",
-                                     "".join(json.dumps(a) + "\n" for a in answers))
-            done.update({(a["prompt_id"], a["turn"], a["sample"]): a for a in answers})
-            log.info("eval %s: turn %d, %d/%d answers", target.label, turn + 1,
-                     min(start + len(batch), len(pending)), len(pending))
-    del loaded
-    gc.collect()
+    kind = engine(generate, hardware, target)
+    step = generate.batch_size if kind == "hf" else generate.concurrency
+    opened = _in_process(target, model, hardware, tokenizer, generate, evaluation.seed) \
+        if kind == "hf" else _served(target, kind, model, hardware, tokenizer, generate,
+                                     evaluation.seed, work)
+    with opened as answer:
+        for turn in range(max(len(p.turns) for p in chosen)):
+            pending = [(p, sample) for p in chosen if turn < len(p.turns)
+                       for sample in range(generate.num_samples)
+                       if (p.id, turn, sample) not in done]
+            for start in range(0, len(pending), step):
+                batch = pending[start:start + step]
+                answers = answer(turn, start, [(p, sample, _history(p, turn, sample, done,
+                                                                     generate))
+                                               for p, sample in batch])
+                rundir.atomic_write_text(work / SHARDS / f"turn{turn}-{start:06d}.jsonl",
+                                         "".join(json.dumps(a) + "\n" for a in answers))
+                done.update({(a["prompt_id"], a["turn"], a["sample"]): a for a in answers})
+                log.info("eval %s: turn %d, %d/%d answers", target.label, turn + 1,
+                         min(start + len(batch), len(pending)), len(pending))
     order = {p.id: index for index, p in enumerate(chosen)}
     rows = sorted((a for a in done.values() if a["prompt_id"] in order),
                   key=lambda a: (order[a["prompt_id"]], a["turn"], a["sample"]))
     with rundir.staged_directory(cell) as staging:
         (staging / GENERATIONS).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        cells.write_record(staging, target, settings(evaluation),
+        cells.write_record(staging, target, settings(evaluation, hardware, target),
                            metric_rows(rows, target, generate.prompts))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def engine(generate: GenerateConfig, hardware: HardwareConfig, target: Target) -> str:
+    """The engine that answers: as set, or for `auto` vLLM on a GPU profile where it is
+    installed and the checkpoint is one vLLM serves (not a prompt-tuning adapter), else hf."""
+    if generate.engine != "auto":
+        return generate.engine
+    if hardware.accelerator != "cuda" or not shutil.which("vllm"):
+        return "hf"
+    info = models.adapter_config(target.path) if Path(target.path).is_dir() else None
+    return "hf" if info and models.adapter_kind(info) != "lora" else "vllm"
+
+
+@contextmanager
+def _in_process(target: Target, model: ModelConfig, hardware: HardwareConfig, tokenizer,
+                generate: GenerateConfig, seed: int) -> Iterator[Any]:
+    """engine=hf: the checkpoint loaded here, answering a batch per generate call."""
+    tokenizer.padding_side = "left"
+    held = {"model": models.load_trained(target.path, model, hardware, target.revision)}
+    if hardware.accelerator == "cuda" and model.quantization == "none":
+        held["model"].to("cuda")
+    held["model"].eval()
+    try:
+        yield lambda turn, start, batch: _answer(held["model"], tokenizer, generate, seed, turn,
+                                                 start, batch)
+    finally:
+        held.clear()  # the weights go before the next checkpoint loads
+        gc.collect()
+
+
+@contextmanager
+def _served(target: Target, kind: str, model: ModelConfig, hardware: HardwareConfig, tokenizer,
+            generate: GenerateConfig, seed: int, work: Path) -> Iterator[Any]:
+    """A server engine: the checkpoint served (evaluation/server.py), asked through the openai
+    client, `concurrency` requests at a time; its retries are the client's own."""
+    from openai import OpenAI
+
+    server.end_left_behind(work)  # a run killed outright could not stop its server
+    served = server.served_model(target, kind, model, hardware, work,  # type: ignore[arg-type]
+                                 "eval.generate.engine=hf answers with it unmerged")
+    try:
+        with server.serving(served.launch, work / "server.log",
+                            float(generate.server_startup_timeout_s),
+                            generate.server_address) as running:
+            client = OpenAI(base_url=running.base_url, max_retries=generate.max_retries,
+                            timeout=generate.request_timeout_s,
+                            api_key=os.environ.get(generate.api_key_env or "", "") or "none")
+            with ThreadPoolExecutor(generate.concurrency) as pool:
+                yield lambda turn, start, batch: _ask(client, pool, served.name, tokenizer,
+                                                      generate, seed, turn, batch)
+    finally:
+        if served.merged:
+            shutil.rmtree(served.merged, ignore_errors=True)
+
+
+def _ask(client, pool, name: str, tokenizer, generate: GenerateConfig, seed: int, turn: int,
+         batch: list[tuple[Prompt, int, list[dict[str, str]]]]) -> list[dict[str, Any]]:
+    """One request per prompt for the samples that share a history (turn 1 asks for `n`), and
+    again for what a server returned too few of (transformers serve returns one choice)."""
+    groups: dict[tuple[str, str], list[tuple[Prompt, int, list[dict[str, str]]]]] = {}
+    for unit in batch:
+        groups.setdefault((unit[0].id, json.dumps(unit[2])), []).append(unit)
+
+    def complete(units):
+        history, wanted, got = units[0][2], len(units), []
+        while len(got) < wanted:
+            answer = client.chat.completions.create(
+                model=name, messages=history, max_tokens=generate.max_new_tokens,
+                temperature=generate.temperature, top_p=generate.top_p, n=wanted - len(got),
+                seed=seed * 1_000_003 + turn * 10_007 + units[0][1] + len(got),
+                extra_body=dict(generate.extra) or None)
+            got += answer.choices[:wanted - len(got)]
+        return [_served_answer(tokenizer, prompt, sample, turn, history, choice)
+                for (prompt, sample, _), choice in zip(units, got)]
+
+    return [row for rows in pool.map(complete, groups.values()) for row in rows]
+
+
+def _served_answer(tokenizer, prompt: Prompt, sample: int, turn: int,
+                   history: list[dict[str, str]], choice) -> dict[str, Any]:
+    text = choice.message.content or ""
+    ended = choice.finish_reason == "stop"
+    if tokenizer.eos_token and text.endswith(tokenizer.eos_token):
+        text, ended = text[:-len(tokenizer.eos_token)], True  # a server that leaves it in
+    rendered = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    return {"prompt_id": prompt.id, "category": prompt.category, "turn": turn, "sample": sample,
+            "question": prompt.turns[turn], "prompt": rendered, "answer": text,
+            "finish_reason": "eos" if ended else "length",
+            "prompt_tokens": len(tokenizer(rendered, add_special_tokens=False)["input_ids"]),
+            "new_tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            + (1 if ended else 0)}
 
 
 def _read_shards(shards: Path) -> dict[tuple[str, int, int], dict[str, Any]]:

@@ -8,11 +8,10 @@ import logging
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmalign import models, processes, rundir, secrets
+from lmalign import processes, rundir, secrets
 from lmalign.errors import JobFailed, UserError, problem
 from lmalign.evaluation import cells, server
 from lmalign.evaluation.cells import Target
@@ -25,7 +24,6 @@ from lmalign.schema import EvalConfig, HardwareConfig, ModelConfig
 log = logging.getLogger(__name__)
 
 DATA_LINK = "nemo-skills-data"  # in a cell's work directory: a link to the cached data
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's choices for --max-lora-rank
 
 
 def settings(evaluation: EvalConfig) -> dict[str, Any]:
@@ -111,55 +109,6 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model
                             help_text, data)
 
 
-@dataclass(frozen=True)
-class Served:
-    launch: server.Launch
-    name: str  # what `ns eval --model` asks the server for
-    merged: Path | None = None  # a LoRA adapter merged for a server without adapters
-
-
-def served_model(target: Target, evaluation: EvalConfig, model: ModelConfig,
-                 hardware: HardwareConfig, work: Path) -> Served:
-    """How a target is served: a hub revision from its snapshot in the hub cache (so the offline
-    cache serves too), a LoRA adapter the way each server supports it, or merged first."""
-    kind = evaluation.nemo.server
-    per_node = max(1, hardware.world_size // hardware.num_nodes)
-
-    def launch(weights: str, name: str, *extra: str) -> server.Launch:
-        return server.Launch(kind, weights, name, hardware.accelerator,
-                             tensor_parallel=per_node, extra_args=extra)
-
-    path = target.path
-    if kind == "external":  # it serves what it serves, under the name it was given
-        return Served(launch(path, path), path)
-    if target.revision:
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(target.path, revision=target.revision)
-    elif Path(path).is_dir():
-        path = str(models.loadable(Path(path)))  # an FSDP checkpoint, consolidated once
-    info = models.adapter_config(path)
-    if info is None:
-        return Served(launch(path, path), path)
-    if models.adapter_kind(info) != "lora":
-        raise UserError(problem(
-            "eval.checkpoints", target.label, f"a {models.adapter_kind(info)} adapter, which no "
-            "inference server serves", "full models and LoRA adapters", "eval=harness evaluates "
-            "this run's checkpoints"))
-    base, name = info["base_model_name_or_path"], f"lmalign-{target.label}"
-    if kind == "vllm":  # the base with the adapter beside it, asked for by its name
-        rank = next((r for r in VLLM_LORA_RANKS if r >= int(info.get("r", 8))), VLLM_LORA_RANKS[-1])
-        return Served(launch(base, base, "--enable-lora", "--lora-modules", f"{name}={path}",
-                             "--max-lora-rank", str(rank)), name)
-    if kind == "sglang":
-        return Served(launch(base, base, "--lora-paths", f"{name}={path}"), name)
-    merged = work / "merged-model"  # transformers serve has no adapters: merge into the work dir
-    if not (merged / "config.json").exists():
-        log.info("eval %s: merging the LoRA adapter into %s to serve it", target.label, base)
-        models.merge_adapter(path, model, hardware, merged)
-    return Served(launch(str(merged), str(merged)), str(merged), merged)
-
-
 def _serve_and_evaluate(target: Target, evaluation: EvalConfig, model: ModelConfig,
                         hardware: HardwareConfig, benchmarks: list[Benchmark], cell: Path,
                         ns: Path, env: dict[str, str], help_text: str,
@@ -170,7 +119,8 @@ def _serve_and_evaluate(target: Target, evaluation: EvalConfig, model: ModelConf
     work = cell.with_name(cell.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     server.end_left_behind(work)  # a run killed outright could not stop its server
-    served = served_model(target, evaluation, model, hardware, work)
+    served = server.served_model(target, evaluation.nemo.server, model, hardware, work,
+                                 "eval=harness evaluates this run's checkpoints")
     data_dir = None
     if data is not None:
         # Without a cluster, ns eval reads `./<data_dir's name>/<benchmark>/<split>.jsonl`

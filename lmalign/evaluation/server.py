@@ -1,11 +1,12 @@
 """An OpenAI-compatible inference server for one model, started, awaited and always stopped.
 
-Generation benchmarks (eval=nemo) send their requests to a server: vLLM (`vllm serve`), SGLang
-(`python -m sglang.launch_server`), transformers (`transformers serve`, which runs on a CPU and
-is what the tests use), or an `external` address the user already runs. lmalign picks a free
-port on 127.0.0.1, starts the server in its own process group with its log in the run
-directory, waits until `/health` answers, and stops the whole group on the way out: after
-the benchmarks, on an error, and on Ctrl-C.
+Generation benchmarks (eval=nemo) and answers (eval=generate) come from a server: vLLM (`vllm
+serve`), SGLang (`python -m sglang.launch_server`), transformers (`transformers serve`, which
+runs on a CPU and is what the tests use), or an `external` address the user already runs.
+lmalign picks a free port on 127.0.0.1, starts the server in its own process group with its log
+in the run directory, waits until `/health` answers, and stops the whole group on the way out:
+after the work, on an error, and on a stop. `served_model` says how a checkpoint is served (a
+LoRA adapter as each server takes it, or merged first).
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from lmalign.errors import UserError, problem
 from lmalign.launch import free_port
+
+if TYPE_CHECKING:
+    from lmalign.evaluation.cells import Target
+    from lmalign.schema import HardwareConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -213,3 +219,56 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's choices for --max-lora-rank
+
+
+@dataclass(frozen=True)
+class Served:
+    launch: Launch
+    name: str  # what `ns eval --model` asks the server for
+    merged: Path | None = None  # a LoRA adapter merged for a server without adapters
+
+
+def served_model(target: Target, kind: ServerKind, model: ModelConfig,
+                 hardware: HardwareConfig, work: Path, otherwise: str) -> Served:
+    """How a target is served: a hub revision from its snapshot in the hub cache (so the offline
+    cache serves too), a LoRA adapter the way each server supports it, or merged first into
+    `work`. otherwise: what to do instead for an adapter no server serves."""
+    per_node = max(1, hardware.world_size // hardware.num_nodes)
+
+    def launch(weights: str, name: str, *extra: str) -> Launch:
+        return Launch(kind, weights, name, hardware.accelerator,
+                             tensor_parallel=per_node, extra_args=extra)
+
+    from lmalign import models
+
+    path = target.path
+    if kind == "external":  # it serves what it serves, under the name it was given
+        return Served(launch(path, path), path)
+    if target.revision:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(target.path, revision=target.revision)
+    elif Path(path).is_dir():
+        path = str(models.loadable(Path(path)))  # an FSDP checkpoint, consolidated once
+    info = models.adapter_config(path)
+    if info is None:
+        return Served(launch(path, path), path)
+    if models.adapter_kind(info) != "lora":
+        raise UserError(problem(
+            "eval.checkpoints", target.label, f"a {models.adapter_kind(info)} adapter, which no "
+            "inference server serves", "full models and LoRA adapters", otherwise))
+    base, name = info["base_model_name_or_path"], f"lmalign-{target.label}"
+    if kind == "vllm":  # the base with the adapter beside it, asked for by its name
+        rank = next((r for r in VLLM_LORA_RANKS if r >= int(info.get("r", 8))), VLLM_LORA_RANKS[-1])
+        return Served(launch(base, base, "--enable-lora", "--lora-modules", f"{name}={path}",
+                             "--max-lora-rank", str(rank)), name)
+    if kind == "sglang":
+        return Served(launch(base, base, "--lora-paths", f"{name}={path}"), name)
+    merged = work / "merged-model"  # transformers serve has no adapters: merge into the work dir
+    if not (merged / "config.json").exists():
+        log.info("eval %s: merging the LoRA adapter into %s to serve it", target.label, base)
+        models.merge_adapter(path, model, hardware, merged)
+    return Served(launch(str(merged), str(merged)), str(merged), merged)
