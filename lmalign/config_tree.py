@@ -7,6 +7,7 @@ versions added takes them from the current defaults of its recorded options) and
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,9 @@ def shared_run_dirs(jobs: list[tuple[int, Any]]) -> dict[int, str]:
     current = HydraConfig.instance().cfg
     try:
         for number, config in jobs:
-            HydraConfig.instance().set_config(config)  # ${hydra:job.num} in a run_name
+            # ${hydra:job.num} in a run_name. set_config makes the given config's hydra
+            # node read-only: a copy, so the launcher can still fill in the job's id.
+            HydraConfig.instance().set_config(copy.deepcopy(config))
             if not config.run_name:
                 continue
             path = _sweep_subdir(config.runs_root, config.run_name, number)
@@ -89,7 +92,7 @@ def invalid_jobs(jobs: list[tuple[int, Any]]) -> dict[int, list[str]]:
     current = HydraConfig.instance().cfg
     try:
         for number, config in jobs:
-            HydraConfig.instance().set_config(config)  # ${hydra:...} in the job's values
+            HydraConfig.instance().set_config(copy.deepcopy(config))  # ${hydra:...}
             task = config.copy()
             with open_dict(task):
                 del task["hydra"]
