@@ -39,6 +39,7 @@ def test_a_loop_at_the_end_is_repetition_and_a_plain_answer_is_not():
     ("unknown field", '{"prompt": "hi"}\n', ("+eval.generate.columns.answer=x",),
      "eval.generate.columns.answer='x': not a prompt field"),
     ("broken", '{"prompt": "hi"}\n{"prompt": \n', (), "line 2, column 12: not JSON"),
+    ("a plain directory", "", ("eval.generate.prompts=.",), "save_to_disk did not write"),
     ("greedy samples", '{"prompt": "hi"}\n', ("eval.generate.temperature=0",
                                                "eval.generate.num_samples=3"),
      "eval.generate.num_samples=3: greedy decoding"),

@@ -126,7 +126,13 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         import datasets
 
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise UserError(problem(
+                "eval.generate.prompts", str(path), "a directory that save_to_disk did not "
+                "write", "a datasets directory, or a jsonl/json/parquet/csv file",
+                "point at the prompts file, or save the prompts with save_to_disk")) from None
         split = next(iter(loaded.values())) if isinstance(loaded, datasets.DatasetDict) \
             else loaded
         return split.to_list()
