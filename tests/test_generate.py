@@ -138,7 +138,18 @@ def test_a_run_killed_mid_generation_resumes_with_one_answer_per_prompt_and_samp
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not list(shards.glob("generate-*/cell.json"))  # killed before the cell was written
-    done = len(list(shards.glob("generate-*.partial/shards/*.jsonl")))
+    written = {p.name: p.read_text() for p in shards.glob("generate-*.partial/shards/*.jsonl")}
+    done = len(written)
+    process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # killed again, after one more shard
+    while len(list(shards.glob("generate-*.partial/shards/*.jsonl"))) < done + 1:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    again = {p.name: p.read_text() for p in shards.glob("generate-*.partial/shards/*.jsonl")}
+    assert {name: again[name] for name in written} == written  # added to, never replaced
+    done = len(again)
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -118,6 +118,7 @@ def _generate_cell(target: Target, evaluation: EvalConfig, chosen: list[Prompt],
     opened = _in_process(target, model, hardware, tokenizer, generate, evaluation.seed) \
         if kind == "hf" else _served(target, kind, model, hardware, tokenizer, generate,
                                      evaluation.seed, work)
+    numbered = len(list((work / SHARDS).glob("*.jsonl")))  # a resumed run adds, never replaces
     with opened as answer:
         for turn in range(max(len(p.turns) for p in chosen)):
             pending = [(p, sample) for p in chosen if turn < len(p.turns)
@@ -128,8 +129,9 @@ def _generate_cell(target: Target, evaluation: EvalConfig, chosen: list[Prompt],
                 answers = answer(turn, start, [(p, sample, _history(p, turn, sample, done,
                                                                      generate))
                                                for p, sample in batch])
-                rundir.atomic_write_text(work / SHARDS / f"turn{turn}-{start:06d}.jsonl",
+                rundir.atomic_write_text(work / SHARDS / f"{numbered:06d}-turn{turn}.jsonl",
                                          "".join(json.dumps(a) + "\n" for a in answers))
+                numbered += 1
                 done.update({(a["prompt_id"], a["turn"], a["sample"]): a for a in answers})
                 log.info("eval %s: turn %d, %d/%d answers", target.label, turn + 1,
                          min(start + len(batch), len(pending)), len(pending))
