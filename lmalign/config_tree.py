@@ -170,6 +170,11 @@ def interpolated_keys(cfg: Any, prefix: str = "") -> set[str]:
     return found
 
 
+def is_group(name: str) -> bool:
+    """Whether a name (model, hydra/launcher, experiment) is a config group under conf/."""
+    return (Path(CONF_DIR) / name.lstrip("/")).is_dir()
+
+
 def group_options(group: str) -> list[str]:
     """The options of a config group a user may choose (shared bases start with _)."""
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmalign import adapters
+from lmalign import adapters, config_tree
 from lmalign.config_tree import CONF_DIR, CONFIG_NAME
 from lmalign.errors import UserError
 
@@ -147,10 +147,8 @@ class _Found:
         """The overrides left once those setting a key the config does not have are recorded
         as problems: all found in one composition of the group choices, where one composition
         per key would take a second for every ten."""
-        from pathlib import Path
-
         def is_group(parsed) -> bool:
-            return (Path(CONF_DIR) / parsed.key_or_group.lstrip("/")).is_dir()
+            return config_tree.is_group(parsed.key_or_group)
 
         try:
             base = compose(CONFIG_NAME, overrides=[t for t, parsed in among if is_group(parsed)])
@@ -215,10 +213,8 @@ def _suggest_keys(problems: list[str], keys: list[str], cfg: DictConfig | None) 
 
 
 def _key_hint(key: str, value: str, cfg: DictConfig) -> str:
-    from pathlib import Path
-
     parent, _, leaf = key.rpartition(".")
-    if not parent and (Path(CONF_DIR) / leaf).is_dir():  # a group the defaults do not select
+    if not parent and config_tree.is_group(leaf):  # a group the defaults do not select
         return (f"allowed: {leaf} is a config group the defaults do not include; fix: "
                 f"+{leaf}={value} adds it")
     node = OmegaConf.select(cfg, parent) if parent else cfg
