@@ -79,7 +79,7 @@ def _eval_rows(config: Config) -> list[tuple[str, str]]:
         nemo = evaluation.nemo
         rows.append(("eval", f"nemo: NeMo-Skills {nemo.benchmark_spec} through a {nemo.server} "
                      f"server ({nemo.server_address or '127.0.0.1'}), inference {nemo.inference}"
-                     + (f"; judge {nemo.judge.model or nemo.judge.server_address}"
+                     + (f"; judge {nemo.judge.model or nemo.judge.base_url}"
                         if nemo.judge.chosen else "")))
     if evaluation.harness is not None:
         harness = evaluation.harness
@@ -94,6 +94,15 @@ def _eval_rows(config: Config) -> list[tuple[str, str]]:
                      + (f" (first {generate.max_prompts})" if generate.max_prompts else "")
                      + f" x {generate.num_samples} sample(s), {mode}, up to "
                      f"{generate.max_new_tokens} new tokens, {generate.engine} engine"))
+    if evaluation.judge is not None and evaluation.generate is not None:
+        from lmalign.evaluation import judge
+
+        judged = evaluation.judge
+        calls, tokens = judge.planned_calls(evaluation)
+        rows.append(("eval", f"judge: {judged.rubric} rubric by {judged.model} at "
+                     f"{judged.base_url}; per checkpoint {calls:,} judge request(s), about "
+                     f"{tokens:,} input tokens and up to {calls * judged.max_tokens:,} output "
+                     "tokens (none for judgments already cached)"))
     if rows:
         rows.append(("evaluates", f"revisions {evaluation.revisions}" if evaluation.revisions
                      else f"checkpoints {evaluation.checkpoint_selectors}"))

@@ -72,8 +72,8 @@ PLOTS_DIR = "plots"
 JOBS_DIR = "jobs"            # <sweep>/jobs/<num>.json: one per started job (callbacks.py)
 EXPECTED_JOBS = "expected.json"
 SUMMARY_COLUMNS = ["job", "overrides", "checkpoint", "step", "backend", "task", "group", "metric",
-                   "num_fewshot", "eval_mode", "value", "stderr", "settings", "settings_hash",
-                   "run_dir", "cell"]
+                   "num_fewshot", "eval_mode", "value", "stderr", "ci_low", "ci_high", "settings",
+                   "settings_hash", "run_dir", "cell"]
 # Keys whose values are a plot's x axis or its lines, not separate experiments.
 _AXIS_KEYS = ("eval.harness.num_fewshot", "eval.checkpoints", "eval.revisions", "model.revision")
 
@@ -133,15 +133,21 @@ def _overrides(run_dir: Path) -> list[str]:
     return rundir.saved_overrides(run_dir)
 
 
-def summary_rows(jobs: list[Job]) -> list[dict[str, Any]]:
+def job_variants(jobs: list[Job]) -> dict[str, str]:
+    """What tells each job's experiment apart: overrides not shared by all, beside the axes."""
     shared = set.intersection(*(set(job.overrides) for job in jobs)) if jobs else set()
+    return {job.name: " ".join(o for o in job.overrides if o not in shared
+                               and o.split("=", 1)[0].lstrip("+~") not in _AXIS_KEYS)
+            for job in jobs}
+
+
+def summary_rows(jobs: list[Job]) -> list[dict[str, Any]]:
+    variants = job_variants(jobs)
     rows = []
     for job in jobs:
         if job.run_dir is None or not job.run_dir.exists():
             continue
-        # What tells this job's experiment apart: overrides not shared by all, beside the axes.
-        variant = " ".join(o for o in job.overrides if o not in shared
-                           and o.split("=", 1)[0].lstrip("+~") not in _AXIS_KEYS)
+        variant = variants[job.name]
         writers = rundir.cell_writers(job.run_dir)
         for row in collect_rows(job.run_dir):
             if job.cells is not None and row["cell"] not in job.cells:
@@ -176,6 +182,15 @@ def collate(directory: Path) -> tuple[list[Job], list[dict[str, Any]]]:
     plots = write_plots(rows, directory / PLOTS_DIR)
     rundir.atomic_write_text(directory / SUMMARY_MD, summary_markdown(jobs, rows, plots,
                                                                       directory))
+    if len(jobs) > 1 or directory not in [job.run_dir for job in jobs]:
+        from lmalign.evaluation import generate
+
+        variants = job_variants(jobs)
+        present = [job for job in jobs if job.run_dir is not None and job.run_dir.exists()]
+        several = len({job.run_dir for job in present}) > 1
+        generate.write_samples_of({variants[job.name] or (job.name if several else ""):
+                                   job.run_dir for job in present},
+                                  directory / generate.SAMPLES_MD)
     return jobs, rows
 
 
@@ -269,16 +284,25 @@ def _metric_table(task: str, metric: str, mode: str, rows: list[dict[str, Any]])
     cells: dict[tuple, dict[Any, float]] = {}
     for row in rows:
         key = (_variant(row), row["checkpoint"], row.get("step"))
-        cells.setdefault(key, {})[row["num_fewshot"]] = row["value"]
+        cells.setdefault(key, {})[row["num_fewshot"]] = _shown(row)
     name = metric if mode == "none" else f"{metric} ({mode})"
     table = [["experiment", "checkpoint", "step",
               *(f"{s}-shot" if s is not None else "value" for s in shots)]]
     for (variant, checkpoint, step), values in sorted(cells.items(), key=lambda item: (
             item[0][0], item[0][2] if isinstance(item[0][2], int) else -1, item[0][1])):
         table.append([variant or "-", checkpoint, str(step) if step is not None else "-",
-                      *(f"{values[s]:.4f}" if values.get(s) is not None else "-"
-                        for s in shots)])
+                      *(values.get(s) or "-" for s in shots)])
     return [f"## {task}: {name}", "", *markdown(table), ""]
+
+
+def _shown(row: dict[str, Any]) -> str | None:
+    """The value, and its 95% interval where the backend gives one (a judge's)."""
+    if row.get("value") in (None, ""):
+        return None
+    shown = f"{float(row['value']):.4f}"
+    if row.get("ci_low") not in (None, "") and row.get("ci_high") not in (None, ""):
+        shown += f" [{float(row['ci_low']):.2f}, {float(row['ci_high']):.2f}]"
+    return shown
 
 
 def _subtask_table(group: str, rows: list[dict[str, Any]]) -> list[str]:

@@ -180,21 +180,28 @@ class HardwareConfig:
 
 
 @dataclass(config=STRICT)
-class JudgeConfig:
-    """eval=nemo: the judge of judge-based benchmarks (arena-hard, hle, ...); a null key keeps
-    the benchmark's own default (arena-hard: gpt-4.1 at https://api.openai.com/v1)."""
+class JudgeEndpoint:
+    """The judge block both judging backends share (eval.judge and eval.nemo.judge): which model,
+    where, and the NAME of the environment variable holding its API key; the key itself is never
+    written anywhere."""
 
     model: str | None
-    server_type: str | None  # NeMo-Skills' server types: openai, vllm, sglang, ...
-    server_address: str | None
-    # The NAME of the environment variable that holds the judge's API key; the key itself is
-    # never written anywhere. null: NeMo-Skills' own lookup (OPENAI_API_KEY, NVIDIA_API_KEY).
+    base_url: str | None  # an OpenAI-compatible base URL (.../v1)
     api_key_env: str | None
+
+
+@dataclass(config=STRICT)
+class JudgeConfig(JudgeEndpoint):
+    """eval.nemo.judge: the judge of judge-based benchmarks (arena-hard, hle, ...); a null key
+    keeps the benchmark's own default (arena-hard: gpt-4.1 at https://api.openai.com/v1).
+    api_key_env null: NeMo-Skills' own lookup (OPENAI_API_KEY, NVIDIA_API_KEY)."""
+
+    server_type: str | None  # NeMo-Skills' server types: openai, vllm, sglang, ...
 
     @property
     def chosen(self) -> bool:
         """A judge is named: then every benchmark is judged, by it."""
-        return bool(self.model or self.server_type or self.server_address)
+        return bool(self.model or self.server_type or self.base_url)
 
 
 @dataclass(config=STRICT)
@@ -271,7 +278,25 @@ class GenerateConfig:
     extra: dict[str, Any]  # more generate() arguments / request fields, e.g. repetition_penalty
 
 
-BACKENDS = ("harness", "nemo", "generate")  # in the order a job evaluates them
+@dataclass(config=STRICT)
+class JudgeEvalConfig(JudgeEndpoint):
+    """eval.judge: an LLM judge over eval.generate's answers (conf/eval/judge.yaml)."""
+
+    rubric: str  # mt_bench | pairwise | answer_quality | a rubric YAML file
+    baseline: str  # rubric=pairwise: the checkpoint every other one is compared with (base, ...)
+    temperature: NonNegativeNumber
+    max_tokens: Count  # the judge's own answer
+    # auto: a JSON schema as response_format where the rubric answers in JSON and the endpoint
+    # accepts it, else the answer is parsed | json_schema: always | none: never
+    structured_output: Literal["auto", "json_schema", "none"]
+    concurrency: Count  # judge requests in flight
+    max_retries: NonNegative  # the openai client's retries (429 with Retry-After, 5xx, timeouts)
+    request_timeout_s: PositiveNumber
+    bootstrap_samples: Count  # resamples behind ci_low / ci_high (95%)
+    extra: dict[str, Any]  # more request fields, e.g. reasoning_effort (reasoning models)
+
+
+BACKENDS = ("harness", "nemo", "generate", "judge")  # in the order a job evaluates them
 
 
 @dataclass(config=STRICT)
@@ -288,6 +313,7 @@ class EvalConfig:
     harness: HarnessConfig | None = None
     nemo: NemoConfig | None = None
     generate: GenerateConfig | None = None
+    judge: JudgeEvalConfig | None = None
 
     @property
     def backends(self) -> list[str]:

@@ -13,7 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from lmalign import models
 from lmalign.errors import UserError, problem
-from lmalign.schema import Config, GenerateConfig, HarnessConfig, NemoConfig, precision_of
+from lmalign.schema import Config, EvalConfig, GenerateConfig, HarnessConfig, NemoConfig, precision_of
 from lmalign.type_errors import describe_type_errors
 
 LAUNCHER_OPTIONS = Path(__file__).resolve().parent.parent / "conf" / "hydra" / "launcher"
@@ -238,6 +238,8 @@ def _eval_problems(config: Config) -> list[str]:
     generate = evaluation.generate
     if generate is not None:
         problems += _generate_problems(generate, config)
+    if evaluation.judge is not None:
+        problems += _judge_problems(evaluation, config)
     if config.eval.revisions and (config.model.source != "pretrained" or config.model.init_from
                                   or config.stage != "eval"):
         problems.append(problem(
@@ -267,6 +269,31 @@ def _generate_problems(generate: GenerateConfig, config: Config) -> list[str]:
             "which no inference server serves", "hf (or auto, which picks hf for it)",
             "eval.generate.engine=hf"))
     return problems
+
+def _judge_problems(evaluation: EvalConfig, config: Config) -> list[str]:
+    judge = evaluation.judge
+    problems = []
+    if evaluation.generate is None:
+        others = [b for b in evaluation.backends if b != "judge"]
+        problems.append(problem(
+            "eval", f"[{','.join(evaluation.backends)}]", "eval=judge grades the answers "
+            "eval=generate makes, and generate is not selected", "judge together with generate",
+            f"'eval=[{','.join(others + ['generate', 'judge'])}]'"))
+    for key in ("model", "base_url"):
+        if not getattr(judge, key):
+            problems.append(problem(
+                f"eval.judge.{key}", None, "eval=judge needs a judge to ask",
+                "the judge model's name and its OpenAI-compatible base URL",
+                "eval.judge.model=gpt-4.1 eval.judge.base_url=https://api.openai.com/v1"))
+    if judge.rubric == "pairwise" and config.trains and judge.baseline not in \
+            evaluation.checkpoint_selectors and "all" not in evaluation.checkpoint_selectors:
+        problems.append(problem(
+            "eval.judge.baseline", judge.baseline, "pairwise judging compares every checkpoint "
+            f"with the baseline's answers, and eval.checkpoints={evaluation.checkpoint_selectors}"
+            " does not generate them", "a checkpoint this run evaluates",
+            f"eval.checkpoints=[{judge.baseline},final]"))
+    return problems
+
 
 def _harness_problems(harness: HarnessConfig) -> list[str]:
     problems = []

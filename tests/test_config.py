@@ -17,6 +17,8 @@ PARTNERS = {
     ("dataset", "ultrafeedback_binarized"): ["method=dpo"],
     ("dataset", "local"): ["dataset.path=data.jsonl"],
 }
+# Options that only work beside another of their group: selected together.
+TOGETHER = {("eval", "judge"): "eval=[generate,judge]"}
 
 
 def options(group: str) -> list[str]:
@@ -38,7 +40,8 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_option_composes_and_validates(group, option):
-    config = typed_config(f"{group}={option}", *PARTNERS.get((group, option), []))
+    config = typed_config(TOGETHER.get((group, option), f"{group}={option}"),
+                          *PARTNERS.get((group, option), []))
     chosen = getattr(config, group)
     assert getattr(chosen, "name", None) in (option, None) or group == "eval"
 

@@ -98,7 +98,7 @@ def test_missing_nemo_skills_is_one_line_saying_how_to_install(tmp_path):
 
 
 def test_judge_settings_name_the_key_variable_never_the_key(tmp_path):
-    judge = JudgeConfig("gpt-4.1", "openai", "https://api.openai.com/v1", "TEAM_JUDGE_KEY")
+    judge = JudgeConfig("gpt-4.1", "https://api.openai.com/v1", "TEAM_JUDGE_KEY", "openai")
     argv = nemo_skills.eval_command(tmp_path / "ns", "--judge_model", nemo_skills.parse_benchmarks("arena-hard"),
                              "/models/m", "http://127.0.0.1:8765/v1", tmp_path / "out", "x", {},
                              [], judge)
@@ -392,7 +392,7 @@ SECRET = "judge-key-5f3a9c1e7b"
 JUDGED = ("eval=nemo", "eval.nemo.server=transformers", "eval.nemo.benchmarks=gsm8k",
           f"eval.nemo.nemo_env={STAND_IN}", "eval.nemo.judge.model=judge-7b",
           "eval.nemo.judge.server_type=openai",
-          "eval.nemo.judge.server_address=http://127.0.0.1:9/v1",
+          "eval.nemo.judge.base_url=http://127.0.0.1:9/v1",
           "eval.nemo.judge.api_key_env=LMALIGN_TEST_JUDGE_KEY")
 
 

@@ -28,8 +28,6 @@ PICKLED_WEIGHTS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
 
 
 def run_stage(config: Config, overrides: list[str]) -> None:
-    for name in ("httpx", "httpx2"):  # one INFO line per HTTP request otherwise
-        logging.getLogger(name).setLevel(logging.WARNING)
     cache_dir = Path(config.cache.dir).expanduser().resolve() if config.cache.dir else None
     if config.stage == "cache_plan":
         found = plan(config)

@@ -1,7 +1,8 @@
 """Evaluation backends and the cells they write (docs/design.md, Evaluation backends).
 
 `harness` (lm-evaluation-harness, in this process or its workers), `nemo` (NeMo-Skills through
-an inference server) and `generate` (answers to a prompt set, in this process). `train_eval`,
+an inference server), `generate` (answers to a prompt set) and `judge` (an LLM judge over those
+answers). `train_eval`,
 `stage=eval`, the watcher and the evaluation jobs it submits all go through `check`,
 `requested_cells` and `evaluate` here, so they find the same cells.
 """
@@ -32,6 +33,10 @@ def check(evaluation: EvalConfig, cache_dir: str | None = None) -> None:
                 from lmalign.evaluation import generate
 
                 problems += generate.check(evaluation)
+            elif backend == "judge":
+                from lmalign.evaluation import judge
+
+                problems += judge.check(evaluation)
             else:
                 from lmalign.evaluation import harness
 
@@ -62,6 +67,10 @@ def requested_cells(targets: list[Target], config: Config, run_dir: Path) -> lis
         from lmalign.evaluation import generate
 
         found += generate.requested_cells(targets, config.eval, config.hardware, run_dir)
+    if config.eval.judge is not None:
+        from lmalign.evaluation import judge
+
+        found += judge.requested_cells(targets, config.eval, config.hardware, run_dir)
     return found
 
 
@@ -98,6 +107,10 @@ def evaluate(targets: list[Target], config: Config, run_dir: Path, model: ModelC
         from lmalign.evaluation import generate
 
         generate.evaluate(targets, config.eval, run_dir, model, config.hardware)
+    if config.eval.judge is not None:  # over the answers just made
+        from lmalign.evaluation import judge
+
+        judge.evaluate(targets, config.eval, run_dir, config.hardware, config.cache.build_dir)
 
 
 def describe(evaluation: EvalConfig) -> str:
@@ -112,4 +125,6 @@ def describe(evaluation: EvalConfig) -> str:
         generate = evaluation.generate
         parts.append(f"answers to {generate.prompts} x {generate.num_samples} sample(s), up to "
                      f"{generate.max_new_tokens} new tokens")
+    if evaluation.judge is not None:
+        parts.append(f"judged by {evaluation.judge.model} ({evaluation.judge.rubric} rubric)")
     return " and ".join(parts)

@@ -21,7 +21,8 @@ from lmalign.tables import aligned
 CELL_RECORD = "cell.json"
 METRICS_CSV = "metrics.csv"
 METRICS_COLUMNS = ["checkpoint", "step", "backend", "task", "metric", "num_fewshot", "eval_mode",
-                   "value", "stderr", "settings", "settings_hash", "cell", "group"]
+                   "value", "stderr", "ci_low", "ci_high", "settings", "settings_hash", "cell",
+                   "group"]
 # Columns of their own: never part of the readable `settings` that tells cells apart.
 _OWN_COLUMNS = ("backend", "tasks", "num_fewshot", "benchmarks")
 

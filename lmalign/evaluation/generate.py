@@ -343,21 +343,35 @@ def metric_rows(rows: list[dict[str, Any]], target: Target, prompt_set: str) -> 
 
 
 def write_samples(run_dir: Path) -> Path | None:
+    """samples.md in the run directory (rewritten from the cells, like metrics.csv)."""
+    return write_samples_of({"": Path(run_dir)}, Path(run_dir) / SAMPLES_MD)
+
+
+def write_samples_of(runs: dict[str, Path], path: Path) -> Path | None:
     """samples.md: each prompt with every checkpoint's first answer (sample 0), turn by turn,
-    per generation setting. Rewritten from the cells, like metrics.csv."""
-    found = sorted((Path(run_dir) / "eval").glob(f"*/generate-*/{cells.CELL_RECORD}"))
+    per generation setting. runs: what tells a sweep's jobs apart ("" for one run) -> its run
+    directory; jobs sharing a run directory show its cells once."""
+    found, seen = [], set()
+    for prefix, run_dir in runs.items():
+        for record in sorted((Path(run_dir) / "eval").glob(f"*/generate-*/{cells.CELL_RECORD}")):
+            if record.resolve() not in seen:
+                seen.add(record.resolve())
+                found.append((prefix, record))
     if not found:
         return None
     by_setting: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for record in found:
+    order: dict[str, tuple] = {}
+    for prefix, record in found:
         cell = json.loads(record.read_text())
+        label = f"{prefix} {cell['checkpoint']}".strip()
+        order[label] = (prefix, cells.checkpoint_order(cell["checkpoint"]))
         answers = [json.loads(line) for line in
                    (record.parent / GENERATIONS).read_text().splitlines() if line.strip()]
-        by_setting.setdefault(cell["settings_hash"], {})[cell["checkpoint"]] = [
+        by_setting.setdefault(cell["settings_hash"], {})[label] = [
             a for a in answers if a["sample"] == 0]
     lines = ["# Samples", "", "Each prompt with every checkpoint's first answer (sample 0).", ""]
     for setting, checkpoints in by_setting.items():
-        labels = sorted(checkpoints, key=cells.checkpoint_order)
+        labels = sorted(checkpoints, key=order.__getitem__)
         lines += [f"## Generation settings {setting}", ""]
         first = checkpoints[labels[0]]
         for answer in [a for a in first if a["turn"] == 0]:
@@ -377,7 +391,6 @@ def write_samples(run_dir: Path) -> Path | None:
                     lines.append(f"- **{label}** ({mine['finish_reason']}, {mine['new_tokens']} "
                                  f"tokens): {shown}")
                 lines.append("")
-    path = Path(run_dir) / SAMPLES_MD
     rundir.atomic_write_text(path, "\n".join(lines))
     return path
 

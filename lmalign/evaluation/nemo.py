@@ -35,7 +35,7 @@ def settings(evaluation: EvalConfig) -> dict[str, Any]:
     if is_judged(evaluation):
         judge = evaluation.nemo.judge
         found["judge"] = {"model": judge.model, "server_type": judge.server_type,
-                          "server_address": judge.server_address}
+                          "server_address": judge.base_url}
     return found
 
 

@@ -138,7 +138,7 @@ def judge_key_variable(evaluation: EvalConfig, default_judge: dict[str, Any] | N
     judge = evaluation.nemo.judge
     if judge and judge.api_key_env:
         return judge.api_key_env
-    address = (judge.server_address if judge else None) or \
+    address = (judge.base_url if judge else None) or \
         (default_judge or {}).get("server_address") or ""
     if "api.nvidia.com" in address:
         return "NVIDIA_API_KEY"
@@ -168,10 +168,11 @@ def eval_command(ns: Path, help_text: str, benchmarks: list[Benchmark], model: s
             f"{flag('output_dir')}={output_dir}", f"{flag('expname')}={expname}"]
     if data_dir:
         argv.append(f"{flag('data_dir')}={data_dir}")
-    for key in ("model", "server_type", "server_address"):
+    for flag_name, key in (("model", "model"), ("server_type", "server_type"),
+                           ("server_address", "base_url")):
         value = getattr(judge, key) if judge else None
         if value:
-            argv.append(f"{flag('judge_' + key)}={value}")
+            argv.append(f"{flag('judge_' + flag_name)}={value}")
     if judge and judge.api_key_env:
         argv.append(f"{flag('extra_judge_args')}=++server.api_key_env_var={judge.api_key_env}")
     return argv + [f"++inference.{key}={value}" for key, value in inference.items()] + extra
