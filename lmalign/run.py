@@ -184,6 +184,12 @@ def evaluate_run(job: Job) -> None:
     start = models.starting_point(dataclasses.replace(config, model=model))
     chosen = targets.select(config.eval, run_dir, start, job.explicit) \
         if config.evaluates else []
+    if chosen and config.eval.judge is not None:
+        from lmalign.evaluation import judge
+
+        problems = judge.baseline_problems(chosen, config.eval, run_dir, config.hardware)
+        if problems:
+            raise UserError(problems)
     with _accepted(job, owner=saved is None or not saved.trains):
         if chosen:
             _evaluate(job, chosen, model)

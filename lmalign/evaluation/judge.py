@@ -19,6 +19,9 @@ Metrics keep their own units: `score` on the rubric's scale (MT-Bench 1-10), per
 category; `win_rate` / `tie_rate` / `loss_rate` as fractions; each criterion's mean on its
 scale; `invalid` a count. Each mean has a bootstrap 95% interval (ci_low, ci_high) over the
 cell's judgments.
+
+A little over 400 lines: checks, requests with their cache, verdicts and metrics are one path
+that reads top to bottom; the rubrics' texts and readings live apart in rubrics.py.
 """
 
 from __future__ import annotations
@@ -152,6 +155,10 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
     baseline = _baseline_answers(targets, evaluation, run_dir, hardware) \
         if rubric.kind == "pairwise" else None
     cache = Path(build_dir).expanduser() / CACHE_SUBDIR
+    if not judged_targets(targets, evaluation):
+        log.warning("eval.judge: only the baseline %s was evaluated, so nothing is compared "
+                    "with it; add the checkpoints to compare (eval.checkpoints=[%s,final])",
+                    judge.baseline, judge.baseline)
     for target in judged_targets(targets, evaluation):
         cell = cells.cell_dir(run_dir, target, settings(evaluation, hardware, target, rubric))
         if cells.is_complete(cell):
@@ -202,14 +209,33 @@ def _read_generations(cell: Path) -> dict[tuple[str, int, int], str]:
     return {(r["prompt_id"], r["turn"], r["sample"]): r["answer"] for r in rows}
 
 
+def baseline_problems(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
+                      hardware: HardwareConfig) -> list[str]:
+    """Before anything loads (stage=eval): a pairwise baseline is evaluated in this command or
+    has answers in the run already."""
+    if rubrics.load(evaluation.judge.rubric).kind != "pairwise":
+        return []
+    try:
+        _baseline_cell(targets, evaluation, run_dir, hardware)
+    except UserError as exc:
+        return exc.problems
+    return []
+
+
 def _baseline_answers(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
                       hardware: HardwareConfig) -> dict[tuple[str, int, int], str]:
     """The baseline checkpoint's answers under the same generation settings: evaluated in this
     job, or earlier in this run."""
+    return _read_generations(_baseline_cell(targets, evaluation, run_dir, hardware))
+
+
+def _baseline_cell(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
+                   hardware: HardwareConfig) -> Path:
     label = evaluation.judge.baseline
     match = [t for t in targets if t.label == label]
     if match:
-        return _answers(run_dir, match[0], evaluation, hardware)
+        return cells.cell_dir(run_dir, match[0],
+                              generate.settings(evaluation, hardware, match[0]))
     wanted = generate.settings(evaluation, hardware, Target(label, None, str(run_dir)))
     wanted.pop("engine")  # the baseline may have answered through another engine
     for record in sorted((Path(run_dir) / "eval" / label).glob(
@@ -217,7 +243,7 @@ def _baseline_answers(targets: list[Target], evaluation: EvalConfig, run_dir: Pa
         found = json.loads(record.read_text())["settings"]
         found.pop("engine", None)
         if found == wanted:
-            return _read_generations(record.parent)
+            return record.parent
     raise UserError(problem(
         "eval.judge.baseline", label, f"no answers of {label} with these generation settings in "
         f"{run_dir} to compare with", "a checkpoint evaluated in the same command, or one "
