@@ -99,8 +99,9 @@ def _eval_rows(config: Config) -> list[tuple[str, str]]:
 
         judged = evaluation.judge
         calls, tokens = judge.planned_calls(evaluation)
+        where = f"a {judged.server} server lmalign starts" if judged.server else judged.base_url
         rows.append(("eval", f"judge: {judged.rubric} rubric by {judged.model} at "
-                     f"{judged.base_url}; per checkpoint {calls:,} judge request(s), about "
+                     f"{where}; per checkpoint {calls:,} judge request(s), about "
                      f"{tokens:,} input tokens and up to {calls * judged.max_tokens:,} output "
                      "tokens (none for judgments already cached)"))
     if rows:

@@ -282,6 +282,10 @@ class GenerateConfig:
 class JudgeEvalConfig(JudgeEndpoint):
     """eval.judge: an LLM judge over eval.generate's answers (conf/eval/judge.yaml)."""
 
+    # lmalign serves `model` (a hub id or a directory) itself, once every policy server has
+    # stopped; base_url and api_key_env are then not used
+    server: Literal["vllm", "sglang", "transformers"] | None
+    server_startup_timeout_s: PositiveNumber
     rubric: str  # mt_bench | pairwise | answer_quality | a rubric YAML file
     baseline: str  # rubric=pairwise: the checkpoint every other one is compared with (base, ...)
     temperature: NonNegativeNumber

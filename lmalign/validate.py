@@ -13,7 +13,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from lmalign import models
 from lmalign.errors import UserError, problem
-from lmalign.schema import Config, EvalConfig, GenerateConfig, HarnessConfig, NemoConfig, precision_of
+from lmalign.schema import (Config, EvalConfig, GenerateConfig, HarnessConfig, NemoConfig,
+                            precision_of)
 from lmalign.type_errors import describe_type_errors
 
 LAUNCHER_OPTIONS = Path(__file__).resolve().parent.parent / "conf" / "hydra" / "launcher"
@@ -270,6 +271,7 @@ def _generate_problems(generate: GenerateConfig, config: Config) -> list[str]:
             "eval.generate.engine=hf"))
     return problems
 
+
 def _judge_problems(evaluation: EvalConfig, config: Config) -> list[str]:
     judge = evaluation.judge
     problems = []
@@ -279,7 +281,7 @@ def _judge_problems(evaluation: EvalConfig, config: Config) -> list[str]:
             "eval", f"[{','.join(evaluation.backends)}]", "eval=judge grades the answers "
             "eval=generate makes, and generate is not selected", "judge together with generate",
             f"'eval=[{','.join(others + ['generate', 'judge'])}]'"))
-    for key in ("model", "base_url"):
+    for key in ("model",) if judge.server else ("model", "base_url"):
         if not getattr(judge, key):
             problems.append(problem(
                 f"eval.judge.{key}", None, "eval=judge needs a judge to ask",

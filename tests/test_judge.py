@@ -278,21 +278,22 @@ def test_a_run_stopped_then_killed_mid_judging_resumes_with_every_judgment_once(
 
 
 @pytest.mark.slow
-def test_a_real_llm_server_that_cannot_grade_makes_every_judgment_invalid_and_the_run_says_so(
+def test_a_served_llm_that_cannot_grade_makes_every_judgment_invalid_and_the_run_says_so(
         demo_copy, tmp_path, lmalign_cache):
-    from lmalign.evaluation import server
+    """eval.judge.server=transformers: lmalign serves the judge (here the tiny model itself, a
+    real LLM server that cannot grade) after generating, and stops it."""
+    from conftest import marked_processes
 
-    launch = server.Launch("transformers", str(demo_copy / "final"), "tiny-judge", "cpu")
-    with server.serving(launch, tmp_path / "judge-server.log", 180) as running:
-        result = lmalign("stage=eval", "run_name=demo", "eval=[generate,judge]",
-                         "eval.generate.prompts=tiny", "eval.generate.max_prompts=3",
-                         "eval.generate.max_new_tokens=32", "eval.checkpoints=[final]",
-                         f"eval.judge.model={demo_copy / 'final'}",
-                         f"eval.judge.base_url={running.base_url}", "eval.judge.api_key_env=null",
-                         "eval.judge.max_tokens=48", cwd=tmp_path, cache=lmalign_cache,
-                         check=True)
+    result = lmalign("stage=eval", "run_name=demo", "eval=[generate,judge]",
+                     "eval.generate.prompts=tiny", "eval.generate.max_prompts=3",
+                     "eval.generate.max_new_tokens=32", "eval.checkpoints=[final]",
+                     f"eval.judge.model={demo_copy / 'final'}", "eval.judge.server=transformers",
+                     "eval.judge.max_tokens=48", cwd=tmp_path, cache=lmalign_cache,
+                     env={"LMALIGN_TEST_MARK": "served-judge"}, check=True)
     judged = _judgments(demo_copy, "final", "mt_bench")
     assert len(judged) == 3 and not any(j["valid"] for j in judged)
     assert all(j["reason"] == "no [[rating]] in the judge's answer" for j in judged), judged
     assert float(_metrics(demo_copy)[("final", "mt_bench", "invalid")]["value"]) == 3
     assert "every judgment is invalid" in result.stdout + result.stderr
+    assert "serve" in (demo_copy / judge.JUDGE_SERVER_DIR / "server.log").read_text()
+    assert not marked_processes("served-judge")  # the judge's server was stopped

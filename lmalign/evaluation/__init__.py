@@ -2,9 +2,8 @@
 
 `harness` (lm-evaluation-harness, in this process or its workers), `nemo` (NeMo-Skills through
 an inference server), `generate` (answers to a prompt set) and `judge` (an LLM judge over those
-answers). `train_eval`,
-`stage=eval`, the watcher and the evaluation jobs it submits all go through `check`,
-`requested_cells` and `evaluate` here, so they find the same cells.
+answers). `train_eval`, `stage=eval`, the watcher and the evaluation jobs it submits all go
+through `check`, `requested_cells` and `evaluate` here, so they find the same cells.
 """
 
 from __future__ import annotations

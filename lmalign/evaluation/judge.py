@@ -32,13 +32,15 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmalign import rundir
 from lmalign.errors import UserError, problem
-from lmalign.evaluation import cells, generate, prompts, rubrics
+from lmalign.evaluation import cells, generate, prompts, rubrics, server
 from lmalign.evaluation.cells import Target
 from lmalign.evaluation.prompts import Prompt
 from lmalign.evaluation.rubrics import Rubric
@@ -47,6 +49,7 @@ from lmalign.schema import EvalConfig, HardwareConfig, JudgeEvalConfig
 log = logging.getLogger(__name__)
 JUDGMENTS = "judgments.jsonl"
 CACHE_SUBDIR = "judgments"
+JUDGE_SERVER_DIR = "judge-server"  # in the run directory: the served judge's log
 
 
 def settings(evaluation: EvalConfig, hardware: HardwareConfig, target: Target,
@@ -89,6 +92,8 @@ def check(evaluation: EvalConfig) -> list[str]:
         rubrics.load(judge.rubric)
     except UserError as exc:
         problems += exc.problems
+    if judge.server:
+        return problems  # served by lmalign when its turn comes
     if judge.api_key_env and not os.environ.get(judge.api_key_env):
         problems.append(problem(
             "eval.judge.api_key_env", judge.api_key_env, f"the judge's API key variable "
@@ -103,7 +108,7 @@ def check(evaluation: EvalConfig) -> list[str]:
 def _unreachable(judge: JudgeEvalConfig) -> list[str]:
     import openai
 
-    client = _client(judge, max_retries=0, timeout=15)
+    client = _client(judge, judge.base_url, max_retries=0, timeout=15)
     try:
         client.models.list()
     except (openai.APIConnectionError, openai.APITimeoutError) as exc:
@@ -120,13 +125,29 @@ def _unreachable(judge: JudgeEvalConfig) -> list[str]:
     return []
 
 
-def _client(judge: JudgeEvalConfig, max_retries: int | None = None,
+def _client(judge: JudgeEvalConfig, base_url: str, max_retries: int | None = None,
             timeout: float | None = None):
     from openai import OpenAI
 
-    return OpenAI(base_url=judge.base_url, api_key=os.environ.get(judge.api_key_env or "", "")
-                  or "none", max_retries=judge.max_retries if max_retries is None
-                  else max_retries, timeout=timeout or judge.request_timeout_s)
+    key = "" if judge.server else os.environ.get(judge.api_key_env or "", "")
+    return OpenAI(base_url=base_url, api_key=key or "none", max_retries=judge.max_retries
+                  if max_retries is None else max_retries,
+                  timeout=timeout or judge.request_timeout_s)
+
+
+@contextmanager
+def _endpoint(judge: JudgeEvalConfig, run_dir: Path, hardware: HardwareConfig) -> Iterator[str]:
+    """The judge's base URL: eval.judge.base_url, or a server lmalign starts for eval.judge.model
+    (and always stops) when eval.judge.server is set."""
+    if judge.server is None:
+        yield judge.base_url
+        return
+    work = Path(run_dir) / JUDGE_SERVER_DIR
+    server.end_left_behind(work)  # a run killed outright could not stop its judge
+    launch = server.Launch(judge.server, judge.model, judge.model, hardware.accelerator)
+    with server.serving(launch, work / "server.log",
+                        float(judge.server_startup_timeout_s)) as running:
+        yield running.base_url
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,42 +180,55 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
         log.warning("eval.judge: only the baseline %s was evaluated, so nothing is compared "
                     "with it; add the checkpoints to compare (eval.checkpoints=[%s,final])",
                     judge.baseline, judge.baseline)
+    pending = []
     for target in judged_targets(targets, evaluation):
         cell = cells.cell_dir(run_dir, target, settings(evaluation, hardware, target, rubric))
         if cells.is_complete(cell):
             log.info("eval %s: judge cell done, skipping", target.label)
-            continue
-        answers = _answers(run_dir, target, evaluation, hardware)
-        asks = _asks(rubric, by_id, answers, baseline)
-        log.info("eval %s: %d judgment(s) by %s (%s rubric) -> %s", target.label, len(asks),
-                 judge.model, judge.rubric, cell.relative_to(run_dir))
-        _ask_all(asks, judge, rubric, cache, target.label)
-        judgments = _judgments(rubric, asks, {p: index for index, p in enumerate(by_id)})
-        rows = metric_rows(rubric, judgments, target, evaluation)
-        usage = {"requests": sum(not a.reply.get("cached") for a in asks),
-                 "cached": sum(bool(a.reply.get("cached")) for a in asks),
-                 "prompt_tokens": sum(a.reply.get("usage", {}).get("prompt_tokens") or 0
-                                      for a in asks if not a.reply.get("cached")),
-                 "completion_tokens": sum(a.reply.get("usage", {}).get("completion_tokens") or 0
-                                          for a in asks if not a.reply.get("cached"))}
-        with rundir.staged_directory(cell) as staging:
-            (staging / JUDGMENTS).write_text("".join(json.dumps(j) + "\n" for j in judgments))
-            cells.write_record(staging, target, settings(evaluation, hardware, target, rubric),
-                               rows, usage=usage)
-        invalid = sum(not j["valid"] for j in judgments)
-        log.info("eval %s: %d judgment(s), %d invalid; %d request(s) made, %d from the cache, "
-                 "%d + %d tokens", target.label, len(judgments), invalid, usage["requests"],
-                 usage["cached"], usage["prompt_tokens"], usage["completion_tokens"])
-        unanswered = sum(bool(a.reply.get("error")) for a in asks)
-        if unanswered:
-            log.warning("eval %s: %d judge request(s) got no reply after %d retries (see "
-                        "reason in %s); they are not cached: remove %s to ask again",
-                        target.label, unanswered, judge.max_retries, JUDGMENTS, cell)
-        if judgments and invalid == len(judgments):
-            reasons = sorted({j["reason"] for j in judgments})
-            log.warning("eval %s: every judgment is invalid (%s): is %s a judge that follows "
-                        "the %s rubric's format?", target.label, "; ".join(reasons[:3]),
-                        judge.model, judge.rubric)
+        else:
+            pending.append((target, cell))
+    if not pending:
+        return
+    with _endpoint(judge, run_dir, hardware) as base_url:
+        for target, cell in pending:
+            asks = _asks(rubric, by_id, _answers(run_dir, target, evaluation, hardware),
+                         baseline)
+            log.info("eval %s: %d judgment(s) by %s (%s rubric) -> %s", target.label,
+                     len(asks), judge.model, judge.rubric, cell.relative_to(run_dir))
+            _ask_all(asks, judge, rubric, cache, target.label, base_url)
+            _write_cell(target, cell, asks, rubric, evaluation, hardware, list(by_id))
+
+
+def _write_cell(target: Target, cell: Path, asks: list[Ask], rubric: Rubric,
+                evaluation: EvalConfig, hardware: HardwareConfig, order: list[str]) -> None:
+    """judgments.jsonl and cell.json, at once; then what the run should know about them."""
+    judge = evaluation.judge
+    judgments = _judgments(rubric, asks, {p: index for index, p in enumerate(order)})
+    rows = metric_rows(rubric, judgments, target, evaluation)
+    usage = {"requests": sum(not a.reply.get("cached") for a in asks),
+             "cached": sum(bool(a.reply.get("cached")) for a in asks),
+             "prompt_tokens": sum(a.reply.get("usage", {}).get("prompt_tokens") or 0
+                                  for a in asks if not a.reply.get("cached")),
+             "completion_tokens": sum(a.reply.get("usage", {}).get("completion_tokens") or 0
+                                      for a in asks if not a.reply.get("cached"))}
+    with rundir.staged_directory(cell) as staging:
+        (staging / JUDGMENTS).write_text("".join(json.dumps(j) + "\n" for j in judgments))
+        cells.write_record(staging, target, settings(evaluation, hardware, target, rubric),
+                           rows, usage=usage)
+    invalid = sum(not j["valid"] for j in judgments)
+    log.info("eval %s: %d judgment(s), %d invalid; %d request(s) made, %d from the cache, "
+             "%d + %d tokens", target.label, len(judgments), invalid, usage["requests"],
+             usage["cached"], usage["prompt_tokens"], usage["completion_tokens"])
+    unanswered = sum(bool(a.reply.get("error")) for a in asks)
+    if unanswered:
+        log.warning("eval %s: %d judge request(s) got no reply after %d retries (see "
+                    "reason in %s); they are not cached: remove %s to ask again",
+                    target.label, unanswered, judge.max_retries, JUDGMENTS, cell)
+    if judgments and invalid == len(judgments):
+        reasons = sorted({j["reason"] for j in judgments})
+        log.warning("eval %s: every judgment is invalid (%s): is %s a judge that follows "
+                    "the %s rubric's format?", target.label, "; ".join(reasons[:3]),
+                    judge.model, judge.rubric)
 
 
 def _answers(run_dir: Path, target: Target, evaluation: EvalConfig,
@@ -296,13 +330,13 @@ def cache_key(request: dict[str, Any]) -> str:
 
 
 def _ask_all(asks: list[Ask], judge: JudgeEvalConfig, rubric: Rubric, cache: Path,
-             label: str) -> None:
+             label: str, base_url: str) -> None:
     """Each ask's reply: from the cache, else from the judge, `concurrency` in flight. With
     structured_output=auto an endpoint that refuses response_format (400/422) is asked again
     without it, and so is every later request of this call."""
     import openai
 
-    client = _client(judge)
+    client = _client(judge, base_url)
     cache.mkdir(parents=True, exist_ok=True)
     structured = {"on": judge.structured_output != "none"}
 
