@@ -53,7 +53,7 @@ def _evaluate(config, run_dir: Path, handoff: Path) -> None:
     from pydantic import TypeAdapter
 
     from lmalign import launch
-    from lmalign.evaluation import harness
+    from lmalign.evaluation import generate, harness
     from lmalign.evaluation.cells import Target
     from lmalign.schema import ModelConfig
 
@@ -63,7 +63,11 @@ def _evaluate(config, run_dir: Path, handoff: Path) -> None:
     accelerator = Accelerator(cpu=config.hardware.accelerator == "cpu")
     if not accelerator.is_main_process:  # lm-eval's warnings come once, from the main process
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    harness.evaluate(targets, config.eval, run_dir, model, config.hardware, accelerator)
+    backends = request.get("backends", ["harness"])
+    if "harness" in backends:
+        harness.evaluate(targets, config.eval, run_dir, model, config.hardware, accelerator)
+    if "generate" in backends:
+        generate.evaluate(targets, config.eval, run_dir, model, config.hardware, accelerator)
 
 
 if __name__ == "__main__":

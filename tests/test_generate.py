@@ -203,3 +203,25 @@ def test_a_served_checkpoint_answers_through_the_openai_client_and_the_server_st
     assert all("<|end|>" not in a["answer"] for a in answers)  # the stop string is not kept
     assert '"engine": "transformers"' in (cell / "cell.json").read_text()
     assert marked_processes(marker) == []
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_batches_and_answer_as_one_process_does(demo_copy, tmp_path,
+                                                                        lmalign_cache):
+    """engine=hf under hardware=cpu_ddp: each process answers every other batch of the batches
+    one process makes (turn 2 after both processes' turn 1), so the answers are the same."""
+    shutil.copytree(demo_copy, tmp_path / "runs" / "single")
+    sampled = ("eval=generate", "eval.generate.prompts=mt_bench", "eval.generate.max_prompts=6",
+               "eval.generate.max_new_tokens=24", "eval.generate.num_samples=2",
+               "eval.generate.batch_size=4", "eval.checkpoints=[final]")
+    lmalign("stage=eval", "run_name=demo", "hardware=cpu_ddp", *sampled, cwd=tmp_path,
+            cache=lmalign_cache, check=True)
+    lmalign("stage=eval", "run_name=single", *sampled, cwd=tmp_path, cache=lmalign_cache,
+            check=True)
+    (shared,) = (demo_copy / "eval" / "final").glob("generate-*")
+    (single,) = (tmp_path / "runs" / "single" / "eval" / "final").glob("generate-*")
+    assert shared.name == single.name  # the process count is not part of the cell
+    assert _answers(shared) == _answers(single) and len(_answers(shared)) == 6 * 2 * 2
+    record = json.loads((shared / "cell.json").read_text())
+    assert set(record["answered_per_process"]) == {"0", "1"}, record["answered_per_process"]
+    assert sum(record["answered_per_process"].values()) == 24

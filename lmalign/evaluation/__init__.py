@@ -87,23 +87,31 @@ def evaluate(targets: list[Target], config: Config, run_dir: Path, model: ModelC
     the model the run started from (a checkpoint's base, for adapters and tokenizers)."""
     from lmalign import launch
 
-    if config.eval.harness is not None:
-        if launch.evaluation_processes(config.hardware) > 1:
-            from pydantic import TypeAdapter
+    in_workers = []  # backends that share one launch of this node's processes
+    if launch.evaluation_processes(config.hardware) > 1:
+        in_workers = [b for b in ("harness", "generate") if getattr(config.eval, b) is not None]
+        if "generate" in in_workers:
+            from lmalign.evaluation import generate
 
-            launch.evaluate_in_workers(config, run_dir, {
-                "targets": [dataclasses.asdict(t) for t in targets],
-                "model": TypeAdapter(ModelConfig).dump_python(model, mode="json")})
-        else:
-            from lmalign.evaluation import harness
+            if any(generate.engine(config.eval.generate, config.hardware, t) != "hf"
+                   for t in targets):
+                in_workers.remove("generate")  # a server answers; this process asks it
+    if in_workers:
+        from pydantic import TypeAdapter
 
-            harness.evaluate(targets, config.eval, run_dir, model, config.hardware)
+        launch.evaluate_in_workers(config, run_dir, {
+            "targets": [dataclasses.asdict(t) for t in targets], "backends": in_workers,
+            "model": TypeAdapter(ModelConfig).dump_python(model, mode="json")})
+    if config.eval.harness is not None and "harness" not in in_workers:
+        from lmalign.evaluation import harness
+
+        harness.evaluate(targets, config.eval, run_dir, model, config.hardware)
     if config.eval.nemo is not None:  # the server takes the GPUs; ns runs on the CPU
         from lmalign.evaluation import nemo
 
         nemo.evaluate(targets, config.eval, run_dir, model, config.hardware, config.cache.dir)
-    if config.eval.generate is not None:  # in this process, after any server has stopped
-        from lmalign.evaluation import generate
+    if config.eval.generate is not None and "generate" not in in_workers:
+        from lmalign.evaluation import generate  # after any server has stopped
 
         generate.evaluate(targets, config.eval, run_dir, model, config.hardware)
     if config.eval.judge is not None:  # over the answers just made

@@ -14,6 +14,9 @@ Metrics (each a fraction except mean_new_tokens, a count of tokens):
   characters three or more times in a row at the very end, covering at least 12 characters.
 - `mean_new_tokens`: tokens generated per answer, EOS included.
 - `distinct_2`: distinct word bigrams over all word bigrams of the cell's answers.
+
+Over 400 lines: both engines, the shards they share, the metrics and samples.md are one
+backend's path; splitting them would scatter the shard format across modules.
 """
 
 from __future__ import annotations
@@ -81,8 +84,11 @@ def check(evaluation: EvalConfig) -> list[str]:
 
 
 def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model: ModelConfig,
-             hardware: HardwareConfig) -> None:
-    """Every missing cell of these targets; then samples.md, every checkpoint side by side."""
+             hardware: HardwareConfig, accelerator=None) -> None:
+    """Every missing cell of these targets; then samples.md, every checkpoint side by side.
+    With an accelerator of several processes (engine=hf in the evaluation workers), each
+    process answers every N-th batch of the same batches one process would make, so the
+    answers do not depend on the process count; the main process writes the cells."""
     chosen = prompts.load(evaluation.generate)
     if evaluation.generate.engine == "auto" and hardware.accelerator == "cuda" \
             and not shutil.which("vllm"):
@@ -97,16 +103,29 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model
         log.info("eval %s: %d prompt(s) of %s x %d sample(s) -> %s", target.label, len(chosen),
                  evaluation.generate.prompts, evaluation.generate.num_samples,
                  cell.relative_to(run_dir))
-        _generate_cell(target, evaluation, chosen, cell, model, hardware)
-    write_samples(run_dir)
+        _generate_cell(target, evaluation, chosen, cell, model, hardware, accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        write_samples(run_dir)
 
 
 def _generate_cell(target: Target, evaluation: EvalConfig, chosen: list[Prompt], cell: Path,
-                   model: ModelConfig, hardware: HardwareConfig) -> None:
+                   model: ModelConfig, hardware: HardwareConfig, accelerator=None) -> None:
     generate = evaluation.generate
     work = cell.with_name(cell.name + ".partial")
     (work / SHARDS).mkdir(parents=True, exist_ok=True)
-    done = _read_shards(work / SHARDS)
+    rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator \
+        else (0, 1)
+
+    def in_step() -> dict[tuple[str, int, int], dict[str, Any]]:
+        """Every process reads the same shards: the answers so far, of all processes."""
+        if accelerator is not None:
+            accelerator.wait_for_everyone()  # each one's earlier shards are written
+        found = _read_shards(work / SHARDS)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()  # and read by all before anyone writes again
+        return found
+
+    done = in_step()
     tokenizer = models.load_tokenizer(target.path, model, target.revision)
     if not tokenizer.chat_template:
         raise UserError(problem(
@@ -115,34 +134,51 @@ def _generate_cell(target: Target, evaluation: EvalConfig, chosen: list[Prompt],
             "chat template, or a Jinja template file", "model.chat_template_path=<template.jinja>"))
     kind = engine(generate, hardware, target)
     step = generate.batch_size if kind == "hf" else generate.concurrency
-    opened = _in_process(target, model, hardware, tokenizer, generate, evaluation.seed) \
+    opened = _in_process(target, model, hardware, tokenizer, generate, evaluation.seed,
+                         accelerator.device if accelerator else "cuda") \
         if kind == "hf" else _served(target, kind, model, hardware, tokenizer, generate,
                                      evaluation.seed, work)
-    numbered = len(list((work / SHARDS).glob("*.jsonl")))  # a resumed run adds, never replaces
+    # a resumed run adds shards, never replaces one
+    numbered = len(list((work / SHARDS).glob(f"*-rank{rank}-*.jsonl")))
     with opened as answer:
         for turn in range(max(len(p.turns) for p in chosen)):
+            done = in_step() if turn else done  # turn 2 follows every process's turn 1
             pending = [(p, sample) for p in chosen if turn < len(p.turns)
                        for sample in range(generate.num_samples)
                        if (p.id, turn, sample) not in done]
-            for start in range(0, len(pending), step):
+            for start in range(rank * step, len(pending), step * processes):
                 batch = pending[start:start + step]
                 answers = answer(turn, start, [(p, sample, _history(p, turn, sample, done,
                                                                      generate))
                                                for p, sample in batch])
-                rundir.atomic_write_text(work / SHARDS / f"{numbered:06d}-turn{turn}.jsonl",
-                                         "".join(json.dumps(a) + "\n" for a in answers))
+                rundir.atomic_write_text(
+                    work / SHARDS / f"{numbered:06d}-rank{rank}-turn{turn}.jsonl",
+                    "".join(json.dumps(a) + "\n" for a in answers))
                 numbered += 1
                 done.update({(a["prompt_id"], a["turn"], a["sample"]): a for a in answers})
                 log.info("eval %s: turn %d, %d/%d answers", target.label, turn + 1,
                          min(start + len(batch), len(pending)), len(pending))
+    done = in_step()
+    if rank != 0:
+        return  # the main process writes the cell
     order = {p.id: index for index, p in enumerate(chosen)}
     rows = sorted((a for a in done.values() if a["prompt_id"] in order),
                   key=lambda a: (order[a["prompt_id"]], a["turn"], a["sample"]))
     with rundir.staged_directory(cell) as staging:
         (staging / GENERATIONS).write_text("".join(json.dumps(r) + "\n" for r in rows))
         cells.write_record(staging, target, settings(evaluation, hardware, target),
-                           metric_rows(rows, target, generate.prompts))
+                           metric_rows(rows, target, generate.prompts),
+                           answered_per_process=_answered_per_process(work / SHARDS))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _answered_per_process(shards: Path) -> dict[str, int]:
+    """How many answers each process made in the run that finished the cell (rank -> count)."""
+    counts: dict[str, int] = {}
+    for shard in shards.glob("*-rank*-turn*.jsonl"):
+        rank = shard.name.split("-rank")[1].split("-")[0]
+        counts[rank] = counts.get(rank, 0) + len(shard.read_text().splitlines())
+    return dict(sorted(counts.items()))
 
 
 def engine(generate: GenerateConfig, hardware: HardwareConfig, target: Target) -> str:
@@ -158,12 +194,12 @@ def engine(generate: GenerateConfig, hardware: HardwareConfig, target: Target) -
 
 @contextmanager
 def _in_process(target: Target, model: ModelConfig, hardware: HardwareConfig, tokenizer,
-                generate: GenerateConfig, seed: int) -> Iterator[Any]:
+                generate: GenerateConfig, seed: int, device: Any = "cuda") -> Iterator[Any]:
     """engine=hf: the checkpoint loaded here, answering a batch per generate call."""
     tokenizer.padding_side = "left"
     held = {"model": models.load_trained(target.path, model, hardware, target.revision)}
     if hardware.accelerator == "cuda" and model.quantization == "none":
-        held["model"].to("cuda")
+        held["model"].to(device)
     held["model"].eval()
     try:
         yield lambda turn, start, batch: _answer(held["model"], tokenizer, generate, seed, turn,
