@@ -114,7 +114,7 @@ def test_judged_checkpoints_recipe_on_tiny_generates_and_judges_every_checkpoint
             "method.global_batch_size=32", "method.save_steps=200", "eval.generate.temperature=0",
             "eval.checkpoints=[base,all,final]", "eval.generate.prompts=tiny",
             "eval.generate.max_prompts=8", "eval.generate.max_new_tokens=32",
-            "eval.judge.model=test-judge", f"eval.judge.base_url={server.url}",
+            "eval.judge.model=recipe-judge", f"eval.judge.base_url={server.url}",
             "eval.judge.api_key_env=null", cwd=tmp_path, cache=lmalign_cache, check=True)
         asked = server.count()
     run = tmp_path / "runs" / "judged_checkpoints"

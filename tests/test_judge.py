@@ -164,8 +164,9 @@ def test_the_judge_ranks_the_trained_model_far_above_base_survives_faults_and_ne
               if any(piece in p.turns[0] for p in chosen)}
     assert len(faults) == 5, "the faults must hit questions of the judged set"
     with JudgeServer(faults=faults, slow_s=4) as server:
+        # a judge name of its own: the session's judgment cache holds other tests' replies
         args = _judged(server, "eval.generate.max_prompts=16", "eval.judge.request_timeout_s=2",
-                       "eval.judge.max_retries=2")
+                       "eval.judge.max_retries=2", "eval.judge.model=faulty-judge")
         result = lmalign(*args, cwd=tmp_path, cache=lmalign_cache, env=KEY_ENV, check=True)
         metrics = _metrics(demo_copy)
         final, base = (float(metrics[(label, "mt_bench", "score")]["value"])
