@@ -225,3 +225,15 @@ def test_two_processes_share_the_batches_and_answer_as_one_process_does(demo_cop
     record = json.loads((shared / "cell.json").read_text())
     assert set(record["answered_per_process"]) == {"0", "1"}, record["answered_per_process"]
     assert sum(record["answered_per_process"].values()) == 24
+
+    # a checkpoint without a chat template is the user's one line, not a worker's crash
+    (demo_copy / "final" / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((demo_copy / "final" / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (demo_copy / "final" / "tokenizer_config.json").write_text(json.dumps(config))
+    refused = lmalign("stage=eval", "run_name=demo", "hardware=cpu_ddp", *sampled[:-1],
+                      "eval.generate.max_prompts=2", "eval.checkpoints=[final]", cwd=tmp_path,
+                      cache=lmalign_cache)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-1500:]
+    assert "final's tokenizer has no chat template" in errors[0]

@@ -96,6 +96,8 @@ def evaluate(targets: list[Target], config: Config, run_dir: Path, model: ModelC
             if any(generate.engine(config.eval.generate, config.hardware, t) != "hf"
                    for t in targets):
                 in_workers.remove("generate")  # a server answers; this process asks it
+            else:
+                generate.refuse_without_chat_template(targets, model)
     if in_workers:
         from pydantic import TypeAdapter
 

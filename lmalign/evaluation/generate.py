@@ -126,12 +126,7 @@ def _generate_cell(target: Target, evaluation: EvalConfig, chosen: list[Prompt],
         return found
 
     done = in_step()
-    tokenizer = models.load_tokenizer(target.path, model, target.revision)
-    if not tokenizer.chat_template:
-        raise UserError(problem(
-            "model.chat_template_path", model.chat_template_path, f"{target.label}'s tokenizer "
-            "has no chat template, so prompts cannot be put as chat turns", "a model with a "
-            "chat template, or a Jinja template file", "model.chat_template_path=<template.jinja>"))
+    tokenizer = _chat_tokenizer(target, model)
     kind = engine(generate, hardware, target)
     step = generate.batch_size if kind == "hf" else generate.concurrency
     opened = _in_process(target, model, hardware, tokenizer, generate, evaluation.seed,
@@ -179,6 +174,23 @@ def _answered_per_process(shards: Path) -> dict[str, int]:
         rank = shard.name.split("-rank")[1].split("-")[0]
         counts[rank] = counts.get(rank, 0) + len(shard.read_text().splitlines())
     return dict(sorted(counts.items()))
+
+
+def _chat_tokenizer(target: Target, model: ModelConfig):
+    tokenizer = models.load_tokenizer(target.path, model, target.revision)
+    if not tokenizer.chat_template:
+        raise UserError(problem(
+            "model.chat_template_path", model.chat_template_path, f"{target.label}'s tokenizer "
+            "has no chat template, so prompts cannot be put as chat turns", "a model with a "
+            "chat template, or a Jinja template file", "model.chat_template_path=<template.jinja>"))
+    return tokenizer
+
+
+def refuse_without_chat_template(targets: list[Target], model: ModelConfig) -> None:
+    """Before the evaluation workers start: a missing chat template is the user's one line
+    here, not a worker's crash."""
+    for target in targets:
+        _chat_tokenizer(target, model)
 
 
 def engine(generate: GenerateConfig, hardware: HardwareConfig, target: Target) -> str:
