@@ -215,6 +215,8 @@ def test_the_judge_ranks_the_trained_model_far_above_base_survives_faults_and_ne
         assert float(quality[("final", "answer_quality", "correctness")]["value"]) >= 4.5
         assert float(quality[("base", "answer_quality", "correctness")]["value"]) <= 2
         assert float(quality[("final", "answer_quality", "clarity")]["value"]) == 3
+        # the rubric is the rows' eval_mode: one rubric's rows name no settings of the others
+        assert quality[("final", "mt_bench", "score")]["settings"] == ""
     cache = lmalign_cache / judge.CACHE_SUBDIR
     for folder in (demo_copy, cache):
         for path in folder.rglob("*"):

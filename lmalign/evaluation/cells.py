@@ -23,8 +23,9 @@ METRICS_CSV = "metrics.csv"
 METRICS_COLUMNS = ["checkpoint", "step", "backend", "task", "metric", "num_fewshot", "eval_mode",
                    "value", "stderr", "ci_low", "ci_high", "settings", "settings_hash", "cell",
                    "group"]
-# Columns of their own: never part of the readable `settings` that tells cells apart.
-_OWN_COLUMNS = ("backend", "tasks", "num_fewshot", "benchmarks")
+# Columns of their own: never part of the readable `settings` that tells cells apart (a
+# judge's rubric is its eval_mode).
+_OWN_COLUMNS = ("backend", "tasks", "num_fewshot", "benchmarks", "rubric")
 
 
 @dataclass(frozen=True)
@@ -69,18 +70,21 @@ def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
     never read as one; `settings_hash` is the cell's full identity."""
     cells = [(record, json.loads(record.read_text()))
              for record in sorted((Path(run_dir) / "eval").glob(f"*/*/{CELL_RECORD}"))]
-    varying: dict[str, set[str]] = {}
-    for backend in {cell["settings"].get("backend") for _, cell in cells}:
-        same = [cell["settings"] for _, cell in cells
-                if cell["settings"].get("backend") == backend]
+
+    def kind(settings: dict[str, Any]) -> tuple:  # cells whose rows share their metric names
+        return settings.get("backend"), settings.get("rubric")
+
+    varying: dict[tuple, set[str]] = {}
+    for found in {kind(cell["settings"]) for _, cell in cells}:
+        same = [cell["settings"] for _, cell in cells if kind(cell["settings"]) == found]
         keys = {key for settings in same for key in settings} - set(_OWN_COLUMNS)
-        varying[backend] = {key for key in keys
-                            if len({json.dumps(s.get(key), sort_keys=True) for s in same}) > 1}
+        varying[found] = {key for key in keys
+                          if len({json.dumps(s.get(key), sort_keys=True) for s in same}) > 1}
     rows = []
     for record, cell in cells:
         settings = cell["settings"]
         shown = ";".join(f"{key}={_text(settings.get(key))}"
-                         for key in sorted(varying[settings.get("backend")]))
+                         for key in sorted(varying[kind(settings)]))
         for row in cell["rows"]:
             rows.append({**row, "settings": shown,
                          "settings_hash": cell.get("settings_hash") or settings_hash(settings),
