@@ -168,7 +168,8 @@ def _generate_cell(target: Target, evaluation: EvalConfig, chosen: list[Prompt],
 
 
 def _answered_per_process(shards: Path) -> dict[str, int]:
-    """How many answers each process made in the run that finished the cell (rank -> count)."""
+    """How many answers each process rank made, over every run that worked on the cell (a
+    killed run's shards included): rank -> count."""
     counts: dict[str, int] = {}
     for shard in shards.glob("*-rank*-turn*.jsonl"):
         rank = shard.name.split("-rank")[1].split("-")[0]

@@ -69,9 +69,10 @@ def settings(evaluation: EvalConfig, hardware: HardwareConfig, target: Target,
     return found
 
 
-def judged_targets(targets: list[Target], evaluation: EvalConfig) -> list[Target]:
+def judged_targets(targets: list[Target], evaluation: EvalConfig,
+                   rubric: Rubric | None = None) -> list[Target]:
     """A pairwise rubric compares every target but the baseline itself with the baseline."""
-    if rubrics.load(evaluation.judge.rubric).kind != "pairwise":
+    if (rubric or rubrics.load(evaluation.judge.rubric)).kind != "pairwise":
         return targets
     return [t for t in targets if t.label != evaluation.judge.baseline]
 
@@ -80,7 +81,7 @@ def requested_cells(targets: list[Target], evaluation: EvalConfig, hardware: Har
                     run_dir: Path) -> list[Path]:
     rubric = rubrics.load(evaluation.judge.rubric)
     return [cells.cell_dir(run_dir, target, settings(evaluation, hardware, target, rubric))
-            for target in judged_targets(targets, evaluation)]
+            for target in judged_targets(targets, evaluation, rubric)]
 
 
 def check(evaluation: EvalConfig) -> list[str]:
@@ -176,12 +177,13 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
     baseline = _baseline_answers(targets, evaluation, run_dir, hardware) \
         if rubric.kind == "pairwise" else None
     cache = Path(build_dir).expanduser() / CACHE_SUBDIR
-    if not judged_targets(targets, evaluation):
+    judged = judged_targets(targets, evaluation, rubric)
+    if not judged:
         log.warning("eval.judge: only the baseline %s was evaluated, so nothing is compared "
                     "with it; add the checkpoints to compare (eval.checkpoints=[%s,final])",
                     judge.baseline, judge.baseline)
     pending = []
-    for target in judged_targets(targets, evaluation):
+    for target in judged:
         cell = cells.cell_dir(run_dir, target, settings(evaluation, hardware, target, rubric))
         if cells.is_complete(cell):
             log.info("eval %s: judge cell done, skipping", target.label)
