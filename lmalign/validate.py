@@ -287,7 +287,7 @@ def _judge_problems(evaluation: EvalConfig, config: Config) -> list[str]:
                 f"eval.judge.{key}", None, "eval=judge needs a judge to ask",
                 "the judge model's name and its OpenAI-compatible base URL",
                 "eval.judge.model=gpt-4.1 eval.judge.base_url=https://api.openai.com/v1"))
-    if judge.rubric == "pairwise" and config.trains and judge.baseline not in \
+    if _is_pairwise(judge.rubric) and config.trains and judge.baseline not in \
             evaluation.checkpoint_selectors and "all" not in evaluation.checkpoint_selectors:
         problems.append(problem(
             "eval.judge.baseline", judge.baseline, "pairwise judging compares every checkpoint "
@@ -295,6 +295,17 @@ def _judge_problems(evaluation: EvalConfig, config: Config) -> list[str]:
             " does not generate them", "a checkpoint this run evaluates",
             f"eval.checkpoints=[{judge.baseline},final]"))
     return problems
+
+
+def _is_pairwise(rubric: str) -> bool:
+    """A user's rubric file may be pairwise too; a rubric that does not load is reported by
+    the judge's own check."""
+    from lmalign.evaluation import rubrics
+
+    try:
+        return rubrics.load(rubric).kind == "pairwise"
+    except UserError:
+        return False
 
 
 def _harness_problems(harness: HarnessConfig) -> list[str]:

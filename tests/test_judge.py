@@ -17,6 +17,7 @@ import pytest
 from conftest import lmalign, lmalign_in_process
 from judge_server import JudgeServer
 from lmalign.evaluation import judge, prompts, rubrics
+from lmalign.evaluation.server import JUDGE_SERVER_DIR
 
 SECRET = "sk-lmalign-test-9f3c2e"
 KEY_ENV = {"LMALIGN_TEST_JUDGE_KEY": SECRET}
@@ -51,16 +52,17 @@ def _mt_bench(question_id: str) -> prompts.Prompt:
 
 def test_mt_bench_grading_uses_fastchats_prompts_with_references_and_both_turns():
     writing, math = _mt_bench("81"), _mt_bench("111")
-    first = rubrics.single_messages(writing, 0, ["ANSWER-ONE"])
+    single, pairwise = rubrics.load("mt_bench"), rubrics.load("pairwise")
+    first = rubrics.single_messages(single, writing, 0, ["ANSWER-ONE"])
     assert first[0]["content"] == "You are a helpful assistant."
     assert "[Question]\n" + writing.turns[0] in first[1]["content"]
     assert "ANSWER-ONE" in first[1]["content"] and "Reference" not in first[1]["content"]
-    second = rubrics.single_messages(writing, 1, ["ANSWER-ONE", "ANSWER-TWO"])
+    second = rubrics.single_messages(single, writing, 1, ["ANSWER-ONE", "ANSWER-TWO"])
     assert "ANSWER-ONE" in second[1]["content"] and "ANSWER-TWO" in second[1]["content"]
     assert writing.turns[1] in second[1]["content"]
-    with_reference = rubrics.single_messages(math, 0, ["x"])[1]["content"]
+    with_reference = rubrics.single_messages(single, math, 0, ["x"])[1]["content"]
     assert math.reference[0] in with_reference and "Reference Answer" in with_reference
-    pair = rubrics.pairwise_messages(math, 1, ["a1", "a2"], ["b1", "b2"])[1]["content"]
+    pair = rubrics.pairwise_messages(pairwise, math, 1, ["a1", "a2"], ["b1", "b2"])[1]["content"]
     assert all(text in pair for text in ("a1", "a2", "b1", "b2", math.reference[1]))
     assert pair.index("a2") < pair.index("b2")
 
@@ -111,6 +113,8 @@ def test_a_bootstrap_interval_holds_the_mean_and_narrows_with_more_judgments():
      "must be [low, high] with low < high"),
     ("baseline", None, ("eval=[generate,judge]", "eval.judge.rubric=pairwise",
                         "eval.checkpoints=[final]"),
+     "eval.judge.baseline='base': pairwise judging compares"),
+    ("own pairwise file", "kind: pairwise\n", ("eval.checkpoints=[final]",),
      "eval.judge.baseline='base': pairwise judging compares"),
 ])
 def test_a_judge_that_cannot_work_is_one_line_before_training(name, rubric, overrides, says,
@@ -194,8 +198,10 @@ def test_the_judge_ranks_the_trained_model_far_above_base_survives_faults_and_ne
         for cell in demo_copy.glob("eval/*/judge-*"):
             shutil.rmtree(cell)
         lmalign(*args, cwd=tmp_path, cache=lmalign_cache, env=KEY_ENV, check=True)
-        # every reply came back from the judgment cache; only the garbled ones (no reply) ask
-        assert server.count() - asked == 2 and server.count("garbled") == 4
+        # every reply came back from the judgment cache but the invalid ones: no reply
+        # (garbled) or none the rubric reads (no_rating) is asked again
+        assert server.count() - asked == 4
+        assert server.count("garbled") == 4 and server.count("no_rating") == 4
         assert _metrics(demo_copy)[("final", "mt_bench", "score")]["value"] == row["value"]
 
     with JudgeServer() as server:  # no faults from here on
@@ -298,5 +304,5 @@ def test_a_served_llm_that_cannot_grade_makes_every_judgment_invalid_and_the_run
     assert all(j["reason"] == "no [[rating]] in the judge's answer" for j in judged), judged
     assert float(_metrics(demo_copy)[("final", "mt_bench", "invalid")]["value"]) == 3
     assert "every judgment is invalid" in result.stdout + result.stderr
-    assert "serve" in (demo_copy / judge.JUDGE_SERVER_DIR / "server.log").read_text()
+    assert "serve" in (demo_copy / JUDGE_SERVER_DIR / "server.log").read_text()
     assert not marked_processes("served-judge")  # the judge's server was stopped

@@ -25,7 +25,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -117,15 +116,16 @@ def _generate_cell(target: Target, evaluation: EvalConfig, chosen: list[Prompt],
         else (0, 1)
 
     def in_step() -> dict[tuple[str, int, int], dict[str, Any]]:
-        """Every process reads the same shards: the answers so far, of all processes."""
-        if accelerator is not None:
-            accelerator.wait_for_everyone()  # each one's earlier shards are written
+        """Every process reads the same shards: the answers so far, of all processes. One
+        process has them all in `done` already."""
+        if processes == 1:
+            return done
+        accelerator.wait_for_everyone()  # each one's earlier shards are written
         found = _read_shards(work / SHARDS)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()  # and read by all before anyone writes again
+        accelerator.wait_for_everyone()  # and read by all before anyone writes again
         return found
 
-    done = in_step()
+    done = in_step() if processes > 1 else _read_shards(work / SHARDS)
     tokenizer = _chat_tokenizer(target, model)
     kind = engine(generate, hardware, target)
     step = generate.batch_size if kind == "hf" else generate.concurrency
@@ -227,8 +227,6 @@ def _served(target: Target, kind: str, model: ModelConfig, hardware: HardwareCon
             generate: GenerateConfig, seed: int, work: Path) -> Iterator[Any]:
     """A server engine: the checkpoint served (evaluation/server.py), asked through the openai
     client, `concurrency` requests at a time; its retries are the client's own."""
-    from openai import OpenAI
-
     server.end_left_behind(work)  # a run killed outright could not stop its server
     served = server.served_model(target, kind, model, hardware, work,  # type: ignore[arg-type]
                                  "eval.generate.engine=hf answers with it unmerged")
@@ -236,9 +234,8 @@ def _served(target: Target, kind: str, model: ModelConfig, hardware: HardwareCon
         with server.serving(served.launch, work / "server.log",
                             float(generate.server_startup_timeout_s),
                             generate.server_address) as running:
-            client = OpenAI(base_url=running.base_url, max_retries=generate.max_retries,
-                            timeout=generate.request_timeout_s,
-                            api_key=os.environ.get(generate.api_key_env or "", "") or "none")
+            client = server.client(running.base_url, generate.api_key_env,
+                                   generate.max_retries, generate.request_timeout_s)
             with ThreadPoolExecutor(generate.concurrency) as pool:
                 yield lambda turn, start, batch: _ask(client, pool, served.name, tokenizer,
                                                       generate, seed, turn, batch)

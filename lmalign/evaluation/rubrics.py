@@ -70,6 +70,7 @@ class Rubric:
     name: str
     spec: RubricFile
     sha256: str  # of the rubric file and FastChat's prompts: part of a judge cell's identity
+    templates: dict[str, dict[str, Any]]  # FastChat's judge prompts by name (single, pairwise)
 
     @property
     def kind(self) -> str:
@@ -118,17 +119,12 @@ def load(name: str) -> Rubric:
             "{description, scale: [low, high]}}", f"fix {path}")
             for error in exc.errors()]) from None
     digest = hashlib.sha256(text.encode())
+    templates: dict[str, dict[str, Any]] = {}
     if spec.kind != "criteria":
-        digest.update((DATA / "mt_bench" / "judge_prompts.jsonl").read_bytes())
-    return Rubric(name, spec, digest.hexdigest()[:16])
-
-
-def _fastchat(name: str) -> dict[str, Any]:
-    for line in (DATA / "mt_bench" / "judge_prompts.jsonl").read_text().splitlines():
-        found = json.loads(line)
-        if found["name"] == name:
-            return found
-    raise KeyError(name)
+        fastchat = (DATA / "mt_bench" / "judge_prompts.jsonl").read_text()
+        digest.update(fastchat.encode())
+        templates = {t["name"]: t for t in map(json.loads, fastchat.splitlines()) if t}
+    return Rubric(name, spec, digest.hexdigest()[:16], templates)
 
 
 def _reference(prompt: Prompt, turn: int) -> str | None:
@@ -137,16 +133,17 @@ def _reference(prompt: Prompt, turn: int) -> str | None:
     return None
 
 
-def _fastchat_messages(kind: str, prompt: Prompt, turn: int,
+def _fastchat_messages(rubric: Rubric, prompt: Prompt, turn: int,
                        answers: list[list[str]]) -> list[dict[str, str]]:
     """FastChat's prompt for one turn: `answers` holds one list of per-turn answers (single) or
     two, A then B (pairwise)."""
+    kind = rubric.kind
     first = max(turn - 1, 0)  # a later turn shows the last two, as FastChat's template holds
     with_reference = all(_reference(prompt, t) for t in range(first, turn + 1))
     name = ("single" if kind == "single" else "pair") + \
         ("-math-v1" if with_reference else ("-v1" if kind == "single" else "-v2")) + \
         ("-multi-turn" if turn > 0 else "")
-    template = _fastchat(name)
+    template = rubric.templates[name]
     fields: dict[str, str] = {}
     if turn == 0:
         fields["question"] = prompt.turns[0]
@@ -170,14 +167,15 @@ def _fastchat_messages(kind: str, prompt: Prompt, turn: int,
             {"role": "user", "content": template["prompt_template"].format(**fields)}]
 
 
-def single_messages(prompt: Prompt, turn: int, answers: list[str]) -> list[dict[str, str]]:
+def single_messages(rubric: Rubric, prompt: Prompt, turn: int,
+                    answers: list[str]) -> list[dict[str, str]]:
     """answers: this sample's answer to every turn so far."""
-    return _fastchat_messages("single", prompt, turn, [answers])
+    return _fastchat_messages(rubric, prompt, turn, [answers])
 
 
-def pairwise_messages(prompt: Prompt, turn: int, answers_a: list[str],
+def pairwise_messages(rubric: Rubric, prompt: Prompt, turn: int, answers_a: list[str],
                       answers_b: list[str]) -> list[dict[str, str]]:
-    return _fastchat_messages("pairwise", prompt, turn, [answers_a, answers_b])
+    return _fastchat_messages(rubric, prompt, turn, [answers_a, answers_b])
 
 
 def criteria_messages(rubric: Rubric, prompt: Prompt, turn: int,
