@@ -188,6 +188,11 @@ class JudgeEndpoint:
     model: str | None
     base_url: str | None  # an OpenAI-compatible base URL (.../v1)
     api_key_env: str | None
+    # lmalign serves `model` (a hub id or a directory) itself; base_url and api_key_env are
+    # then not used
+    server: Literal["vllm", "sglang", "transformers"] | None
+    server_startup_timeout_s: PositiveNumber
+    extra: dict[str, Any]  # more request fields, e.g. reasoning_effort (reasoning models)
 
 
 @dataclass(config=STRICT)
@@ -197,11 +202,13 @@ class JudgeConfig(JudgeEndpoint):
     api_key_env null: NeMo-Skills' own lookup (OPENAI_API_KEY, NVIDIA_API_KEY)."""
 
     server_type: str | None  # NeMo-Skills' server types: openai, vllm, sglang, ...
+    concurrency: Count | None  # judge requests in flight; null: NeMo-Skills' own (512)
+    request_timeout_s: PositiveNumber | None  # null: NeMo-Skills' own (14400)
 
     @property
     def chosen(self) -> bool:
         """A judge is named: then every benchmark is judged, by it."""
-        return bool(self.model or self.server_type or self.base_url)
+        return bool(self.model or self.server_type or self.base_url or self.server)
 
 
 @dataclass(config=STRICT)
@@ -282,10 +289,6 @@ class GenerateConfig:
 class JudgeEvalConfig(JudgeEndpoint):
     """eval.judge: an LLM judge over eval.generate's answers (conf/eval/judge.yaml)."""
 
-    # lmalign serves `model` (a hub id or a directory) itself, once every policy server has
-    # stopped; base_url and api_key_env are then not used
-    server: Literal["vllm", "sglang", "transformers"] | None
-    server_startup_timeout_s: PositiveNumber
     rubric: str  # mt_bench | pairwise | answer_quality | a rubric YAML file
     baseline: str  # rubric=pairwise: the checkpoint every other one is compared with (base, ...)
     temperature: NonNegativeNumber
@@ -297,7 +300,6 @@ class JudgeEvalConfig(JudgeEndpoint):
     max_retries: NonNegative  # the openai client's retries (429 with Retry-After, 5xx, timeouts)
     request_timeout_s: PositiveNumber
     bootstrap_samples: Count  # resamples behind ci_low / ci_high (95%)
-    extra: dict[str, Any]  # more request fields, e.g. reasoning_effort (reasoning models)
 
 
 BACKENDS = ("harness", "nemo", "generate", "judge")  # in the order a job evaluates them

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,6 @@ from conftest import (REPO, command_line, guarded, lmalign, marked_processes, sh
 from lmalign.errors import JobFailed, UserError
 from lmalign.evaluation import nemo, nemo_skills, server
 from lmalign.evaluation.cells import Target
-from lmalign.schema import JudgeConfig
 
 STAND_IN = Path(__file__).resolve().parent / "nemo_stand_in"
 
@@ -97,14 +97,36 @@ def test_missing_nemo_skills_is_one_line_saying_how_to_install(tmp_path):
         nemo_skills.ns_executable(str(tmp_path))
 
 
-def test_judge_settings_name_the_key_variable_never_the_key(tmp_path):
-    judge = JudgeConfig("gpt-4.1", "https://api.openai.com/v1", "TEAM_JUDGE_KEY", "openai")
+def test_the_judge_block_maps_onto_ns_judge_flags_naming_the_key_variable_never_the_key(
+        tmp_path):
+    judge = typed_config("eval=nemo", "eval.nemo.judge.model=gpt-4.1",
+                         "eval.nemo.judge.base_url=https://api.openai.com/v1",
+                         "eval.nemo.judge.api_key_env=TEAM_JUDGE_KEY",
+                         "eval.nemo.judge.server_type=openai").eval.nemo.judge
     argv = nemo_skills.eval_command(tmp_path / "ns", "--judge_model", nemo_skills.parse_benchmarks("arena-hard"),
                              "/models/m", "http://127.0.0.1:8765/v1", tmp_path / "out", "x", {},
                              [], judge)
     assert {"--judge_model=gpt-4.1", "--judge_server_type=openai",
             "--judge_server_address=https://api.openai.com/v1",
             "--extra_judge_args=++server.api_key_env_var=TEAM_JUDGE_KEY"} <= set(argv)
+    tuned = replace(judge, concurrency=8, request_timeout_s=90,
+                    extra={"reasoning_effort": "low", "top_k": 1})
+    assert nemo_skills.judge_generation_args(tuned) == [
+        "++server.api_key_env_var=TEAM_JUDGE_KEY", "++max_concurrent_requests=8",
+        "++inference.timeout=90", "++inference.extra_body.reasoning_effort=low",
+        "++inference.extra_body.top_k=1"]
+
+
+def test_a_nemo_judge_that_cannot_work_is_refused_before_anything_runs():
+    with pytest.raises(UserError) as refused:
+        nemo.check(_nemo_config("eval.nemo.judge.server=vllm",
+                                "+eval.nemo.judge.extra.stop='[a b]'",
+                                "+eval.nemo.judge.extra.effort='very low'").eval)
+    assert len(refused.value.problems) == 3, refused.value.problems
+    assert refused.value.problems[0].startswith(
+        "eval.nemo.judge.model=None: eval.nemo.judge.server=vllm serves the judge model")
+    assert all("ns eval takes its judge's arguments as one string split at spaces" in line
+               for line in refused.value.problems[1:])
 
 
 def _nemo_config(*overrides: str):
@@ -392,7 +414,7 @@ SECRET = "judge-key-5f3a9c1e7b"
 JUDGED = ("eval=nemo", "eval.nemo.server=transformers", "eval.nemo.benchmarks=gsm8k",
           f"eval.nemo.nemo_env={STAND_IN}", "eval.nemo.judge.model=judge-7b",
           "eval.nemo.judge.server_type=openai",
-          "eval.nemo.judge.base_url=http://127.0.0.1:9/v1",
+          "eval.nemo.judge.base_url=http://judge-host.invalid/v1",
           "eval.nemo.judge.api_key_env=LMALIGN_TEST_JUDGE_KEY")
 
 
@@ -433,6 +455,26 @@ def test_a_checkpoint_sweep_and_the_watcher_share_nemo_cells_and_never_write_the
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if SECRET.encode() in p.read_bytes()]
     assert SECRET not in sweep.stdout + sweep.stderr + watcher.stdout + watcher.stderr
+
+
+@pytest.mark.slow
+def test_a_judge_lmalign_serves_answers_ns_judge_and_is_stopped(trained, tmp_path,
+                                                               lmalign_cache):
+    result = lmalign("stage=eval", "run_name=sft", "eval=nemo", "eval.nemo.server=transformers",
+                     "eval.nemo.benchmarks=gsm8k", f"eval.nemo.nemo_env={STAND_IN}",
+                     "eval.checkpoints=[final]", "eval.nemo.judge.server=transformers",
+                     f"eval.nemo.judge.model={trained / 'final'}", "eval.nemo.judge.concurrency=4",
+                     cwd=tmp_path, cache=lmalign_cache, timeout=300,
+                     env={**_stand_in_env(tmp_path), "LMALIGN_TEST_MARK": "nemo-judge"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (call,) = [c for c in (tmp_path / "calls").read_text().splitlines() if c.startswith("eval ")]
+    assert re.search(r"--judge_server_address=http://127\.0\.0\.1:\d+/v1", call)
+    assert f"--judge_model={trained / 'final'}" in call and "--judge_server_type=openai" in call
+    assert "--extra_judge_args=++max_concurrent_requests=4" in call
+    assert "judge answered: assistant" in next(trained.glob("eval/final/nemo-*/ns_eval.log")) \
+        .read_text()
+    assert "serve" in (trained / "judge-server" / "server.log").read_text()
+    assert not marked_processes("nemo-judge")  # both servers were stopped
 
 
 def _stop_case(tmp_path: Path, cache: Path, **stand_in: str):

@@ -12,7 +12,8 @@ Each reply is cached under `<cache.build_dir>/judgments/<sha256>.json` (one atom
 the key covers the judge model, the request's parameters and every message, so the rubric,
 question, reference, answer, order and the baseline's answer), so a re-run, a sweep or a
 parallel SLURM job never asks twice, and a run killed while judging resumes from what it got.
-A request that got no reply is not cached: the next run asks again. The API key is read from
+A request that got no reply, or a reply the rubric cannot read, is not cached: once the judge is
+fixed, removing the cell asks those again. The API key is read from
 the variable `api_key_env` names and is written nowhere.
 
 Metrics keep their own units: `score` on the rubric's scale (MT-Bench 1-10), per turn and per
@@ -32,8 +33,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,6 @@ from lmalign.schema import EvalConfig, HardwareConfig, JudgeEvalConfig
 log = logging.getLogger(__name__)
 JUDGMENTS = "judgments.jsonl"
 CACHE_SUBDIR = "judgments"
-JUDGE_SERVER_DIR = "judge-server"  # in the run directory: the served judge's log
 
 
 def settings(evaluation: EvalConfig, hardware: HardwareConfig, target: Target,
@@ -128,27 +126,11 @@ def _unreachable(judge: JudgeEvalConfig) -> list[str]:
 
 def _client(judge: JudgeEvalConfig, base_url: str, max_retries: int | None = None,
             timeout: float | None = None):
-    from openai import OpenAI
+    """A judge lmalign serves itself takes no key."""
+    return server.client(base_url, None if judge.server else judge.api_key_env,
+                         judge.max_retries if max_retries is None else max_retries,
+                         timeout or judge.request_timeout_s)
 
-    key = "" if judge.server else os.environ.get(judge.api_key_env or "", "")
-    return OpenAI(base_url=base_url, api_key=key or "none", max_retries=judge.max_retries
-                  if max_retries is None else max_retries,
-                  timeout=timeout or judge.request_timeout_s)
-
-
-@contextmanager
-def _endpoint(judge: JudgeEvalConfig, run_dir: Path, hardware: HardwareConfig) -> Iterator[str]:
-    """The judge's base URL: eval.judge.base_url, or a server lmalign starts for eval.judge.model
-    (and always stops) when eval.judge.server is set."""
-    if judge.server is None:
-        yield judge.base_url
-        return
-    work = Path(run_dir) / JUDGE_SERVER_DIR
-    server.end_left_behind(work)  # a run killed outright could not stop its judge
-    launch = server.Launch(judge.server, judge.model, judge.model, hardware.accelerator)
-    with server.serving(launch, work / "server.log",
-                        float(judge.server_startup_timeout_s)) as running:
-        yield running.base_url
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +173,7 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
             pending.append((target, cell))
     if not pending:
         return
-    with _endpoint(judge, run_dir, hardware) as base_url:
+    with server.judge_endpoint(judge, Path(run_dir) / server.JUDGE_SERVER_DIR, hardware) as base_url:
         for target, cell in pending:
             asks = _asks(rubric, by_id, _answers(run_dir, target, evaluation, hardware),
                          baseline)
@@ -224,8 +206,10 @@ def _write_cell(target: Target, cell: Path, asks: list[Ask], rubric: Rubric,
     unanswered = sum(bool(a.reply.get("error")) for a in asks)
     if unanswered:
         log.warning("eval %s: %d judge request(s) got no reply after %d retries (see "
-                    "reason in %s); they are not cached: remove %s to ask again",
-                    target.label, unanswered, judge.max_retries, JUDGMENTS, cell)
+                    "reason in %s)", target.label, unanswered, judge.max_retries, JUDGMENTS)
+    if invalid:
+        log.warning("eval %s: %d invalid judgment(s) are not cached: remove %s to ask the "
+                    "judge again", target.label, invalid, cell)
     if judgments and invalid == len(judgments):
         reasons = sorted({j["reason"] for j in judgments})
         log.warning("eval %s: every judgment is invalid (%s): is %s a judge that follows "
@@ -297,7 +281,7 @@ def _asks(rubric: Rubric, by_id: dict[str, Prompt], answers: dict[tuple[str, int
         mine = [answers[(prompt_id, t, sample)] for t in range(turn + 1)]
         if rubric.kind == "single":
             asks.append(Ask(prompt_id, prompt.category, turn, sample, None,
-                            rubrics.single_messages(prompt, turn, mine)))
+                            rubrics.single_messages(rubric, prompt, turn, mine)))
         elif rubric.kind == "criteria":
             asks.append(Ask(prompt_id, prompt.category, turn, sample, None,
                             rubrics.criteria_messages(rubric, prompt, turn, mine)))
@@ -307,9 +291,9 @@ def _asks(rubric: Rubric, by_id: dict[str, Prompt], answers: dict[tuple[str, int
             if any(answer is None for answer in theirs):
                 continue
             asks += [Ask(prompt_id, prompt.category, turn, sample, "AB",
-                         rubrics.pairwise_messages(prompt, turn, mine, theirs)),
+                         rubrics.pairwise_messages(rubric, prompt, turn, mine, theirs)),
                      Ask(prompt_id, prompt.category, turn, sample, "BA",
-                         rubrics.pairwise_messages(prompt, turn, theirs, mine))]
+                         rubrics.pairwise_messages(rubric, prompt, turn, theirs, mine))]
     return asks
 
 
@@ -366,7 +350,8 @@ def _ask_all(asks: list[Ask], judge: JudgeEvalConfig, rubric: Rubric, cache: Pat
         reply = {"text": answer.choices[0].message.content or "" if answer.choices else "",
                  "usage": {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens")},
                  "model": judge.model, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        rundir.atomic_write_json(path, reply)
+        if _readable(rubric, reply["text"]):  # an unreadable reply is asked again next run
+            rundir.atomic_write_json(path, reply)
         ask.reply = {**reply, "cached": False}
 
     step = max(len(asks) // 10, 1)
@@ -379,6 +364,14 @@ def _ask_all(asks: list[Ask], judge: JudgeEvalConfig, rubric: Rubric, cache: Pat
                 log.info("eval %s: judged %d/%d", label, done, len(asks))
     finally:  # on a stop, the queued requests are dropped; those in flight still get cached
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _readable(rubric: Rubric, text: str) -> bool:
+    if rubric.kind == "single":
+        return rubrics.read_rating(text, rubric.spec.scale)[0] is not None
+    if rubric.kind == "pairwise":
+        return rubrics.read_verdict(text)[0] is not None
+    return rubrics.read_grades(rubric, text)[0] is not None
 
 
 def _short(exc: Exception) -> str:

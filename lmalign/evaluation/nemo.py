@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ from lmalign.evaluation import cells, server
 from lmalign.evaluation.cells import Target
 from lmalign.evaluation.nemo_skills import (Benchmark, cached_data, catalog,
                                             eval_command, eval_help, is_judged,
-                                            judge_key_variable, metric_rows, ns_environment,
+                                            judge_key_variable, judge_problems, metric_rows, ns_environment,
                                             ns_executable, parse_benchmarks, read_benchmark)
-from lmalign.schema import EvalConfig, HardwareConfig, ModelConfig
+from lmalign.schema import EvalConfig, HardwareConfig, JudgeConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ def settings(evaluation: EvalConfig) -> dict[str, Any]:
         judge = evaluation.nemo.judge
         found["judge"] = {"model": judge.model, "server_type": judge.server_type,
                           "server_address": judge.base_url}
+        # only where set, so cells of a judge without them keep their identity
+        found["judge"].update({key: value for key, value in (
+            ("server", judge.server), ("extra", dict(judge.extra))) if value})
     return found
 
 
@@ -51,7 +55,7 @@ def check(evaluation: EvalConfig, cache_dir: str | None = None) -> Path:
     ns = ns_executable(evaluation.nemo.nemo_env)
     known = catalog(ns, tuple(dict.fromkeys(b.name for b in benchmarks)))
     cached = cached_data(cache_dir, benchmarks)
-    problems = []
+    problems = judge_problems(evaluation.nemo.judge)
     for name in dict.fromkeys(b.name for b in benchmarks):
         if name not in known.benchmarks:
             problems.append(problem("eval.nemo.benchmarks", name, "not a benchmark of the "
@@ -100,19 +104,35 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path, model
     help_text = eval_help(ns, tuple(sorted(env.items())))
     benchmarks = parse_benchmarks(str(evaluation.nemo.benchmark_spec))
     data = cached_data(cache_dir, benchmarks)
+    pending = []
     for target in targets:
         cell = cells.cell_dir(run_dir, target, settings(evaluation))
         if cells.is_complete(cell):
             log.info("eval %s: nemo cell done, skipping", target.label)
-            continue
-        _serve_and_evaluate(target, evaluation, model, hardware, benchmarks, cell, ns, env,
-                            help_text, data)
+        else:
+            pending.append((target, cell))
+    if not pending:
+        return
+    judge = evaluation.nemo.judge
+    if judge.server:
+        # ns eval generates and judges in one call, so the judge's server runs beside each
+        # checkpoint's
+        log.info("eval.nemo.judge.server=%s: lmalign serves the judge %s for these cells%s",
+                 judge.server, judge.model, "; on one GPU both servers share its memory"
+                 if hardware.accelerator == "cuda" else "")
+    with server.judge_endpoint(judge, Path(run_dir) / server.JUDGE_SERVER_DIR,
+                               hardware) as judge_url:
+        asked = replace(judge, base_url=judge_url, server_type="openai", api_key_env=None) \
+            if judge.server else judge
+        for target, cell in pending:
+            _serve_and_evaluate(target, evaluation, asked, model, hardware, benchmarks, cell,
+                                ns, env, help_text, data)
 
 
-def _serve_and_evaluate(target: Target, evaluation: EvalConfig, model: ModelConfig,
-                        hardware: HardwareConfig, benchmarks: list[Benchmark], cell: Path,
-                        ns: Path, env: dict[str, str], help_text: str,
-                        data: Path | None) -> None:
+def _serve_and_evaluate(target: Target, evaluation: EvalConfig, judge: JudgeConfig,
+                        model: ModelConfig, hardware: HardwareConfig,
+                        benchmarks: list[Benchmark], cell: Path, ns: Path, env: dict[str, str],
+                        help_text: str, data: Path | None) -> None:
     # NeMo-Skills' own output files stay in the work directory until every benchmark is
     # complete: a re-run continues there (ns eval skips what has its .done), then it becomes
     # the cell at once.
@@ -139,8 +159,7 @@ def _serve_and_evaluate(target: Target, evaluation: EvalConfig, model: ModelConf
                             evaluation.nemo.server_address) as running:
             argv = eval_command(ns, help_text, benchmarks, served.name, running.base_url, work,
                                 f"lmalign-{target.label}", dict(evaluation.nemo.inference or {}),
-                                list(evaluation.nemo.nemo_args), evaluation.nemo.judge,
-                                data_dir)
+                                list(evaluation.nemo.nemo_args), judge, data_dir)
             with open(work / "ns_eval.log", "a") as output, processes.owned_children():
                 # NeMo-Skills' jobs hold connections to the server: on a stop they end first.
                 output.write(f"$ {' '.join(argv)}\n")

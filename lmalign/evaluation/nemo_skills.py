@@ -136,10 +136,11 @@ def judge_key_variable(evaluation: EvalConfig, default_judge: dict[str, Any] | N
     """The environment variable the judge's API key must be in (NeMo-Skills reads it there):
     eval.nemo.judge.api_key_env, else NeMo-Skills' own choice by the judge's address."""
     judge = evaluation.nemo.judge
-    if judge and judge.api_key_env:
+    if judge.server:
+        return None  # lmalign serves it, without a key
+    if judge.api_key_env:
         return judge.api_key_env
-    address = (judge.base_url if judge else None) or \
-        (default_judge or {}).get("server_address") or ""
+    address = judge.base_url or (default_judge or {}).get("server_address") or ""
     if "api.nvidia.com" in address:
         return "NVIDIA_API_KEY"
     return "OPENAI_API_KEY" if "api.openai.com" in address else None
@@ -173,9 +174,46 @@ def eval_command(ns: Path, help_text: str, benchmarks: list[Benchmark], model: s
         value = getattr(judge, key) if judge else None
         if value:
             argv.append(f"{flag('judge_' + flag_name)}={value}")
-    if judge and judge.api_key_env:
-        argv.append(f"{flag('extra_judge_args')}=++server.api_key_env_var={judge.api_key_env}")
+    judge_args = judge_generation_args(judge) if judge else []
+    if judge_args:
+        argv.append(f"{flag('extra_judge_args')}={' '.join(judge_args)}")
     return argv + [f"++inference.{key}={value}" for key, value in inference.items()] + extra
+
+
+def judge_generation_args(judge: JudgeConfig) -> list[str]:
+    """The judge block's settings as NeMo-Skills' judge generation takes them
+    (--extra_judge_args, which ns splits at spaces: check_judge_extra refuses values with
+    any)."""
+    found = [f"++server.api_key_env_var={judge.api_key_env}"] if judge.api_key_env else []
+    if judge.concurrency:
+        found.append(f"++max_concurrent_requests={judge.concurrency}")
+    if judge.request_timeout_s:
+        found.append(f"++inference.timeout={judge.request_timeout_s:g}")
+    found += [f"++inference.extra_body.{key}={_scalar(value)}"
+              for key, value in judge.extra.items()]
+    return found
+
+
+def _scalar(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def judge_problems(judge: JudgeConfig) -> list[str]:
+    """The judge block before anything runs: a served judge names its model; extra values
+    survive ns's split at spaces."""
+    problems = []
+    if judge.server and not judge.model:
+        problems.append(problem("eval.nemo.judge.model", None, f"eval.nemo.judge.server="
+                                f"{judge.server} serves the judge model, and none is named",
+                                "a hub id or a model directory", "eval.nemo.judge.model=<id or "
+                                "directory>, or eval.nemo.judge.server=null"))
+    for key, value in judge.extra.items():
+        if isinstance(value, (dict, list)) or any(c.isspace() for c in _scalar(value)):
+            problems.append(problem(
+                f"eval.nemo.judge.extra.{key}", value, "ns eval takes its judge's arguments as "
+                "one string split at spaces", "a string, number or boolean without spaces",
+                f"+eval.nemo.judge.extra.{key}=<value without spaces>"))
+    return problems
 
 
 @dataclass

@@ -29,12 +29,13 @@ from lmalign.launch import free_port
 
 if TYPE_CHECKING:
     from lmalign.evaluation.cells import Target
-    from lmalign.schema import HardwareConfig, ModelConfig
+    from lmalign.schema import HardwareConfig, JudgeEndpoint, ModelConfig
 
 log = logging.getLogger(__name__)
 
 ServerKind = Literal["vllm", "sglang", "transformers", "external"]
 STOP_GRACE_SECONDS = 30
+JUDGE_SERVER_DIR = "judge-server"  # in the run directory: a served judge's log
 
 
 class ServerFailed(Exception):
@@ -121,6 +122,30 @@ def serving(launch: Launch, log_path: Path, startup_timeout: float,
 
 
 SERVER_RECORD = "server.json"  # in the cell's work directory: the server it started, for a re-run
+
+
+@contextmanager
+def judge_endpoint(judge: JudgeEndpoint, work: Path, hardware: HardwareConfig) -> Iterator[str]:
+    """A judge's base URL: its base_url, or a server lmalign starts for judge.model (and always
+    stops) when judge.server is set; its log is `work`/server.log."""
+    if judge.server is None:
+        yield judge.base_url or ""
+        return
+    end_left_behind(work)  # a run killed outright could not stop its judge
+    launch = Launch(judge.server, judge.model or "", judge.model or "", hardware.accelerator)
+    with serving(launch, work / "server.log", float(judge.server_startup_timeout_s)) as running:
+        yield running.base_url
+
+
+def client(base_url: str, api_key_env: str | None, max_retries: int, timeout: float):
+    """The openai client for an OpenAI-compatible endpoint. The key is read from the variable
+    `api_key_env` names and is written nowhere; a server without keys takes any. The client's
+    own retries handle 429 (honouring Retry-After), 5xx and timeouts."""
+    from openai import OpenAI
+
+    key = os.environ.get(api_key_env or "", "")
+    return OpenAI(base_url=base_url, api_key=key or "none", max_retries=max_retries,
+                  timeout=timeout)
 
 
 def _record(path: Path, pid: int) -> None:
