@@ -204,6 +204,9 @@ class JudgeConfig(JudgeEndpoint):
     server_type: str | None  # NeMo-Skills' server types: openai, vllm, sglang, ...
     concurrency: Count | None  # judge requests in flight; null: NeMo-Skills' own (512)
     request_timeout_s: PositiveNumber | None  # null: NeMo-Skills' own (14400)
+    # more arguments of NeMo-Skills' judge generation, e.g. a judge prompt for a benchmark
+    # without its own: ['++prompt_config=judge/math', '++generation_key=judgement']
+    args: list[str]
 
     @property
     def chosen(self) -> bool:

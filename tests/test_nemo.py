@@ -110,23 +110,31 @@ def test_the_judge_block_maps_onto_ns_judge_flags_naming_the_key_variable_never_
             "--judge_server_address=https://api.openai.com/v1",
             "--extra_judge_args=++server.api_key_env_var=TEAM_JUDGE_KEY"} <= set(argv)
     tuned = replace(judge, concurrency=8, request_timeout_s=90,
-                    extra={"reasoning_effort": "low", "top_k": 1})
+                    extra={"reasoning_effort": "low", "top_k": 1},
+                    args=["++prompt_config=judge/math"])
     assert nemo_skills.judge_generation_args(tuned) == [
         "++server.api_key_env_var=TEAM_JUDGE_KEY", "++max_concurrent_requests=8",
         "++inference.timeout=90", "++inference.extra_body.reasoning_effort=low",
-        "++inference.extra_body.top_k=1"]
+        "++inference.extra_body.top_k=1", "++prompt_config=judge/math"]
+    # what changes the judgments is part of the cell's identity, only where it is set
+    config = typed_config("eval=nemo", "eval.nemo.judge.model=gpt-4.1").eval
+    assert "extra" not in nemo.settings(config)["judge"]
+    config.nemo.judge = tuned
+    assert nemo.settings(config)["judge"]["args"] == ["++prompt_config=judge/math"]
 
 
 def test_a_nemo_judge_that_cannot_work_is_refused_before_anything_runs():
     with pytest.raises(UserError) as refused:
         nemo.check(_nemo_config("eval.nemo.judge.server=vllm",
                                 "+eval.nemo.judge.extra.stop='[a b]'",
-                                "+eval.nemo.judge.extra.effort='very low'").eval)
-    assert len(refused.value.problems) == 3, refused.value.problems
+                                "+eval.nemo.judge.extra.effort='very low'",
+                                "eval.nemo.judge.args=['prompt_config=judge/math']").eval)
+    assert len(refused.value.problems) == 4, refused.value.problems
     assert refused.value.problems[0].startswith(
         "eval.nemo.judge.model=None: eval.nemo.judge.server=vllm serves the judge model")
     assert all("ns eval takes its judge's arguments as one string split at spaces" in line
-               for line in refused.value.problems[1:])
+               for line in refused.value.problems[1:3])
+    assert refused.value.problems[3].startswith("eval.nemo.judge.args='prompt_config=judge/math'")
 
 
 def _nemo_config(*overrides: str):

@@ -39,7 +39,8 @@ def settings(evaluation: EvalConfig) -> dict[str, Any]:
                           "server_address": judge.base_url}
         # only where set, so cells of a judge without them keep their identity
         found["judge"].update({key: value for key, value in (
-            ("server", judge.server), ("extra", dict(judge.extra))) if value})
+            ("server", judge.server), ("extra", dict(judge.extra)),
+            ("args", list(judge.args))) if value})
     return found
 
 

@@ -191,7 +191,7 @@ def judge_generation_args(judge: JudgeConfig) -> list[str]:
         found.append(f"++inference.timeout={judge.request_timeout_s:g}")
     found += [f"++inference.extra_body.{key}={_scalar(value)}"
               for key, value in judge.extra.items()]
-    return found
+    return found + list(judge.args)
 
 
 def _scalar(value: Any) -> str:
@@ -213,6 +213,12 @@ def judge_problems(judge: JudgeConfig) -> list[str]:
                 f"eval.nemo.judge.extra.{key}", value, "ns eval takes its judge's arguments as "
                 "one string split at spaces", "a string, number or boolean without spaces",
                 f"+eval.nemo.judge.extra.{key}=<value without spaces>"))
+    for argument in judge.args:
+        if not argument.startswith("++") or any(c.isspace() for c in argument):
+            problems.append(problem(
+                "eval.nemo.judge.args", argument, "ns eval passes these to its judge's "
+                "generation as one string split at spaces", "'++key=value' items without "
+                "spaces", "eval.nemo.judge.args=['++prompt_config=judge/math']"))
     return problems
 
 
