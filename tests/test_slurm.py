@@ -143,26 +143,37 @@ def test_a_two_node_job_trains_across_both_nodes_to_the_local_weights_and_evalua
 
 def test_an_eval_sweep_on_slurm_gives_the_summary_of_the_local_launcher(
         two_nodes, workdir, lmalign_cache):
+    from judge_server import JudgeServer
+
     shutil.copytree(two_nodes[1], workdir / "runs" / "local_copy")
-    # One job per checkpoint, each scoring both few-shot counts (a list runs inside a job).
-    sweep = ("stage=eval", "eval.checkpoints=20,40", "eval.harness.num_fewshot=[0,2]", "hardware=cpu",
-             "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=20")
-    on_slurm = lmalign(SLURM, "run_name=two_nodes", *sweep, "hydra.sweep.dir=sweeps/slurm",
-                       cwd=workdir, cache=lmalign_cache, check=True)
-    assert len(_slurm_ids(on_slurm.stdout + on_slurm.stderr)) == 2
-    lmalign("-m", "run_name=local_copy", *sweep, "hydra.sweep.dir=sweeps/local", cwd=workdir,
-            cache=lmalign_cache, check=True)
+    # One job per checkpoint, each scoring both few-shot counts (a list runs inside a job), and
+    # answering 4 prompts graded by a judge on this host.
+    with JudgeServer() as judge:
+        sweep = ("stage=eval", "eval.checkpoints=20,40", "eval.harness.num_fewshot=[0,2]",
+                 "hardware=cpu", "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=20",
+                 "eval=[harness,generate,judge]", "eval.generate.prompts=tiny",
+                 "eval.generate.max_prompts=4", "eval.generate.max_new_tokens=24",
+                 "eval.judge.model=slurm-sweep-judge", f"eval.judge.base_url={judge.url}",
+                 "eval.judge.api_key_env=null")
+        on_slurm = lmalign(SLURM, "run_name=two_nodes", *sweep, "hydra.sweep.dir=sweeps/slurm",
+                           cwd=workdir, cache=lmalign_cache, check=True)
+        assert len(_slurm_ids(on_slurm.stdout + on_slurm.stderr)) == 2
+        assert judge.count() == 8  # 4 answers x 2 checkpoints; the local sweep's are cached
+        lmalign("-m", "run_name=local_copy", *sweep, "hydra.sweep.dir=sweeps/local",
+                cwd=workdir, cache=lmalign_cache, check=True)
 
     def summary(name: str) -> list[tuple]:
         with open(workdir / "sweeps" / name / "summary.csv") as handle:
-            return sorted((r["job"], r["checkpoint"], r["step"], r["task"], r["metric"],
-                           r["num_fewshot"], r["value"], r["stderr"])
-                          for r in csv.DictReader(handle))
+            return sorted((r["job"], r["checkpoint"], r["step"], r["backend"], r["task"],
+                           r["metric"], r["num_fewshot"], r["value"], r["stderr"],
+                           r["ci_low"], r["ci_high"]) for r in csv.DictReader(handle))
 
     local = summary("local")
-    assert len(local) == 4 and {r[1] for r in local} == {"checkpoint-20", "checkpoint-40"}
-    assert {r[5] for r in local} == {"0", "2"}
+    assert {r[1] for r in local} == {"checkpoint-20", "checkpoint-40"}
+    assert sorted(r[6] for r in local if r[3] == "harness") == ["0", "0", "2", "2"]
+    assert {r[5] for r in local if r[3] == "judge"} == {"score", "invalid"}
     assert summary("slurm") == local
+    assert "checkpoint-40" in (workdir / "sweeps" / "slurm" / "samples.md").read_text()
 
 
 def _job_processes(job: str, command: str) -> list[str]:
