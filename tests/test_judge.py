@@ -205,14 +205,16 @@ def test_the_judge_ranks_the_trained_model_far_above_base_survives_faults_and_ne
         assert _metrics(demo_copy)[("final", "mt_bench", "score")]["value"] == row["value"]
 
     with JudgeServer() as server:  # no faults from here on
-        lmalign(*_judged(server, "eval.generate.max_prompts=40", "eval.judge.rubric=pairwise"),
+        # the same answers as above (their generation cells are reused), compared pairwise
+        lmalign(*_judged(server, "eval.generate.max_prompts=16", "eval.judge.rubric=pairwise"),
                 cwd=tmp_path, cache=lmalign_cache, env=KEY_ENV, check=True)
         pairwise = _metrics(demo_copy)
-        assert float(pairwise[("final", "pairwise", "win_rate")]["value"]) > 0.9
+        assert float(pairwise[("final", "pairwise", "win_rate")]["value"]) >= 0.8
+        assert float(pairwise[("final", "pairwise", "loss_rate")]["value"]) <= 0.1
         assert ("base", "pairwise", "win_rate") not in pairwise  # the baseline itself
         verdicts = _judgments(demo_copy, "final", "pairwise")
-        assert len(verdicts) == 40 and set(verdicts[0]["judge_text"]) == {"AB", "BA"}
-        assert server.count() == 80  # both orders
+        assert len(verdicts) == 16 and set(verdicts[0]["judge_text"]) == {"AB", "BA"}
+        assert server.count() == 32  # both orders
 
         lmalign(*_judged(server, "eval.generate.max_prompts=16",
                          "eval.judge.rubric=answer_quality"),
