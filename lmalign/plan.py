@@ -80,7 +80,8 @@ def _eval_rows(config: Config) -> list[tuple[str, str]]:
         rows.append(("eval", f"nemo: NeMo-Skills {nemo.benchmark_spec} through a {nemo.server} "
                      f"server ({nemo.server_address or '127.0.0.1'}), inference {nemo.inference}"
                      + (f"; judge {nemo.judge.model or nemo.judge.base_url}"
-                        if nemo.judge.chosen else "")))
+                        + (f" on a {nemo.judge.server} server lmalign starts"
+                           if nemo.judge.server else "") if nemo.judge.chosen else "")))
     if evaluation.harness is not None:
         harness = evaluation.harness
         rows.append(("eval", f"harness: {', '.join(harness.tasks)}; few-shot "

@@ -24,6 +24,7 @@ RUN = ("model=tiny", "model.source=pretrained", "model.name_or_path=lmalign-test
        "eval.harness.tasks=[arc_easy,tiny_mc]", "eval.harness.limit=8", "eval.harness.apply_chat_template=false")
 
 
+@pytest.mark.slow  # a whole lmalign command with lm-eval's task scan
 def test_plan_expands_lm_eval_groups_without_network(tmp_path, lmalign_cache):
     cache, log = tmp_path / "cache", tmp_path / "network.log"
     result = lmalign("stage=cache_plan", "eval.harness.tasks=[mmlu,hellaswag,arc_easy]",
@@ -232,6 +233,7 @@ def test_prepare_without_network_stops_at_once_with_one_line(tmp_path, lmalign_c
                            "reached from this machine; 0 of ") and "fetches only what" in line
 
 
+@pytest.mark.slow  # a whole lmalign command with lm-eval's task scan
 def test_offline_needs_a_cache_only_for_what_comes_from_the_hub(tmp_path, lmalign_cache):
     """The embedded model and lmalign's own tasks need nothing: offline=true runs without a
     cache. A hub model does: one line naming it and the fix."""

@@ -132,7 +132,6 @@ def _client(judge: JudgeEvalConfig, base_url: str, max_retries: int | None = Non
                          timeout or judge.request_timeout_s)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Judging
 
@@ -173,7 +172,8 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
             pending.append((target, cell))
     if not pending:
         return
-    with server.judge_endpoint(judge, Path(run_dir) / server.JUDGE_SERVER_DIR, hardware) as base_url:
+    with server.judge_endpoint(judge, Path(run_dir) / server.JUDGE_SERVER_DIR,
+                               hardware) as base_url:
         for target, cell in pending:
             asks = _asks(rubric, by_id, _answers(run_dir, target, evaluation, hardware),
                          baseline)

@@ -16,9 +16,9 @@ from lmalign import processes, rundir, secrets
 from lmalign.errors import JobFailed, UserError, problem
 from lmalign.evaluation import cells, server
 from lmalign.evaluation.cells import Target
-from lmalign.evaluation.nemo_skills import (Benchmark, cached_data, catalog,
-                                            eval_command, eval_help, is_judged,
-                                            judge_key_variable, judge_problems, metric_rows, ns_environment,
+from lmalign.evaluation.nemo_skills import (Benchmark, cached_data, catalog, eval_command,
+                                            eval_help, is_judged, judge_key_variable,
+                                            judge_problems, metric_rows, ns_environment,
                                             ns_executable, parse_benchmarks, read_benchmark)
 from lmalign.schema import EvalConfig, HardwareConfig, JudgeConfig, ModelConfig
 

@@ -182,7 +182,7 @@ def eval_command(ns: Path, help_text: str, benchmarks: list[Benchmark], model: s
 
 def judge_generation_args(judge: JudgeConfig) -> list[str]:
     """The judge block's settings as NeMo-Skills' judge generation takes them
-    (--extra_judge_args, which ns splits at spaces: check_judge_extra refuses values with
+    (--extra_judge_args, which ns splits at spaces: judge_problems refuses values with
     any)."""
     found = [f"++server.api_key_env_var={judge.api_key_env}"] if judge.api_key_env else []
     if judge.concurrency:

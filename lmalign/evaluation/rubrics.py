@@ -123,7 +123,8 @@ def load(name: str) -> Rubric:
     if spec.kind != "criteria":
         fastchat = (DATA / "mt_bench" / "judge_prompts.jsonl").read_text()
         digest.update(fastchat.encode())
-        templates = {t["name"]: t for t in map(json.loads, fastchat.splitlines()) if t}
+        templates = {t["name"]: t for t in (json.loads(line) for line in fastchat.splitlines()
+                                            if line.strip())}
     return Rubric(name, spec, digest.hexdigest()[:16], templates)
 
 
