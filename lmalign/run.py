@@ -187,7 +187,8 @@ def evaluate_run(job: Job) -> None:
     if chosen and config.eval.judge is not None:
         from lmalign.evaluation import judge
 
-        problems = judge.baseline_problems(chosen, config.eval, run_dir, config.hardware)
+        problems = judge.baseline_problems(chosen, config.eval, run_dir, config.hardware,
+                                           config.runs_root)
         if problems:
             raise UserError(problems)
     with _accepted(job, owner=saved is None or not saved.trains):

@@ -293,7 +293,9 @@ class JudgeEvalConfig(JudgeEndpoint):
     """eval.judge: an LLM judge over eval.generate's answers (conf/eval/judge.yaml)."""
 
     rubric: str  # mt_bench | pairwise | answer_quality | a rubric YAML file
-    baseline: str  # rubric=pairwise: the checkpoint every other one is compared with (base, ...)
+    # rubric=pairwise: the checkpoint every other one is compared with (base, final, ...), or
+    # another run's: <run name or directory>/<checkpoint>
+    baseline: str
     temperature: NonNegativeNumber
     max_tokens: Count  # the judge's own answer
     # auto: a JSON schema as response_format where the rubric answers in JSON and the endpoint

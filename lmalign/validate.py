@@ -287,13 +287,20 @@ def _judge_problems(evaluation: EvalConfig, config: Config) -> list[str]:
                 f"eval.judge.{key}", None, "eval=judge needs a judge to ask",
                 "the judge model's name and its OpenAI-compatible base URL",
                 "eval.judge.model=gpt-4.1 eval.judge.base_url=https://api.openai.com/v1"))
-    if _is_pairwise(judge.rubric) and config.trains and judge.baseline not in \
-            evaluation.checkpoint_selectors and "all" not in evaluation.checkpoint_selectors:
-        problems.append(problem(
-            "eval.judge.baseline", judge.baseline, "pairwise judging compares every checkpoint "
-            f"with the baseline's answers, and eval.checkpoints={evaluation.checkpoint_selectors}"
-            " does not generate them", "a checkpoint this run evaluates",
-            f"eval.checkpoints=[{judge.baseline},final]"))
+    if _is_pairwise(judge.rubric) and evaluation.generate is not None:
+        from lmalign.evaluation import judge as judging
+
+        if judging.in_another_run(judge.baseline):  # its answers are there before training
+            problems += judging.baseline_problems([], evaluation, Path(config.runs_root),
+                                                  config.hardware, config.runs_root)
+        elif config.trains and judge.baseline not in evaluation.checkpoint_selectors \
+                and "all" not in evaluation.checkpoint_selectors:
+            problems.append(problem(
+                "eval.judge.baseline", judge.baseline, "pairwise judging compares every "
+                f"checkpoint with the baseline's answers, and eval.checkpoints="
+                f"{evaluation.checkpoint_selectors} does not generate them", "a checkpoint "
+                "this run evaluates, or <run>/<checkpoint> of another run",
+                f"eval.checkpoints=[{judge.baseline},final]"))
     return problems
 
 

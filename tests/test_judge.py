@@ -116,6 +116,9 @@ def test_a_bootstrap_interval_holds_the_mean_and_narrows_with_more_judgments():
      "eval.judge.baseline='base': pairwise judging compares"),
     ("own pairwise file", "kind: pairwise\n", ("eval.checkpoints=[final]",),
      "eval.judge.baseline='base': pairwise judging compares"),
+    ("no other run", None, ("eval=[generate,judge]", "eval.judge.rubric=pairwise",
+                            "eval.judge.baseline=no_such_run/base"),
+     "eval.judge.baseline='no_such_run/base': no answers of base with these generation"),
 ])
 def test_a_judge_that_cannot_work_is_one_line_before_training(name, rubric, overrides, says,
                                                               tmp_path, lmalign_cache):
@@ -205,16 +208,26 @@ def test_the_judge_ranks_the_trained_model_far_above_base_survives_faults_and_ne
         assert _metrics(demo_copy)[("final", "mt_bench", "score")]["value"] == row["value"]
 
     with JudgeServer() as server:  # no faults from here on
-        # the same answers as above (their generation cells are reused), compared pairwise
-        lmalign(*_judged(server, "eval.generate.max_prompts=16", "eval.judge.rubric=pairwise"),
+        lmalign(*_judged(server, "eval.generate.max_prompts=40", "eval.judge.rubric=pairwise"),
                 cwd=tmp_path, cache=lmalign_cache, env=KEY_ENV, check=True)
         pairwise = _metrics(demo_copy)
-        assert float(pairwise[("final", "pairwise", "win_rate")]["value"]) >= 0.8
-        assert float(pairwise[("final", "pairwise", "loss_rate")]["value"]) <= 0.1
+        win_rate = pairwise[("final", "pairwise", "win_rate")]["value"]
+        assert float(win_rate) > 0.9
         assert ("base", "pairwise", "win_rate") not in pairwise  # the baseline itself
         verdicts = _judgments(demo_copy, "final", "pairwise")
-        assert len(verdicts) == 16 and set(verdicts[0]["judge_text"]) == {"AB", "BA"}
-        assert server.count() == 32  # both orders
+        assert len(verdicts) == 40 and set(verdicts[0]["judge_text"]) == {"AB", "BA"}
+        assert server.count() == 80  # both orders
+
+        # the baseline's answers from another run: the same comparison, every reply cached
+        shutil.copytree(demo_copy, tmp_path / "runs" / "earlier")
+        lmalign(*_judged(server, "eval.generate.max_prompts=40", "eval.judge.rubric=pairwise",
+                         "eval.judge.baseline=earlier/base", "eval.checkpoints=[final]"),
+                cwd=tmp_path, cache=lmalign_cache, env=KEY_ENV, check=True)
+        assert server.count() == 80
+        assert len(list(demo_copy.glob("eval/final/judge-*"))) == 3  # mt_bench, both pairwise
+        with open(demo_copy / "metrics.csv") as handle:
+            assert sorted(r["value"] for r in csv.DictReader(handle)
+                          if r["metric"] == "win_rate") == [win_rate, win_rate]
 
         lmalign(*_judged(server, "eval.generate.max_prompts=16",
                          "eval.judge.rubric=answer_quality"),

@@ -119,7 +119,8 @@ def evaluate(targets: list[Target], config: Config, run_dir: Path, model: ModelC
     if config.eval.judge is not None:  # over the answers just made
         from lmalign.evaluation import judge
 
-        judge.evaluate(targets, config.eval, run_dir, config.hardware, config.cache.build_dir)
+        judge.evaluate(targets, config.eval, run_dir, config.hardware, config.cache.build_dir,
+                       config.runs_root)
 
 
 def describe(evaluation: EvalConfig) -> str:

@@ -150,12 +150,13 @@ class Ask:
 
 
 def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
-             hardware: HardwareConfig, build_dir: str) -> None:
+             hardware: HardwareConfig, build_dir: str, runs_root: str) -> None:
     """Every missing judge cell of these targets, after their generation cells exist."""
     judge = evaluation.judge
     rubric = rubrics.load(judge.rubric)
     by_id = {p.id: p for p in prompts.load(evaluation.generate)}
-    baseline = _baseline_answers(targets, evaluation, run_dir, hardware) \
+    baseline = _read_generations(_baseline_cell(targets, evaluation, run_dir, hardware,
+                                                 runs_root)) \
         if rubric.kind == "pairwise" else None
     cache = Path(build_dir).expanduser() / CACHE_SUBDIR
     judged = judged_targets(targets, evaluation, rubric)
@@ -230,45 +231,53 @@ def _read_generations(cell: Path) -> dict[tuple[str, int, int], str]:
 
 
 def baseline_problems(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
-                      hardware: HardwareConfig) -> list[str]:
-    """Before anything loads (stage=eval): a pairwise baseline is evaluated in this command or
-    has answers in the run already."""
+                      hardware: HardwareConfig, runs_root: str) -> list[str]:
+    """Before anything loads: a pairwise baseline is evaluated in this command, or has answers
+    in this run or (`<run>/<checkpoint>`) in another one already."""
     if rubrics.load(evaluation.judge.rubric).kind != "pairwise":
         return []
     try:
-        _baseline_cell(targets, evaluation, run_dir, hardware)
+        _baseline_cell(targets, evaluation, run_dir, hardware, runs_root)
     except UserError as exc:
         return exc.problems
     return []
 
 
-def _baseline_answers(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
-                      hardware: HardwareConfig) -> dict[tuple[str, int, int], str]:
-    """The baseline checkpoint's answers under the same generation settings: evaluated in this
-    job, or earlier in this run."""
-    return _read_generations(_baseline_cell(targets, evaluation, run_dir, hardware))
+def in_another_run(baseline: str) -> bool:
+    """eval.judge.baseline=<run name or directory>/<checkpoint>: another run's answers."""
+    return "/" in baseline
 
 
 def _baseline_cell(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
-                   hardware: HardwareConfig) -> Path:
-    label = evaluation.judge.baseline
-    match = [t for t in targets if t.label == label]
+                   hardware: HardwareConfig, runs_root: str) -> Path:
+    """The baseline checkpoint's generation cell under the same generation settings: evaluated
+    in this job, earlier in this run, or in another run."""
+    baseline = evaluation.judge.baseline
+    match = [t for t in targets if t.label == baseline]
     if match:
         return cells.cell_dir(run_dir, match[0],
                               generate.settings(evaluation, hardware, match[0]))
-    wanted = generate.settings(evaluation, hardware, Target(label, None, str(run_dir)))
+    where, label = Path(run_dir), baseline
+    if in_another_run(baseline):
+        run, label = baseline.rsplit("/", 1)
+        where = next((c for c in (Path(run).expanduser(), Path(runs_root).expanduser() / run)
+                      if (c / "eval").is_dir()), Path(runs_root).expanduser() / run)
+    wanted = generate.settings(evaluation, hardware, Target(label, None, str(where)))
     wanted.pop("engine")  # the baseline may have answered through another engine
-    for record in sorted((Path(run_dir) / "eval" / label).glob(
-            f"generate-*/{cells.CELL_RECORD}")):
+    for record in sorted((where / "eval" / label).glob(f"generate-*/{cells.CELL_RECORD}")):
         found = json.loads(record.read_text())["settings"]
         found.pop("engine", None)
         if found == wanted:
             return record.parent
+    fix = f"generate them first: python -m lmalign stage=eval run_name={where.name} " \
+          f"'eval=[generate]' eval.checkpoints=[{label}] with these eval.generate settings" \
+        if in_another_run(baseline) else f"add it to the checkpoints: " \
+        f"eval.checkpoints=[{label},final]"
     raise UserError(problem(
-        "eval.judge.baseline", label, f"no answers of {label} with these generation settings in "
-        f"{run_dir} to compare with", "a checkpoint evaluated in the same command, or one "
-        "generated earlier with the same eval.generate settings",
-        f"add it to the checkpoints: eval.checkpoints=[{label},final]"))
+        "eval.judge.baseline", baseline, f"no answers of {label} with these generation "
+        f"settings in {where} to compare with", "a checkpoint evaluated in the same command, "
+        "one generated earlier with the same eval.generate settings, or <run>/<checkpoint> "
+        "of another run", fix))
 
 
 def _asks(rubric: Rubric, by_id: dict[str, Prompt], answers: dict[tuple[str, int, int], str],
