@@ -295,10 +295,15 @@ def _metric_table(task: str, metric: str, mode: str, rows: list[dict[str, Any]])
     return [f"## {task}: {name}", "", *markdown(table), ""]
 
 
+COUNTS = {("judge", "invalid")}  # (backend, metric) of rows that count, shown as integers
+
+
 def _shown(row: dict[str, Any]) -> str | None:
     """The value, and its 95% interval where the backend gives one (a judge's)."""
     if row.get("value") in (None, ""):
         return None
+    if (row.get("backend"), row.get("metric")) in COUNTS:
+        return f"{float(row['value']):.0f}"
     shown = f"{float(row['value']):.4f}"
     if row.get("ci_low") not in (None, "") and row.get("ci_high") not in (None, ""):
         shown += f" [{float(row['ci_low']):.2f}, {float(row['ci_high']):.2f}]"

@@ -152,6 +152,16 @@ def test_a_group_keeps_its_score_and_gets_a_sorted_subtask_table():
     assert "## mmlu_anatomy" not in text  # subtasks live in the group's table only
 
 
+def test_judge_rows_show_their_interval_and_the_invalid_count_as_a_count():
+    base = {"task": "mt_bench", "group": None, "backend": "judge", "eval_mode": "mt_bench",
+            "checkpoint": "final", "step": 30, "num_fewshot": None}
+    rows = [{**base, "metric": "score", "value": 8.125, "ci_low": 7.5, "ci_high": 8.6875},
+            {**base, "metric": "invalid", "value": 2.0, "ci_low": None, "ci_high": None}]
+    text = report.summary_markdown([report.Job("0", [], None, "done")], rows, [], REPO)
+    assert "| - | final | 30 | 8.1250 [7.50, 8.69] |" in text
+    assert "| - | final | 30 | 2 |" in text
+
+
 def test_a_revision_names_its_step():
     from lmalign.evaluation.targets import step_of as _step_of
 
