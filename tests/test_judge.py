@@ -118,7 +118,7 @@ def test_a_bootstrap_interval_holds_the_mean_and_narrows_with_more_judgments():
      "eval.judge.baseline='base': pairwise judging compares"),
     ("no other run", None, ("eval=[generate,judge]", "eval.judge.rubric=pairwise",
                             "eval.judge.baseline=no_such_run/base"),
-     "eval.judge.baseline='no_such_run/base': no answers of base with these generation"),
+     "eval.judge.baseline='no_such_run/base': no run no_such_run (looked in"),
 ])
 def test_a_judge_that_cannot_work_is_one_line_before_training(name, rubric, overrides, says,
                                                               tmp_path, lmalign_cache):
@@ -138,6 +138,20 @@ def test_a_judge_that_cannot_work_is_one_line_before_training(name, rubric, over
     assert result.returncode == 2 and len(lines) == 1, (name, result.stderr[-2000:])
     assert lines[0].startswith("error: ") and says in lines[0] and "; fix: " in lines[0], lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_mistyped_baseline_of_another_run_is_refused_with_its_checkpoints(tmp_path,
+                                                                          lmalign_cache):
+    (tmp_path / "runs" / "earlier").mkdir(parents=True)
+    (tmp_path / "runs" / "earlier" / "run.json").write_text("{}")
+    with JudgeServer() as server:
+        result = lmalign_in_process(*_judged(server, "eval.judge.rubric=pairwise",
+                                             "eval.judge.baseline=earlier/bsae")[2:],
+                                    cwd=tmp_path, cache=lmalign_cache, env=KEY_ENV)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "error: eval.judge.baseline='earlier/bsae': bsae is not a checkpoint of runs/earlier; "
+        "allowed: earlier/base; fix: eval.judge.baseline=earlier/base")
 
 
 def test_dry_run_prints_the_judge_calls_and_tokens_it_will_make(tmp_path, lmalign_cache):

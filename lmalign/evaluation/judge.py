@@ -27,6 +27,7 @@ that reads top to bottom; the rubrics' texts and readings live apart in rubrics.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ from lmalign.evaluation import cells, generate, prompts, rubrics, server
 from lmalign.evaluation.cells import Target
 from lmalign.evaluation.prompts import Prompt
 from lmalign.evaluation.rubrics import Rubric
+from lmalign.evaluation.targets import saved_targets
 from lmalign.schema import EvalConfig, HardwareConfig, JudgeEvalConfig
 
 log = logging.getLogger(__name__)
@@ -260,8 +262,22 @@ def _baseline_cell(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
     where, label = Path(run_dir), baseline
     if in_another_run(baseline):
         run, label = baseline.rsplit("/", 1)
-        where = next((c for c in (Path(run).expanduser(), Path(runs_root).expanduser() / run)
-                      if (c / "eval").is_dir()), Path(runs_root).expanduser() / run)
+        looked = (Path(run).expanduser(), Path(runs_root).expanduser() / run)
+        where = next((c for c in looked if (c / rundir.RUN_RECORD).exists()), looked[-1])
+        if not (where / rundir.RUN_RECORD).exists():
+            raise UserError(problem(
+                "eval.judge.baseline", baseline, f"no run {run} (looked in "
+                f"{' and '.join(map(str, looked))})", "<run name or directory>/<checkpoint>",
+                "the name of a run under runs_root, or its directory"))
+    # base, the saved checkpoints, and whatever was evaluated there (hub revisions too)
+    known = list(dict.fromkeys(["base"] + [t.label for t in saved_targets(where)] + sorted(
+        p.name for p in (where / "eval").glob("*") if p.is_dir())))
+    if label not in known:
+        prefix, closest = baseline[:-len(label)], difflib.get_close_matches(label, known, 1)
+        raise UserError(problem(
+            "eval.judge.baseline", baseline, f"{label} is not a checkpoint of {where}",
+            ", ".join(prefix + k for k in known),
+            f"eval.judge.baseline={prefix}{(closest or known)[0]}"))
     wanted = generate.settings(evaluation, hardware, Target(label, None, str(where)))
     wanted.pop("engine")  # the baseline may have answered through another engine
     for record in sorted((where / "eval" / label).glob(f"generate-*/{cells.CELL_RECORD}")):
