@@ -382,12 +382,24 @@ def test_harness_and_nemo_compose_in_one_job_each_under_its_own_key():
 @pytest.mark.slow
 def test_harness_and_nemo_in_one_job_write_both_backends_cells_into_one_metrics_csv(
         trained, tmp_path, lmalign_cache):
+    """NeMo-Skills' judge here is one lmalign serves (the tiny model: ns's stand-in asks it once)."""
     result = lmalign("stage=eval", "run_name=sft", "eval=[harness,nemo]",
                      "eval.harness.tasks=[tiny_mc]", "eval.harness.limit=20",
                      "eval.nemo.benchmarks=[gsm8k]", "eval.nemo.server=transformers",
                      f"eval.nemo.nemo_env={STAND_IN}", "eval.checkpoints=[final]",
-                     cwd=tmp_path, cache=lmalign_cache, env=_stand_in_env(tmp_path), timeout=300)
+                     "eval.nemo.judge.server=transformers", "eval.nemo.judge.concurrency=4",
+                     f"eval.nemo.judge.model={trained / 'final'}", cwd=tmp_path,
+                     cache=lmalign_cache, timeout=300,
+                     env={**_stand_in_env(tmp_path), "LMALIGN_TEST_MARK": "nemo-judge"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (call,) = [c for c in (tmp_path / "calls").read_text().splitlines() if c.startswith("eval ")]
+    assert re.search(r"--judge_server_address=http://127\.0\.0\.1:\d+/v1", call)
+    assert f"--judge_model={trained / 'final'}" in call and "--judge_server_type=openai" in call
+    assert "--extra_judge_args=++max_concurrent_requests=4" in call
+    assert "judge answered: assistant" in next(trained.glob("eval/final/nemo-*/ns_eval.log")) \
+        .read_text()
+    assert "serve" in (trained / "judge-server" / "server.log").read_text()
+    assert not marked_processes("nemo-judge")  # both servers were stopped
     final = sorted(p.name.split("-")[0] for p in (trained / "eval" / "final").iterdir())
     assert final == ["harness", "harness", "nemo"]  # the training's cell, this limit's, nemo's
     with open(trained / "metrics.csv") as handle:
@@ -463,26 +475,6 @@ def test_a_checkpoint_sweep_and_the_watcher_share_nemo_cells_and_never_write_the
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if SECRET.encode() in p.read_bytes()]
     assert SECRET not in sweep.stdout + sweep.stderr + watcher.stdout + watcher.stderr
-
-
-@pytest.mark.slow
-def test_a_judge_lmalign_serves_answers_ns_judge_and_is_stopped(trained, tmp_path,
-                                                               lmalign_cache):
-    result = lmalign("stage=eval", "run_name=sft", "eval=nemo", "eval.nemo.server=transformers",
-                     "eval.nemo.benchmarks=gsm8k", f"eval.nemo.nemo_env={STAND_IN}",
-                     "eval.checkpoints=[final]", "eval.nemo.judge.server=transformers",
-                     f"eval.nemo.judge.model={trained / 'final'}", "eval.nemo.judge.concurrency=4",
-                     cwd=tmp_path, cache=lmalign_cache, timeout=300,
-                     env={**_stand_in_env(tmp_path), "LMALIGN_TEST_MARK": "nemo-judge"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (call,) = [c for c in (tmp_path / "calls").read_text().splitlines() if c.startswith("eval ")]
-    assert re.search(r"--judge_server_address=http://127\.0\.0\.1:\d+/v1", call)
-    assert f"--judge_model={trained / 'final'}" in call and "--judge_server_type=openai" in call
-    assert "--extra_judge_args=++max_concurrent_requests=4" in call
-    assert "judge answered: assistant" in next(trained.glob("eval/final/nemo-*/ns_eval.log")) \
-        .read_text()
-    assert "serve" in (trained / "judge-server" / "server.log").read_text()
-    assert not marked_processes("nemo-judge")  # both servers were stopped
 
 
 def _stop_case(tmp_path: Path, cache: Path, **stand_in: str):
