@@ -116,7 +116,8 @@ def bench_judge(args: argparse.Namespace, cache: Path) -> None:
                       f"7?\n\n[The Start of Assistant's Answer]\nThe largest is 9. ({i})\n"
                       "[The End of Assistant's Answer]"}]) for i in range(args.judgments)]
         began = time.perf_counter()
-        judge._ask_all(asks, config.eval.judge, rubric, cache / "judgments", "bench")
+        judge._ask_all(asks, config.eval.judge, rubric, cache / "judgments", "bench",
+                       server.url)
         took = time.perf_counter() - began
     ideal = args.judgments * args.latency / 16
     valid = sum(bool(a.reply.get("text")) for a in asks)
