@@ -335,20 +335,3 @@ def test_a_served_llm_that_cannot_grade_makes_every_judgment_invalid_and_the_run
     assert "every judgment is invalid" in result.stdout + result.stderr
     assert "serve" in (demo_copy / JUDGE_SERVER_DIR / "server.log").read_text()
     assert not marked_processes("served-judge")  # the judge's server was stopped
-
-
-@pytest.mark.slow
-def test_the_generate_and_judge_benchmark_runs_at_tiny_sizes(tmp_path, lmalign_cache):
-    """benchmarks/generate_judge.py calls lmalign's own functions: it must keep running as they
-    change (its ratios are printed, never asserted)."""
-    import os
-
-    result = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve().parent.parent / "benchmarks" /
-                             "generate_judge.py"), "--prompts", "2", "--new-tokens", "2",
-         "--batch-size", "2", "--judgments", "8", "--latency", "0.01"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "LMALIGN_CACHE": str(lmalign_cache)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "lmalign speed-up" in result.stdout and "judge: 8 judgments (8 answered)" in \
-        result.stdout, result.stdout
