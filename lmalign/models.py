@@ -60,9 +60,14 @@ def adapter_kind(info: dict[str, Any]) -> str:
     return _PEFT_KINDS.get(info.get("peft_type", ""), str(info.get("peft_type", "unknown")).lower())
 
 
+def run_candidates(name: str, runs_root: str) -> tuple[Path, Path]:
+    """Where a run named on the command line may be: the path as given, then under runs_root."""
+    return Path(name).expanduser(), Path(runs_root).expanduser() / name
+
+
 def init_from_dir(init_from: str, runs_root: str) -> Path | None:
     """An earlier run's final/ (given its run_name or directory), or a model directory itself."""
-    for candidate in (Path(init_from).expanduser(), Path(runs_root).expanduser() / init_from):
+    for candidate in run_candidates(init_from, runs_root):
         for directory in (candidate / "final", candidate):
             if (directory / "config.json").exists() or (directory / ADAPTER_CONFIG).exists():
                 return directory.resolve()

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmalign import rundir
+from lmalign import models, rundir
 from lmalign.errors import UserError, problem
 from lmalign.evaluation import cells, generate, prompts, rubrics, server
 from lmalign.evaluation.cells import Target
@@ -262,7 +262,7 @@ def _baseline_cell(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
     where, label = Path(run_dir), baseline
     if in_another_run(baseline):
         run, label = baseline.rsplit("/", 1)
-        looked = (Path(run).expanduser(), Path(runs_root).expanduser() / run)
+        looked = models.run_candidates(run, runs_root)  # as model.init_from finds a run
         where = next((c for c in looked if (c / rundir.RUN_RECORD).exists()), looked[-1])
         if not (where / rundir.RUN_RECORD).exists():
             raise UserError(problem(
