@@ -14,7 +14,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmalign import embedded, rundir
 from lmalign.errors import UserError, problem
@@ -33,6 +33,8 @@ def resolve(model: ModelConfig, cache_dir: str) -> str:
 
 
 ADAPTER_CONFIG = "adapter_config.json"
+# What a model computes: next-token logits, or one score per sequence (a reward model).
+Head = Literal["causal_lm", "reward"]
 _PEFT_KINDS = {"LORA": "lora", "PROMPT_TUNING": "prompt_tuning"}
 
 
@@ -198,16 +200,27 @@ def quantization_config(model: ModelConfig, hardware: HardwareConfig):
 
 
 def load_model(path: str, model: ModelConfig, hardware: HardwareConfig,
-               revision: str | None = None, trains_weights: bool = False):
-    from transformers import AutoModelForCausalLM
-
+               revision: str | None = None, trains_weights: bool = False,
+               head: Head = "causal_lm"):
+    """A full model. head=reward: a sequence-classification model with one output; a causal
+    LM's weights get a new score head (seeded by the caller), a reward model's keep theirs."""
     quantization = quantization_config(model, hardware)
     extra = {"device_map": {"": _device(hardware)}} if quantization else {}
-    loaded = AutoModelForCausalLM.from_pretrained(
+    loaded = auto_class(head).from_pretrained(
         path, revision=revision, dtype=torch_dtype(model, hardware, trains_weights),
         attn_implementation=attention(model, hardware), quantization_config=quantization,
-        trust_remote_code=model.trust_remote_code, **extra)
+        trust_remote_code=model.trust_remote_code, **extra, **head_arguments(head))
     return loaded
+
+
+def auto_class(head: Head):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
+
+
+def head_arguments(head: Head) -> dict[str, Any]:
+    return {"num_labels": 1} if head == "reward" else {}
 
 
 def _device(hardware: HardwareConfig) -> str:
@@ -215,10 +228,10 @@ def _device(hardware: HardwareConfig) -> str:
 
 
 def load_start(start: Start, model: ModelConfig, hardware: HardwareConfig,
-               continue_adapter: bool, trains_weights: bool):
+               continue_adapter: bool, trains_weights: bool, head: Head = "causal_lm"):
     """The starting weights: the adapter kept trainable when this run continues it, else merged.
     `trains_weights`: the base weights themselves train (no PEFT)."""
-    base = load_model(start.path, model, hardware, start.revision, trains_weights)
+    base = load_model(start.path, model, hardware, start.revision, trains_weights, head)
     if start.adapter is None:
         return base
     from peft import PeftModel
@@ -261,16 +274,17 @@ def loadable(path: Path) -> Path:
 
 
 def load_trained(path: str, model: ModelConfig, hardware: HardwareConfig,
-                 revision: str | None = None):
+                 revision: str | None = None, head: Head = "causal_lm"):
     """A checkpoint or final/ as saved: full weights, or an adapter on its recorded base."""
     if revision is None and Path(path).is_dir():
         path = str(loadable(Path(path)))
     info = adapter_config(path)
     if info is None:
-        return load_model(path, model, hardware, revision)
+        return load_model(path, model, hardware, revision, head=head)
     from peft import PeftModel
 
-    base = load_model(info["base_model_name_or_path"], model, hardware, info.get("revision"))
+    base = load_model(info["base_model_name_or_path"], model, hardware, info.get("revision"),
+                      head=head)
     return PeftModel.from_pretrained(base, path).eval()
 
 
@@ -325,21 +339,44 @@ def _probe_quantized_forward(model: ModelConfig, hardware: HardwareConfig) -> No
             loaded(torch.tensor([[1, 2, 3]], device=_device(hardware)))
 
 
-def build_on_meta(model: ModelConfig):
+def build_on_meta(model: ModelConfig, head: Head = "causal_lm"):
     """The model with no weights, from its recorded architecture numbers: works offline.
 
     PyTorch's meta device, not accelerate's init_empty_weights: under transformers 5 the latter
     leaves tied embeddings untied (SmolLM2-135M then counts 162.8M parameters instead of 134.5M).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     arch = dict(model.architecture)
     if model.source == "embedded":  # its vocabulary is its tokenizer's, built here without weights
         arch["vocab_size"] = len(embedded.build_tokenizer())
-    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch, **head_arguments(head))
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto_class(head).from_config(config)
+
+
+def is_reward_model(path: str | Path) -> bool:
+    """A saved sequence-classification model with one output (method=reward's, or a reward
+    model on disk); an adapter by its PEFT task type."""
+    return reward_model_kind(path) is True
+
+
+def reward_model_kind(path: str | Path, revision: str | None = None) -> bool | None:
+    """Whether a model directory (or hub model, from its config alone) is a reward model; None
+    when its config cannot be read here (a hub model offline and not cached)."""
+    info = adapter_config(path) if Path(path).is_dir() else None
+    if info is not None:
+        return info.get("task_type") == "SEQ_CLS"
+    try:
+        from transformers import AutoConfig
+
+        found = AutoConfig.from_pretrained(str(loadable(Path(path)) if Path(path).is_dir()
+                                               else path), revision=revision)
+    except Exception:  # whatever a hub lookup raises offline: unknown, not an error here
+        return None
+    return found.num_labels == 1 and any(
+        a.endswith("ForSequenceClassification") for a in found.architectures or [])
 
 
 def count_parameters(module) -> tuple[int, int]:

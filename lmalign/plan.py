@@ -105,6 +105,12 @@ def _eval_rows(config: Config) -> list[tuple[str, str]]:
                      f"{where}; per checkpoint {calls:,} judge request(s), about "
                      f"{tokens:,} input tokens and up to {calls * judged.max_tokens:,} output "
                      "tokens (none for judgments already cached)"))
+    if evaluation.reward is not None:
+        reward = evaluation.reward
+        rows.append(("eval", "reward: pairwise accuracy on "
+                     + (reward.pairs or f"the held-out pairs of dataset={config.dataset.name}")
+                     + (f" (first {reward.max_pairs})" if reward.max_pairs else "")
+                     + f", up to {reward.max_length} tokens per sequence"))
     if rows:
         rows.append(("evaluates", f"revisions {evaluation.revisions}" if evaluation.revisions
                      else f"checkpoints {evaluation.checkpoint_selectors}"))
@@ -174,18 +180,21 @@ def _start(config: Config) -> tuple[str | None, Path | None]:
 
 
 def meta_model(config: Config, architecture_dir: Path | None):
-    """The run's model on the meta device with the method's PEFT wrapper."""
+    """The run's model on the meta device with the method's PEFT wrapper (and a reward model's
+    one-output head in place of the language-model head)."""
     import torch
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from lmalign import training
 
+    head = "reward" if config.method.name == "reward" else "causal_lm"
     if architecture_dir is not None:
         with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(architecture_dir))
+            meta = models.auto_class(head).from_config(
+                AutoConfig.from_pretrained(architecture_dir, **models.head_arguments(head)))
     else:
-        meta = models.build_on_meta(config.model)
+        meta = models.build_on_meta(config.model, head)
     method = config.method
     # Text initialisation needs the tokenizer; random initialisation trains the same parameters.
     method = dataclasses.replace(method, prompt_tuning=dataclasses.replace(

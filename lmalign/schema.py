@@ -99,6 +99,12 @@ class DPOConfig:
 
 
 @dataclass(config=STRICT)
+class RewardSettings:
+    # TRL's auxiliary loss pulling mean rewards towards 0 (0.01 in the paper); null: off
+    center_rewards_coefficient: NonNegativeNumber | None
+
+
+@dataclass(config=STRICT)
 class LoraSettings:
     r: Count
     alpha: Count
@@ -119,7 +125,7 @@ PeftKind = Literal["none", "lora", "prompt_tuning"]
 @dataclass(config=STRICT)
 class MethodConfig:
     _target_: str  # the function that trains it: build -> train -> save (lmalign/methods/)
-    name: Literal["sft", "lora", "prompt_tuning", "dpo"]
+    name: Literal["sft", "lora", "prompt_tuning", "dpo", "reward"]
     # Which weights train: all (none), a LoRA adapter, or prompt-tuning virtual tokens.
     peft: PeftKind
     lora: LoraSettings
@@ -144,12 +150,13 @@ class MethodConfig:
     save_steps: Count
     save_total_limit: Count | None
     eval_steps: Count | None
-    # Preference methods only (method=dpo); null for the others.
+    # Preference methods only (method=dpo, method=reward); null for the others.
     dpo: DPOConfig | None
+    reward: RewardSettings | None
 
     @property
     def needs_preferences(self) -> bool:
-        return self.name == "dpo"
+        return self.name in ("dpo", "reward")
 
 
 @dataclass(config=STRICT)
@@ -307,7 +314,20 @@ class JudgeEvalConfig(JudgeEndpoint):
     bootstrap_samples: Count  # resamples behind ci_low / ci_high (95%)
 
 
-BACKENDS = ("harness", "nemo", "generate", "judge")  # in the order a job evaluates them
+@dataclass(config=STRICT)
+class RewardEvalConfig:
+    """eval.reward: a reward model's pairwise accuracy on held-out pairs
+    (conf/eval/reward.yaml)."""
+
+    # null: the held-out split of the dataset the run trained on; else a preference file or
+    # save_to_disk directory (prompt/chosen/rejected, or chosen/rejected with the prompt inside)
+    pairs: str | None
+    max_pairs: Count | None
+    batch_size: Count
+    max_length: Count  # longer pairs are cut from the left (the reply's end is what is scored)
+
+
+BACKENDS = ("harness", "nemo", "generate", "judge", "reward")  # in the order a job evaluates them
 
 
 @dataclass(config=STRICT)
@@ -325,6 +345,7 @@ class EvalConfig:
     nemo: NemoConfig | None = None
     generate: GenerateConfig | None = None
     judge: JudgeEvalConfig | None = None
+    reward: RewardEvalConfig | None = None
 
     @property
     def backends(self) -> list[str]:

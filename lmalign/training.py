@@ -65,29 +65,34 @@ def trainer_arguments(config: Config, run_dir: Path, report_to: list[str],
 
 def starting_model(config: Config, start: Start):
     """(model, PEFT config for the trainer to apply). A run whose starting adapter is of its own
-    kind trains that adapter further (no new PEFT config); otherwise the adapter is merged."""
+    kind trains that adapter further (no new PEFT config); otherwise the adapter is merged. A
+    reward model continues only a reward model's adapter: a language model's has no score head."""
     from lmalign import models
 
-    continuing = start.adapter is not None and start.adapter_kind == config.method.peft
+    head = "reward" if config.method.name == "reward" else "causal_lm"
+    continuing = start.adapter is not None and start.adapter_kind == config.method.peft and (
+        head == "causal_lm" or models.is_reward_model(start.adapter))
     model = models.load_start(start, config.model, config.hardware, continue_adapter=continuing,
-                              trains_weights=config.method.peft == "none")
+                              trains_weights=config.method.peft == "none", head=head)
     return model, None if continuing else peft_config(config.method, start.tokenizer)
 
 
 def peft_config(method: MethodConfig, tokenizer_path: str):
-    """PEFT's config for method.peft, or None for full fine-tuning."""
+    """PEFT's config for method.peft, or None for full fine-tuning. A reward model's adapter is
+    PEFT's sequence-classification kind, which also trains (and saves) the new score head."""
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
+    task = TaskType.SEQ_CLS if method.name == "reward" else TaskType.CAUSAL_LM
     if method.peft == "lora":
         lora = method.lora
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha,
+        return LoraConfig(task_type=task, r=lora.r, lora_alpha=lora.alpha,
                           lora_dropout=lora.dropout, target_modules=lora.target_modules)
     if method.peft == "prompt_tuning":
         settings = method.prompt_tuning
         init = {"prompt_tuning_init": PromptTuningInit.TEXT,
                 "prompt_tuning_init_text": settings.init_text,
                 "tokenizer_name_or_path": tokenizer_path} if settings.init_text else {}
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+        return PromptTuningConfig(task_type=task,
                                   num_virtual_tokens=settings.num_virtual_tokens, **init)
     return None
 
@@ -112,7 +117,8 @@ class CompactProgress(ProgressCallback):
         shown = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
         parts = [f"step {state.global_step}/{state.max_steps}"]
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy",
-                    "rewards/margins", "num_tokens", "train_runtime"):
+                    "rewards/margins", "accuracy", "margin", "eval_accuracy", "num_tokens",
+                    "train_runtime"):
             if key in shown:
                 parts.append(f"{key} {shown[key]:.4g}")
         line = " | ".join(parts)

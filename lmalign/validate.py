@@ -92,16 +92,19 @@ def _data_format_problems(config: Config) -> list[str]:
             f"format {dataset.format}", "a dataset with format preference "
             "(tiny_prefs, ultrafeedback_binarized, or local with dataset.format=preference)",
             "dataset=tiny_prefs"))
-    if method.needs_preferences and method.dpo is None:
+    if method.name == "dpo" and method.dpo is None:
         problems.append(problem("method.dpo", None, "missing the dpo block",
                                 "a mapping of beta, loss_type, precompute_ref_log_probs",
                                 "method=dpo"))
+    if method.name == "reward" and method.reward is None:
+        problems.append(problem("method.reward", None, "missing the reward block",
+                                "a mapping of center_rewards_coefficient", "method=reward"))
     if not method.needs_preferences and dataset.format == "preference":
         problems.append(problem(
             "dataset", dataset.name,
             f"method={method.name} trains on single responses but dataset={dataset.name} holds "
             "preference pairs", "a dataset with format messages, prompt_completion or text",
-            "dataset=tiny_sft, or method=dpo for preference training"))
+            "dataset=tiny_sft, or method=dpo (method=reward) to train on preferences"))
     if method.assistant_only_loss and dataset.format != "messages":
         problems.append(problem(
             "method.assistant_only_loss", True,
@@ -121,10 +124,10 @@ def _method_problems(config: Config) -> list[str]:
     """The method's own settings, and how they fit the model and the hardware."""
     problems: list[str] = []
     method, hardware = config.method, config.hardware
-    if method.name == "dpo" and method.peft not in ("none", "lora"):
+    if method.name in ("dpo", "reward") and method.peft not in ("none", "lora"):
         problems.append(problem(
-            "method.peft", method.peft, "DPO trains the full model or a LoRA adapter",
-            "none or lora with method=dpo", "method.peft=lora"))
+            "method.peft", method.peft, f"method={method.name} trains the full model or a LoRA "
+            "adapter", f"none or lora with method={method.name}", "method.peft=lora"))
     if config.model.quantization != "none" and method.peft != "lora":
         problems.append(problem(
             "model.quantization", config.model.quantization,
@@ -241,6 +244,7 @@ def _eval_problems(config: Config) -> list[str]:
         problems += _generate_problems(generate, config)
     if evaluation.judge is not None:
         problems += _judge_problems(evaluation, config)
+    problems += _reward_eval_problems(evaluation, config)
     if config.eval.revisions and (config.model.source != "pretrained" or config.model.init_from
                                   or config.stage != "eval"):
         problems.append(problem(
@@ -301,6 +305,31 @@ def _judge_problems(evaluation: EvalConfig, config: Config) -> list[str]:
                 f"{evaluation.checkpoint_selectors} does not generate them", "a checkpoint "
                 "this run evaluates, or <run>/<checkpoint> of another run",
                 f"eval.checkpoints=[{judge.baseline},final]"))
+    return problems
+
+
+def _reward_eval_problems(evaluation: EvalConfig, config: Config) -> list[str]:
+    """A training run's backends against what it trains: a reward model scores text and
+    generates nothing (other runs' models are checked once chosen: evaluation.target_problems)."""
+    if not config.trains:
+        return []
+    others = [b for b in evaluation.backends if b != "reward"]
+    problems = []
+    if config.method.name == "reward" and others:
+        problems.append(problem(
+            "eval", f"[{','.join(evaluation.backends)}]", "method=reward trains a reward model: "
+            f"it scores text and generates nothing, so {', '.join(others)} cannot evaluate it",
+            "eval=reward (or eval=none)", "eval=reward"))
+    if config.method.name != "reward" and evaluation.reward is not None:
+        problems.append(problem(
+            "eval", f"[{','.join(evaluation.backends)}]", f"eval=reward scores reward models "
+            f"and method={config.method.name} trains a language model",
+            "eval=reward with method=reward", f"eval=[{','.join(others) or 'harness'}], or "
+            "method=reward"))
+    if evaluation.reward is not None and config.method.name == "reward":
+        from lmalign.evaluation import reward
+
+        problems += reward.source_problems(config.dataset, evaluation.reward.pairs)
     return problems
 
 

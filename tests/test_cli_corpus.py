@@ -15,13 +15,16 @@ def _typed_keys():
     """(key, annotation, the overrides that select its section) for every leaf of the schema."""
     import dataclasses
 
-    from lmalign.schema import Config, DPOConfig, GenerateConfig, JudgeEvalConfig, NemoConfig
+    from lmalign.schema import (Config, DPOConfig, GenerateConfig, JudgeEvalConfig, NemoConfig,
+                                RewardEvalConfig, RewardSettings)
     from lmalign.type_errors import _plain
 
     selects = {NemoConfig: ("eval=nemo",), GenerateConfig: ("eval=generate",),
                JudgeEvalConfig: ("eval=[generate,judge]", "eval.judge.api_key_env=null",
                                  "eval.judge.base_url=http://127.0.0.1:9/v1"),
-               DPOConfig: ("method=dpo", "dataset=tiny_prefs")}
+               DPOConfig: ("method=dpo", "dataset=tiny_prefs"),
+               RewardSettings: ("method=reward", "dataset=tiny_prefs", "eval=reward"),
+               RewardEvalConfig: ("method=reward", "dataset=tiny_prefs", "eval=reward")}
 
     def walk(cls, prefix, needs):
         for field in dataclasses.fields(cls):

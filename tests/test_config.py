@@ -16,6 +16,8 @@ PARTNERS = {
     ("dataset", "tiny_prefs"): ["method=dpo"],
     ("dataset", "ultrafeedback_binarized"): ["method=dpo"],
     ("dataset", "local"): ["dataset.path=data.jsonl"],
+    ("method", "reward"): ["dataset=tiny_prefs", "eval=reward"],
+    ("eval", "reward"): ["method=reward", "dataset=tiny_prefs"],
 }
 # Options that only work beside another of their group: selected together.
 TOGETHER = {("eval", "judge"): "eval=[generate,judge]"}

@@ -9,7 +9,7 @@ from lmalign.errors import UserError
 
 
 def test_dpo_refuses_prompt_tuning():
-    with pytest.raises(UserError, match=r"method.peft='prompt_tuning': DPO trains the full model "
+    with pytest.raises(UserError, match=r"method.peft='prompt_tuning': method=dpo trains the full model "
                        r"or a LoRA adapter.*fix: method.peft=lora"):
         typed_config("method=dpo", "dataset=tiny_prefs", "method.peft=prompt_tuning")
 

@@ -1,8 +1,8 @@
 """Evaluation backends and the cells they write (docs/design.md, Evaluation backends).
 
 `harness` (lm-evaluation-harness, in this process or its workers), `nemo` (NeMo-Skills through
-an inference server), `generate` (answers to a prompt set) and `judge` (an LLM judge over those
-answers). `train_eval`, `stage=eval`, the watcher and the evaluation jobs it submits all go
+an inference server), `generate` (answers to a prompt set), `judge` (an LLM judge over those
+answers) and `reward` (a reward model's accuracy on held-out pairs). `train_eval`, `stage=eval`, the watcher and the evaluation jobs it submits all go
 through `check`, `requested_cells` and `evaluate` here, so they find the same cells.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from lmalign import rundir
 from lmalign.errors import UserError
 from lmalign.evaluation import cells
 from lmalign.evaluation.cells import Target
@@ -36,7 +37,7 @@ def check(evaluation: EvalConfig, cache_dir: str | None = None) -> None:
                 from lmalign.evaluation import judge
 
                 problems += judge.check(evaluation)
-            else:
+            elif backend == "harness":
                 from lmalign.evaluation import harness
 
                 harness.check_tasks(evaluation.harness.tasks)
@@ -70,7 +71,26 @@ def requested_cells(targets: list[Target], config: Config, run_dir: Path) -> lis
         from lmalign.evaluation import judge
 
         found += judge.requested_cells(targets, config.eval, config.hardware, run_dir)
+    if config.eval.reward is not None:
+        from lmalign.evaluation import reward
+
+        found += reward.requested_cells(targets, config.eval, run_dir,
+                                        reward.pairs_source(config, run_dir))
     return found
+
+
+def target_problems(targets: list[Target], config: Config, run_dir: Path) -> list[str]:
+    """What the chosen models cannot be evaluated with (a reward model by a backend that
+    generates), and eval=reward's pairs; before anything loads."""
+    from lmalign.evaluation import reward
+
+    saved = rundir.saved_config(run_dir) if config.reads_a_run else None
+    method = (saved if saved is not None and saved.trains else config).method.name
+    problems = reward.target_problems(targets, config.eval, method)
+    if config.eval.reward is not None:
+        problems += reward.source_problems(reward.pairs_source(config, run_dir),
+                                           config.eval.reward.pairs)
+    return problems
 
 
 def missing_cells(targets: list[Target], config: Config, run_dir: Path) -> list[Path]:
@@ -87,6 +107,9 @@ def evaluate(targets: list[Target], config: Config, run_dir: Path, model: ModelC
     the model the run started from (a checkpoint's base, for adapters and tokenizers)."""
     from lmalign import launch
 
+    problems = target_problems(targets, config, run_dir)
+    if problems:
+        raise UserError(problems)
     in_workers = []  # backends that share one launch of this node's processes
     if launch.evaluation_processes(config.hardware) > 1:
         in_workers = [b for b in ("harness", "generate") if getattr(config.eval, b) is not None]
@@ -121,6 +144,11 @@ def evaluate(targets: list[Target], config: Config, run_dir: Path, model: ModelC
 
         judge.evaluate(targets, config.eval, run_dir, config.hardware, config.cache.build_dir,
                        config.runs_root)
+    if config.eval.reward is not None:
+        from lmalign.evaluation import reward
+
+        reward.evaluate(targets, config.eval, run_dir, model, config.hardware,
+                        reward.pairs_source(config, run_dir))
 
 
 def describe(evaluation: EvalConfig) -> str:
@@ -137,4 +165,7 @@ def describe(evaluation: EvalConfig) -> str:
                      f"{generate.max_new_tokens} new tokens")
     if evaluation.judge is not None:
         parts.append(f"judged by {evaluation.judge.model} ({evaluation.judge.rubric} rubric)")
+    if evaluation.reward is not None:
+        parts.append("reward-model accuracy on "
+                     + (evaluation.reward.pairs or "the dataset's held-out pairs"))
     return " and ".join(parts)

@@ -42,6 +42,17 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def content_hash(path: Path) -> str | None:
+    """A file's or directory's content, for the identity of cells that read a user's file: an
+    edited file makes new cells."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if file.exists():
+            digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16] if files else None
+
+
 def cell_dir(run_dir: Path, target: Target, settings: dict[str, Any]) -> Path:
     shots = f"-fs{settings['num_fewshot']}" if "num_fewshot" in settings else ""
     name = f"{settings['backend']}{shots}-{settings_hash(settings)}"

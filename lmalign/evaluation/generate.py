@@ -22,7 +22,6 @@ backend's path; splitting them would scatter the shard format across modules.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import shutil
@@ -58,17 +57,8 @@ def settings(evaluation: EvalConfig, hardware: HardwareConfig, target: Target) -
              "engine": engine(generate, hardware, target),
              "extra": dict(generate.extra), "seed": evaluation.seed}
     if generate.prompts not in prompts.NAMED:
-        found["prompts_sha256"] = _content_hash(Path(generate.prompts).expanduser())
+        found["prompts_sha256"] = cells.content_hash(Path(generate.prompts).expanduser())
     return found
-
-
-def _content_hash(path: Path) -> str | None:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        if file.exists():
-            digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()[:16] if files else None
 
 
 def requested_cells(targets: list[Target], evaluation: EvalConfig, hardware: HardwareConfig,
