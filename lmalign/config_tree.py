@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 CONFIG_NAME = "config"
 # Config groups whose chosen option a run's record keeps (not recipes or Hydra's own groups).
-RECORDED_GROUPS = ("model", "dataset", "method", "hardware", "eval", "logger")
+RECORDED_GROUPS = ("model", "dataset", "method", "hardware", "eval", "logger", "synth")
 
 
 def _run_dir(root: str, run_name: str | None, timestamped: str) -> str:

@@ -25,6 +25,8 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
             f"{key} {value}" for key, value in submission.items()
             if value not in (None, {}, []) and key not in ("_target_", "submitit_folder",
                                                            "name", "stderr_to_stdout"))))
+    if config.stage == "synthesize":
+        return _table(rows + _synthesis_rows(config))
     source = (f"{model.name_or_path} @ {model.revision}" if model.source == "pretrained"
               else "embedded, built from its seed")
     rows.append(("model", f"{model.name} ({source})"))
@@ -115,6 +117,23 @@ def _eval_rows(config: Config) -> list[tuple[str, str]]:
         rows.append(("evaluates", f"revisions {evaluation.revisions}" if evaluation.revisions
                      else f"checkpoints {evaluation.checkpoint_selectors}"))
     return sorted(rows, key=lambda row: row[0] != "eval" or not row[1].startswith("harness"))
+
+
+def _synthesis_rows(config: Config) -> list[tuple[str, str]]:
+    synth = config.synth
+    responses = synth.num_instructions * synth.responses_per_instruction
+    return [
+        ("generator", f"{synth.generator} (pre-query text "
+         + ("given" if synth.pre_query_template else "from its chat template") + ")"),
+        ("instructions", f"{synth.num_instructions} at temperature "
+         f"{synth.instruction_temperature}, up to {synth.instruction_max_new_tokens} new tokens"),
+        ("responses", f"{synth.responses_per_instruction} per kept instruction at temperatures "
+         f"{synth.temperatures} (at most {responses:,}), up to {synth.response_max_new_tokens} "
+         f"new tokens; batches of {synth.batch_size}, {synth.batch_timeout_s:g} s deadline each"),
+        ("scorer", f"{synth.scorer}: {synth.reward_model}"),
+        ("writes", f"sft/ (best answer, top {synth.sft_top_fraction:g} of instructions), "
+         f"preferences/ (best vs worst, margin >= {synth.min_margin:g}), synth.md"),
+    ]
 
 
 def _evaluation_rows(config: Config, meta, total: int) -> list[tuple[str, str]]:

@@ -246,6 +246,41 @@ def report_run(job: Job) -> None:
         print(f"packed: {report.pack(directory, jobs)}", flush=True)
 
 
+def synthesize_run(job: Job) -> None:
+    """stage=synthesize: SFT data and preference pairs from an instruct model and a reward
+    model, into the run directory (lmalign/synthesis/pipeline.py)."""
+    from lmalign.synthesis import pipeline
+
+    config = job.config
+    problems = []
+    for key, name in (("synth.generator", config.synth.generator),
+                      ("synth.reward_model", config.synth.reward_model)):
+        start = pipeline.source(name, key, config.runs_root)
+        if start.adapter is None and start.path == name and _looks_like_path(name) \
+                and not Path(name).expanduser().exists():
+            problems.append(problem(key, name, "no run of that name (looked in "
+                                    f"{Path(config.runs_root) / name}) and no such directory",
+                                    "a run name, a model directory or a hub id",
+                                    "train it first, or fix the name"))
+        elif key == "synth.reward_model" and models.reward_model_kind(
+                start.adapter or start.path, start.revision) is False:
+            problems.append(problem(key, name, "is a language model, not a reward model (no "
+                                    "sequence-classification head with one output)",
+                                    "a method=reward run or a reward model",
+                                    f"python -m lmalign method=reward dataset=<pairs> "
+                                    f"run_name=rm, then {key}=rm"))
+    if problems:
+        raise UserError(problems)
+    with _accepted(job, owner=True) as record:
+        counts = pipeline.synthesize(config, job.run_dir)
+        record.update(synth={k: v for k, v in counts.items() if not isinstance(v, dict)})
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is owner/name; anything else with a separator, or starting ./ ~ /, is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def cache_stage(job: Job) -> None:
     """stage=cache_plan, cache_prepare, cache_verify (offline clusters)."""
     fetch.run_stage(job.config, job.overrides)
@@ -259,6 +294,7 @@ STAGES: dict[str, Callable[[Job], None]] = {
     "merge": merge_run,
     "watch": watch_run,
     "report": report_run,
+    "synthesize": synthesize_run,
     "cache_plan": cache_stage,
     "cache_prepare": cache_stage,
     "cache_verify": cache_stage,

@@ -15,8 +15,8 @@ from pydantic.dataclasses import dataclass
 
 STRICT = ConfigDict(extra="forbid")
 
-Stage = Literal["train_eval", "train", "eval", "merge", "watch", "report", "cache_plan",
-                "cache_prepare", "cache_verify"]
+Stage = Literal["train_eval", "train", "eval", "merge", "watch", "report", "synthesize",
+                "cache_plan", "cache_prepare", "cache_verify"]
 Precision = Literal["fp32", "bf16", "fp16"]
 # The one table between a precision and the torch dtype of the same width.
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -358,6 +358,53 @@ class EvalConfig:
 
 
 @dataclass(config=STRICT)
+class SynthFilters:
+    """What synthesis drops, each counted in the data card (conf/synth/magpie.yaml)."""
+
+    min_instruction_chars: NonNegative
+    max_instruction_chars: Count
+    min_response_chars: NonNegative
+    max_response_chars: Count
+    # Instructions whose MinHash Jaccard similarity to an earlier one reaches this are
+    # near-duplicates; null: exact duplicates only
+    near_duplicate_threshold: Annotated[float, Field(gt=0, le=1)] | None
+    exclude_patterns: list[str]  # regexes (case-insensitive): an instruction or reply matching one goes
+
+
+@dataclass(config=STRICT)
+class SynthConfig:
+    """stage=synthesize: Magpie-style instructions, sampled responses, reward-model scores,
+    then SFT data and preference pairs in the run directory (conf/synth/)."""
+
+    name: str
+    # The instruct model writing instructions and responses: a run of ours (its final/), a model
+    # directory or a hub id, resolved like model.init_from
+    generator: str | None
+    pre_query_template: str | None  # null: derived from the generator's chat template
+    num_instructions: Count
+    instruction_temperature: NonNegativeNumber
+    instruction_top_p: Annotated[float, Field(gt=0, le=1)]
+    instruction_max_new_tokens: Count
+    responses_per_instruction: Annotated[int, Field(ge=2)]  # best and worst need two
+    temperatures: Annotated[list[NonNegativeNumber], Field(min_length=1)]  # responses cycle
+    response_top_p: Annotated[float, Field(gt=0, le=1)]
+    response_max_new_tokens: Count
+    batch_size: Count  # sequences per generate call
+    # A batch that takes longer is stopped (transformers' max_time), retried once at half the
+    # size, then the stage stops with an error naming it, its work so far kept
+    batch_timeout_s: PositiveNumber
+    filters: SynthFilters
+    scorer: Literal["reward_model"]
+    # A sequence-classification reward model: a method=reward run, a directory or a hub id
+    reward_model: str | None
+    reward_batch_size: Count
+    reward_max_length: Count
+    min_margin: NonNegativeNumber  # a pair's chosen score minus rejected at least this
+    sft_top_fraction: Annotated[float, Field(gt=0, le=1)]  # the best-scored share of instructions
+    seed: Seed
+
+
+@dataclass(config=STRICT)
 class LoggerConfig:
     name: Literal["none", "wandb", "tensorboard"]
     project: str | None
@@ -417,6 +464,7 @@ class Config:
     logger: LoggerConfig
     report: ReportConfig
     watch: WatchConfig
+    synth: SynthConfig
 
     # What a stage does; the stage table in lmalign/run.py says which function runs it.
     @property
@@ -430,7 +478,7 @@ class Config:
     @property
     def loads_weights(self) -> bool:
         """Stages that load a model (checked against this machine and, offline, the cache)."""
-        return self.stage in ("train_eval", "train", "eval", "merge")
+        return self.stage in ("train_eval", "train", "eval", "merge", "synthesize")
 
     @property
     def gradient_accumulation(self) -> int:

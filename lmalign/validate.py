@@ -58,7 +58,8 @@ def check_combinations(config: Config) -> list[str]:
     order of Config's fields."""
     return [line for check in (_batch_problems, _data_format_problems, _method_problems,
                                _dataset_problems, _hardware_problems, _eval_problems,
-                               _watch_problems, _report_problems, _cache_problems,
+                               _watch_problems, _report_problems, _synth_problems,
+                               _cache_problems,
                                _run_name_problems)
             for line in check(config)]
 
@@ -392,6 +393,30 @@ def _watch_problems(config: Config) -> list[str]:
             "watch.submit_to", config.watch.submit_to, "not a launcher option in "
             f"{LAUNCHER_OPTIONS}", f"null (evaluate in the watcher) or {', '.join(launchers)}",
             "watch.submit_to=slurm, or add your cluster's file there"))
+    return problems
+
+
+def _synth_problems(config: Config) -> list[str]:
+    """stage=synthesize's models are named and its patterns compile (whether the models exist
+    is checked by the stage, which reads runs_root)."""
+    if config.stage != "synthesize":
+        return []
+    import re
+
+    synth, problems = config.synth, []
+    for key, fix in (("generator", "synth.generator=<an instruct run, model directory or hub "
+                      "id>"), ("reward_model", "synth.reward_model=<a method=reward run, "
+                               "directory or hub id>")):
+        if not getattr(synth, key):
+            problems.append(problem(f"synth.{key}", None, "stage=synthesize needs it",
+                                    "a run name, a model directory or a hub id", fix))
+    for pattern in synth.filters.exclude_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(problem("synth.filters.exclude_patterns", pattern,
+                                    f"not a regular expression ({exc})", "Python regexes",
+                                    "escape special characters, e.g. '\\?' for a question mark"))
     return problems
 
 

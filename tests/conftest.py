@@ -29,6 +29,27 @@ def default_run(tmp_path_factory, lmalign_cache):
     return result, workdir / "runs" / "demo", workdir
 
 
+@pytest.fixture(scope="session")
+def reward_run(tmp_path_factory, lmalign_cache):
+    """A tiny reward model trained on tiny_prefs and evaluated (eval=reward), once per session:
+    (its run directory, its output). Copy it rather than change it."""
+    workdir = tmp_path_factory.mktemp("reward")
+    result = lmalign("run_name=rm", "method=reward", "dataset=tiny_prefs", "eval=reward",
+                     cwd=workdir, cache=lmalign_cache, check=True)
+    return workdir / "runs" / "rm", result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def generator_run(tmp_path_factory, lmalign_cache):
+    """A tiny SFT model trained on whole conversations (user turns too), so that given its
+    template's pre-query text it writes tiny-task questions: synthesis's generator."""
+    workdir = tmp_path_factory.mktemp("generator")
+    lmalign("run_name=gen", "method.assistant_only_loss=false", "eval=none",
+            "method.max_steps=300", "method.eval_steps=null", cwd=workdir, cache=lmalign_cache,
+            check=True)
+    return workdir / "runs" / "gen"
+
+
 # SFT in 2 processes (DDP over gloo), saving every 20 steps: the local reference that runs on
 # SLURM (tests/test_slurm.py) must reproduce weight for weight.
 DDP_TRAINING = ("hardware=cpu_ddp", "method.max_steps=60", "method.save_steps=20",

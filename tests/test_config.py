@@ -9,7 +9,7 @@ import pytest
 from conftest import typed_config
 from lmalign.config_tree import CONF_DIR
 
-GROUPS = ["model", "dataset", "method", "hardware", "eval", "logger"]
+GROUPS = ["model", "dataset", "method", "hardware", "eval", "logger", "synth"]
 # Options that only make sense with a partner choice.
 PARTNERS = {
     ("method", "dpo"): ["dataset=tiny_prefs"],

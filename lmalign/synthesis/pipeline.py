@@ -1,0 +1,313 @@
+"""stage=synthesize: instructions -> filter -> responses -> filter -> scores -> sft/ and
+preferences/, with synth.md counting what every step kept.
+
+Every generation step works in fixed batches of `synth.batch_size` items over a fixed item order,
+each written as an atomic shard (`synth/<step>/<batch>.jsonl`) once its batch is done, so a
+re-run, or a run killed at any point, makes only the missing batches: the same item ids, each
+exactly once, and (sampling seeded per batch) the same texts. Each batch has a deadline
+(transformers' `max_time`): one that misses it is retried once at half the size, then the stage
+stops with an error naming the step, batch and settings, its finished shards kept.
+
+Over 60 lines in `synthesize` on purpose: it is the stage read top to bottom, step by step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lmalign import models, rundir, scoring
+from lmalign.errors import UserError, problem
+from lmalign.schema import Config, ModelConfig, SynthConfig
+from lmalign.synthesis import card, filters, magpie
+
+log = logging.getLogger(__name__)
+SYNTH_DIR = "synth"
+SETTINGS = "settings.json"
+# Settings that change no text or score: a re-run may change them.
+_FREE = ("batch_timeout_s", "reward_batch_size", "name")
+
+
+def synthesize(config: Config, run_dir: Path) -> dict[str, Any]:
+    synth = config.synth
+    work = run_dir / SYNTH_DIR
+    _refuse_changed(synth, work)
+    generator = source(synth.generator, "synth.generator", config.runs_root)
+    reward_path = source(synth.reward_model, "synth.reward_model", config.runs_root)
+    counts: dict[str, Any] = {}
+    loading = _loading(config.model)
+
+    tokenizer = models.load_start_tokenizer(generator, loading)
+    prompt = magpie.pre_query(tokenizer.chat_template, tokenizer.bos_token or "",
+                              tokenizer.eos_token or "", synth.pre_query_template)
+    log.info("pre-query text %r; a user turn ends at %r", prompt.text, prompt.end_of_turn)
+    loaded = None
+
+    def generator_model():
+        nonlocal loaded
+        if loaded is None:
+            loaded = models.load_start(generator, loading, config.hardware,
+                                       continue_adapter=False, trains_weights=False).eval()
+        return loaded
+
+    ids = [f"i{index:06d}" for index in range(synth.num_instructions)]
+    made = _batches("instructions", work, ids, synth, lambda batch, size, seed: _sample(
+        generator_model(), tokenizer, [prompt.text] * size, synth.instruction_temperature,
+        synth.instruction_top_p, synth.instruction_max_new_tokens, prompt.end_of_turn, seed,
+        synth.batch_timeout_s), lambda item, out: {"id": item, "instruction": out[0].strip(),
+                                                  "finish_reason": out[1]})
+    counts["instructions generated"] = len(made)
+    kept, dropped = filters.instructions(made, synth.filters)
+    counts["instructions dropped"] = dict(dropped)
+    counts["instructions kept"] = len(kept)
+
+    by_id = {item["id"]: item for item in kept}
+    answers: list[dict[str, Any]] = []
+    for t_index, temperature in enumerate(synth.temperatures):
+        samples = [k for k in range(synth.responses_per_instruction)
+                   if k % len(synth.temperatures) == t_index]
+        items = [f"{item['id']}-r{k}" for item in kept for k in samples]
+        answers += _batches(f"responses-t{t_index}", work, items, synth,
+                            lambda batch, size, seed, temperature=temperature: _sample(
+                                generator_model(), tokenizer,
+                                [_chat(tokenizer, by_id[i.split('-')[0]]["instruction"])
+                                 for i in batch], temperature, synth.response_top_p,
+                                synth.response_max_new_tokens, None, seed,
+                                synth.batch_timeout_s),
+                            lambda item, out, temperature=temperature: {
+                                "id": item, "instruction_id": item.split("-")[0],
+                                "temperature": temperature, "response": out[0].strip(),
+                                "finish_reason": out[1]})
+    counts["responses generated"] = len(answers)
+    answers, dropped = filters.responses(answers, synth.filters)
+    counts["responses dropped"] = dict(dropped)
+    counts["responses kept"] = len(answers)
+    loaded = None  # the generator's memory, before the reward model loads
+
+    scores = _scores(answers, by_id, reward_path, config, loading, work)
+    for answer in answers:
+        answer["score"] = scores[answer["id"]]
+    sft, preferences, pair_counts = _datasets(answers, by_id, synth)
+    counts.update(pair_counts)
+    card.write(run_dir / "synth.md", synth, counts, sft, preferences, answers,
+               generator.label, reward_path)
+    if not sft:
+        raise UserError(problem(
+            "synth.filters", _plain(synth)["filters"], "no instruction and answer survived "
+            f"the filters (the counts are in {run_dir / 'synth.md'})", "filters that keep "
+            "some of what the generator writes", "loosen synth.filters under a new run_name, "
+            "or check the generator's pre-query text (synth.pre_query_template) in the log"))
+    _write_dataset(run_dir / "sft", sft)
+    _write_dataset(run_dir / "preferences", preferences)
+    log.info("synthesized %d SFT rows (sft/) and %d preference pairs (preferences/); "
+             "counts in %s", len(sft), len(preferences), run_dir / "synth.md")
+    return counts
+
+
+def _loading(model: ModelConfig) -> ModelConfig:
+    """How the generator and reward model load: in the hardware profile's precision and
+    attention, with their own tokenizers' templates (model= names what a run trains, not them)."""
+    return dataclasses.replace(model, dtype="auto", attn_implementation=None,
+                               quantization="none", chat_template_path=None, eos_token=None)
+
+
+def source(name: str | None, key: str, runs_root: str) -> models.Start:
+    """A run of ours (its final/), a directory, or a hub id: model.init_from's reading."""
+    if not name:
+        raise UserError(problem(key, None, "stage=synthesize needs it", "a run name, a model "
+                                "directory or a hub id", f"{key}=<one of them>"))
+    found = models.trained_start(name, runs_root)
+    return found if found is not None else models.Start(name, None, tokenizer=name)
+
+
+def _refuse_changed(synth: SynthConfig, work: Path) -> None:
+    """A run directory holds one synthesis: its shards are only valid for the same settings."""
+    now = {k: v for k, v in _plain(synth).items() if k not in _FREE}
+    saved_file = work / SETTINGS
+    if saved_file.exists():
+        before = json.loads(saved_file.read_text())
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            raise UserError([problem(f"synth.{k}", now.get(k), f"this run directory's synthesis "
+                                     f"was made with synth.{k}={before.get(k)!r}", "the same "
+                                     "synthesis settings when re-running a run_name",
+                                     "use a new run_name") for k in changed])
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    rundir.atomic_write_json(saved_file, now)
+
+
+def _plain(synth: SynthConfig) -> dict[str, Any]:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(SynthConfig).dump_python(synth, mode="json")
+
+
+def _batches(step: str, work: Path, items: list[str], synth: SynthConfig, make, record
+             ) -> list[dict[str, Any]]:
+    """Every item's record, in item order: finished shards read, the missing batches made."""
+    from tqdm.auto import tqdm
+
+    shards = work / step
+    shards.mkdir(parents=True, exist_ok=True)
+    for stale in shards.glob(".*"):  # a shard being written when a run was killed
+        stale.unlink()
+    found: list[dict[str, Any]] = []
+    size = synth.batch_size
+    starts = range(0, len(items), size)
+    done = {start for start in starts if (shards / f"{start:06d}.jsonl").exists()}
+    with tqdm(total=len(items), desc=step, unit="item", initial=sum(
+            min(size, len(items) - s) for s in done)) as bar:
+        for start in starts:
+            shard = shards / f"{start:06d}.jsonl"
+            batch = items[start:start + size]
+            if start not in done:
+                seed = zlib.crc32(f"{synth.seed}/{step}/{start}".encode())
+                outputs = _with_deadline(step, start, batch, make, seed, synth)
+                rundir.atomic_write_text(shard, "".join(
+                    json.dumps(record(item, out)) + "\n" for item, out in zip(batch, outputs)))
+                bar.update(len(batch))
+            found += [json.loads(line) for line in shard.read_text().splitlines()]
+    return found
+
+
+def _with_deadline(step: str, start: int, batch: list[str], make, seed: int,
+                   synth: SynthConfig) -> list[tuple[str, str]]:
+    made = make(batch, len(batch), seed)
+    if made is not None:
+        return made
+    half = max(1, len(batch) // 2)
+    log.warning("%s: batch %d (%d items) missed its %g s deadline; retrying at %d", step,
+                start, len(batch), synth.batch_timeout_s, half)
+    outputs: list[tuple[str, str]] = []
+    for offset in range(0, len(batch), half):
+        part = make(batch[offset:offset + half], len(batch[offset:offset + half]), seed + offset)
+        if part is None:
+            raise UserError(problem(
+                "synth.batch_timeout_s", synth.batch_timeout_s, f"step {step}, batch {start} "
+                f"(items {batch[0]}..{batch[-1]}): {len(batch)} sequences, then {half}, did not "
+                f"finish within the deadline (batch_size {synth.batch_size}, up to "
+                f"{synth.instruction_max_new_tokens if step == 'instructions' else synth.response_max_new_tokens}"
+                " new tokens)", "a deadline the generator meets", "a larger "
+                "synth.batch_timeout_s or a smaller synth.batch_size; the finished batches are "
+                "kept, and the same command resumes after them"))
+        outputs += part
+    return outputs
+
+
+def _chat(tokenizer, instruction: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def _sample(loaded, tokenizer, prompts: list[str], temperature: float, top_p: float,
+            max_new_tokens: int, stop: str | None, seed: int, deadline_s: float
+            ) -> list[tuple[str, str]] | None:
+    """(text, finish reason: stop | length) per prompt, or None when the deadline struck."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = encoded.to(next(loaded.parameters()).device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
+        if temperature > 0 else {"do_sample": False}
+    stops = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
+    torch.manual_seed(seed)
+    started = time.monotonic()
+    with torch.inference_mode():
+        out = loaded.generate(**encoded, max_new_tokens=max_new_tokens, max_time=deadline_s,
+                              pad_token_id=tokenizer.pad_token_id, **sampling, **stops)
+    if time.monotonic() - started >= deadline_s:
+        return None
+    found = []
+    for row in out[:, encoded["input_ids"].shape[1]:].tolist():
+        kept = [t for t in row if t != tokenizer.pad_token_id]
+        text = tokenizer.decode(kept, skip_special_tokens=False)
+        ends = [text.find(mark) for mark in (stop, tokenizer.eos_token) if mark and mark in text]
+        if ends:
+            found.append((tokenizer.decode(tokenizer(text[:min(ends)], add_special_tokens=False)
+                                           ["input_ids"], skip_special_tokens=True), "stop"))
+        else:
+            finish = "length" if len(kept) >= max_new_tokens else "stop"
+            found.append((tokenizer.decode(kept, skip_special_tokens=True), finish))
+    return found
+
+
+def _scores(answers: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], reward_path,
+            config: Config, loading: ModelConfig, work: Path) -> dict[str, float]:
+    """Each kept answer's reward, cached in synth/scores.jsonl (written once, whole)."""
+    cached = work / "scores.jsonl"
+    if not answers:
+        return {}
+    if cached.exists():
+        known = {r["id"]: r["score"] for r in map(json.loads, cached.read_text().splitlines())}
+        if all(a["id"] in known for a in answers):
+            return known
+    synth = config.synth
+    path = str(reward_path.adapter or reward_path.path)
+    tokenizer = models.load_tokenizer(path, loading, reward_path.revision)
+    loaded = models.load_trained(path, loading, config.hardware, reward_path.revision,
+                                 head="reward")
+    if config.hardware.accelerator == "cuda":
+        loaded.to("cuda")
+    conversations = [[{"role": "user", "content": by_id[a["instruction_id"]]["instruction"]},
+                      {"role": "assistant", "content": a["response"]}] for a in answers]
+    values = scoring.score(loaded, tokenizer, conversations, synth.reward_batch_size,
+                           synth.reward_max_length, "scoring responses")
+    found = {a["id"]: v for a, v in zip(answers, values)}
+    rundir.atomic_write_text(cached, "".join(json.dumps({"id": k, "score": v}) + "\n"
+                                             for k, v in found.items()))
+    return found
+
+
+def _datasets(answers: list[dict[str, Any]], by_id: dict[str, dict[str, Any]],
+              synth: SynthConfig) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """sft rows (each instruction's best answer, the best-scored share of instructions) and
+    preference pairs (best against worst, margin at least min_margin, different texts)."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for answer in answers:
+        grouped.setdefault(answer["instruction_id"], []).append(answer)
+    counts: Counter = Counter()
+    ranked = []
+    pairs = []
+    for instruction_id in sorted(grouped):
+        group = sorted(grouped[instruction_id], key=lambda a: (-a["score"], a["id"]))
+        best, worst = group[0], group[-1]
+        question = [{"role": "user", "content": by_id[instruction_id]["instruction"]}]
+        ranked.append((best["score"], {"messages": question + [
+            {"role": "assistant", "content": best["response"]}], "id": instruction_id,
+            "score": best["score"]}))
+        if len(group) < 2:
+            counts["pairs skipped: one answer left"] += 1
+        elif best["response"].strip() == worst["response"].strip():
+            counts["pairs skipped: best and worst answers identical"] += 1
+        elif best["score"] - worst["score"] < synth.min_margin:
+            counts["pairs skipped: margin below min_margin"] += 1
+        else:
+            pairs.append({"prompt": question,
+                          "chosen": [{"role": "assistant", "content": best["response"]}],
+                          "rejected": [{"role": "assistant", "content": worst["response"]}],
+                          "id": instruction_id, "chosen_score": best["score"],
+                          "rejected_score": worst["score"]})
+    ranked.sort(key=lambda pair: -pair[0])
+    sft = [row for _, row in ranked[:max(1, round(len(ranked) * synth.sft_top_fraction))]] \
+        if ranked else []
+    counts["sft rows"] = len(sft)
+    counts["preference pairs"] = len(pairs)
+    return sorted(sft, key=lambda r: r["id"]), pairs, dict(counts)
+
+
+def _write_dataset(target: Path, rows: list[dict[str, Any]]) -> None:
+    """A datasets directory (dataset=local dataset.path=<it>) with the same rows as data.jsonl."""
+    from datasets import Dataset
+
+    with rundir.staged_directory(target) as staging:
+        Dataset.from_list(rows).save_to_disk(str(staging))
+        rundir.atomic_write_text(staging / "data.jsonl",
+                                 "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,158 @@
+"""stage=synthesize on the tiny task: a whole-conversation SFT run writes tiny-task questions
+Magpie-style, answers them, a tiny reward model scores the answers; sft/ and preferences/ load
+as datasets, the card's counts add up, and a killed run resumes with the same items once each."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import lmalign, lmalign_background, lmalign_in_process, typed_config
+from lmalign import data
+from lmalign.schema import SynthFilters
+from lmalign.synthesis import filters
+
+QUESTION = re.compile(r"^Which is the (largest|smallest): \d \d \d \d\?( Answer with the digit "
+                      r"only\.)?$")
+SMALL = ("synth.num_instructions=32", "synth.responses_per_instruction=4",
+         "synth.instruction_max_new_tokens=64", "synth.response_max_new_tokens=32",
+         "synth.min_margin=0.0001")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, generator_run, reward_run):
+    return tmp_path_factory.mktemp("synthesis")
+
+
+def _synthesis(workdir: Path, generator_run, reward_run, name: str, *extra: str):
+    return ("stage=synthesize", f"run_name={name}", f"synth.generator={generator_run}",
+            f"synth.reward_model={reward_run[0]}", *SMALL, *extra)
+
+
+@pytest.fixture(scope="module")
+def synthesized(workdir, generator_run, reward_run, lmalign_cache):
+    lmalign(*_synthesis(workdir, generator_run, reward_run, "s"), cwd=workdir,
+            cache=lmalign_cache, check=True)
+    return workdir / "runs" / "s"
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _instructions(run_dir: Path) -> list[dict]:
+    return [row for shard in sorted((run_dir / "synth" / "instructions").glob("*.jsonl"))
+            for row in _lines(shard)]
+
+
+@pytest.mark.slow
+def test_synthesis_writes_sft_data_and_pairs_that_load_and_a_card_that_adds_up(synthesized):
+    made = _instructions(synthesized)
+    assert [r["id"] for r in made] == [f"i{i:06d}" for i in range(32)]
+    assert sum(bool(QUESTION.match(r["instruction"])) for r in made) >= 16
+
+    sft, _ = data.load_splits(typed_config("dataset=local", f"dataset.path={synthesized / 'sft'}",
+                                           "dataset.format=messages").dataset)
+    pairs, _ = data.load_splits(typed_config(
+        "dataset=local", f"dataset.path={synthesized / 'preferences' / 'data.jsonl'}",
+        "dataset.format=preference", "method=dpo").dataset)
+    assert len(sft) > 0 and len(pairs) > 0
+    for row in _lines(synthesized / "preferences" / "data.jsonl"):
+        assert row["chosen"] != row["rejected"]
+        assert row["chosen_score"] - row["rejected_score"] >= 0.0001
+
+    card = (synthesized / "synth.md").read_text()
+    counts = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \|$", card, re.MULTILINE))
+    for what in ("instructions", "responses"):
+        dropped = sum(int(n) for step, n in counts.items()
+                      if step.startswith(f"{what} dropped: "))
+        assert int(counts[f"{what} generated"]) == int(counts[f"{what} kept"]) + dropped
+    assert int(counts["responses generated"]) == 4 * int(counts["instructions kept"])
+    skipped = sum(int(n) for step, n in counts.items() if step.startswith("pairs skipped"))
+    assert int(counts["preference pairs"]) + skipped == int(counts["sft rows"]) == len(sft)
+    assert (synthesized / "synth-scores.png").stat().st_size > 0
+    assert "generator: `" in card and "licence:" in card
+
+
+def test_dedup_removes_planted_exact_and_near_duplicates():
+    settings = SynthFilters(min_instruction_chars=1, max_instruction_chars=1000,
+                            min_response_chars=1, max_response_chars=1000,
+                            near_duplicate_threshold=0.7, exclude_patterns=["as an ai"])
+    long = ("Write a short poem about the sea at night, with the moon over the water and the "
+            "boats asleep in the harbour")
+    items = [{"id": "a", "instruction": long},
+             {"id": "b", "instruction": "  " + long.upper() + " "},           # exact, normalised
+             {"id": "c", "instruction": long.replace("short", "brief")},      # near
+             {"id": "d", "instruction": "Which is the largest: 3 8 1 5?"},
+             {"id": "e", "instruction": "As an AI, tell me a joke"},
+             {"id": "f", "instruction": "", "finish_reason": "stop"},
+             {"id": "g", "instruction": "Unfinished question about", "finish_reason": "length"}]
+    kept, dropped = filters.instructions(items, settings)
+    assert [i["id"] for i in kept] == ["a", "d"]
+    assert dropped == Counter(duplicate=1, near_duplicate=1, excluded=1, empty=1, truncated=1)
+
+
+def test_a_batch_that_misses_its_deadline_is_retried_then_named_and_finished_work_is_kept(
+        workdir, generator_run, reward_run, lmalign_cache):
+    result = lmalign_in_process(*_synthesis(workdir, generator_run, reward_run, "slow",
+                                            "synth.batch_timeout_s=0.001"),
+                                cwd=workdir, cache=lmalign_cache)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert "step instructions, batch 0" in errors[0] and "then 8" in errors[0]
+    assert "fix: a larger synth.batch_timeout_s" in errors[0]
+
+
+@pytest.mark.slow
+def test_sigkill_during_synthesis_then_rerun_gives_the_same_items_once_each(
+        workdir, synthesized, generator_run, reward_run, lmalign_cache):
+    arguments = _synthesis(workdir, generator_run, reward_run, "killed")
+    process = lmalign_background(*arguments, cwd=workdir, cache=lmalign_cache,
+                                 log=workdir / "killed.log")
+    shards = workdir / "runs" / "killed" / "synth" / "instructions"
+    deadline = time.monotonic() + 120
+    while not list(shards.glob("*.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert len(list(shards.glob("*.jsonl"))) == 1, "killed too late to test resuming"
+    again = lmalign(*arguments, cwd=workdir, cache=lmalign_cache, check=True)
+    run = workdir / "runs" / "killed"
+    assert [r["id"] for r in _instructions(run)] == [f"i{i:06d}" for i in range(32)]
+    answers = [r["id"] for step in sorted((run / "synth").glob("responses-*"))
+               for shard in sorted(step.glob("*.jsonl")) for r in _lines(shard)]
+    assert len(answers) == len(set(answers))
+    assert not list((run / "synth").rglob(".*")), "a partial shard was left behind"
+    assert "synthesized" in again.stdout + again.stderr
+    # Seeded per batch: the resumed run made what the uninterrupted one made, text for text.
+    assert _instructions(run) == _instructions(synthesized)
+    before = (run / "preferences" / "data.jsonl").read_text()
+    assert before == (synthesized / "preferences" / "data.jsonl").read_text()
+    # Re-running a finished synthesis changes nothing; changed settings are refused.
+    lmalign(*arguments, cwd=workdir, cache=lmalign_cache, check=True)
+    assert (run / "preferences" / "data.jsonl").read_text() == before
+    refused = lmalign_in_process(*arguments, "synth.num_instructions=40", cwd=workdir,
+                                 cache=lmalign_cache)
+    assert refused.returncode == 2 and "synth.num_instructions=40" in refused.stderr
+
+
+def test_synthesis_names_missing_models_before_loading_anything(tmp_path, lmalign_cache):
+    result = lmalign_in_process("stage=synthesize", "run_name=s", cwd=tmp_path,
+                                cache=lmalign_cache)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 2
+    assert errors[0].startswith("error: synth.generator=None")
+    result = lmalign_in_process("stage=synthesize", "run_name=s", "synth.generator=./nope",
+                                "synth.reward_model=runs/nope/final", cwd=tmp_path,
+                                cache=lmalign_cache)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 2, result.stderr
+    assert all("no such directory" in line for line in errors)
+    assert not (tmp_path / "runs").exists()
