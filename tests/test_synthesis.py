@@ -99,6 +99,7 @@ def test_dedup_removes_planted_exact_and_near_duplicates():
     assert dropped == Counter(duplicate=1, near_duplicate=1, excluded=1, empty=1, truncated=1)
 
 
+@pytest.mark.slow
 def test_a_batch_that_misses_its_deadline_is_retried_then_named_and_finished_work_is_kept(
         workdir, generator_run, reward_run, lmalign_cache):
     result = lmalign_in_process(*_synthesis(workdir, generator_run, reward_run, "slow",
