@@ -1,6 +1,9 @@
 """Validate a composed config before anything heavy loads, reporting every problem at once:
 its types (lmalign.type_errors), then values that are each fine but impossible together (one
-checker per config section, below), then what this machine must have (lmalign.machine)."""
+checker per config section, below), then what this machine must have (lmalign.machine).
+
+Over 400 lines on purpose: every rule that spans fields lives here, one checker per section,
+so a user's several mistakes are all found in one pass and each rule has one home."""
 
 from __future__ import annotations
 
@@ -401,8 +404,6 @@ def _synth_problems(config: Config) -> list[str]:
     is checked by the stage, which reads runs_root)."""
     if config.stage != "synthesize":
         return []
-    import re
-
     synth, problems = config.synth, []
     for key, fix in (("generator", "synth.generator=<an instruct run, model directory or hub "
                       "id>"), ("reward_model", "synth.reward_model=<a method=reward run, "

@@ -51,11 +51,13 @@ def test_a_tiny_reward_model_ranks_held_out_pairs_and_a_rerun_skips(reward_run, 
     assert models.is_reward_model(run_dir / "final")
     scores = (Path(run_dir) / final["pairwise_accuracy"]["cell"] / "scores.jsonl").read_text()
     assert len(scores.splitlines()) == 400  # tiny_prefs' held-out split, every pair once
-    again = lmalign("run_name=rm", "method=reward", "dataset=tiny_prefs", "eval=reward",
-                    cwd=runs, cache=lmalign_cache, check=True)
-    said = again.stdout + again.stderr
-    assert "training already finished" in said
-    assert said.count("reward cell done, skipping") == 2
+    records = sorted(run_dir.glob("eval/*/reward-*/cell.json"))
+    written = [p.stat().st_mtime_ns for p in [*records, run_dir / "final" / "model.safetensors"]]
+    again = lmalign_in_process("run_name=rm", "method=reward", "dataset=tiny_prefs",
+                               "eval=reward", cwd=runs, cache=lmalign_cache)
+    assert again.returncode == 0, again.stderr
+    assert [p.stat().st_mtime_ns for p in [*records, run_dir / "final" / "model.safetensors"]] \
+        == written  # nothing trained or scored again
 
 
 def _fresh_pairs(sft_final: Path, path: Path) -> int:

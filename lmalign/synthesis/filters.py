@@ -47,27 +47,23 @@ def instructions(items: Iterable[dict[str, Any]], filters: SynthFilters
     kept = []
     for item in items:
         text = item["instruction"]
-        if not text.strip():
-            dropped["empty"] += 1
-        elif item.get("finish_reason") == "length":
-            dropped["truncated"] += 1
-        elif not filters.min_instruction_chars <= len(text) <= filters.max_instruction_chars:
-            dropped["length"] += 1
-        elif is_excluded(text):
-            dropped["excluded"] += 1
-        elif normalised(text) in seen:
-            dropped["duplicate"] += 1
-        else:
-            if index is not None:
-                signature = MinHash(num_perm=NUM_PERM, seed=1)
-                for shingle in shingles(text):
-                    signature.update(shingle.encode())
-                if index.query(signature):
-                    dropped["near_duplicate"] += 1
-                    continue
+        reason = _unusable(text, item, filters.min_instruction_chars,
+                           filters.max_instruction_chars, is_excluded)
+        if reason is None and normalised(text) in seen:
+            reason = "duplicate"
+        if reason is None and index is not None:
+            signature = MinHash(num_perm=NUM_PERM, seed=1)
+            for shingle in shingles(text):
+                signature.update(shingle.encode())
+            if index.query(signature):
+                reason = "near_duplicate"
+            else:
                 index.insert(item["id"], signature)
-            seen.add(normalised(text))
-            kept.append(item)
+        if reason is not None:
+            dropped[reason] += 1
+            continue
+        seen.add(normalised(text))
+        kept.append(item)
     return kept, dropped
 
 
@@ -78,15 +74,24 @@ def responses(items: Iterable[dict[str, Any]], filters: SynthFilters
     is_excluded = excluded(filters.exclude_patterns)
     kept = []
     for item in items:
-        text = item["response"]
-        if not text.strip():
-            dropped["empty"] += 1
-        elif item.get("finish_reason") == "length":
-            dropped["truncated"] += 1
-        elif not filters.min_response_chars <= len(text) <= filters.max_response_chars:
-            dropped["length"] += 1
-        elif is_excluded(text):
-            dropped["excluded"] += 1
-        else:
+        reason = _unusable(item["response"], item, filters.min_response_chars,
+                           filters.max_response_chars, is_excluded)
+        if reason is None:
             kept.append(item)
+        else:
+            dropped[reason] += 1
     return kept, dropped
+
+
+def _unusable(text: str, item: dict[str, Any], shortest: int, longest: int,
+              is_excluded: Callable[[str], bool]) -> str | None:
+    """Why a generated text cannot be used at all, or None."""
+    if not text.strip():
+        return "empty"
+    if item.get("finish_reason") == "length":
+        return "truncated"
+    if not shortest <= len(text) <= longest:
+        return "length"
+    if is_excluded(text):
+        return "excluded"
+    return None
