@@ -184,13 +184,14 @@ def evaluate_run(job: Job) -> None:
     start = models.starting_point(dataclasses.replace(config, model=model))
     chosen = targets.select(config.eval, run_dir, start, job.explicit) \
         if config.evaluates else []
+    problems = evaluation.target_problems(chosen, config, run_dir) if chosen else []
     if chosen and config.eval.judge is not None:
         from lmalign.evaluation import judge
 
-        problems = judge.baseline_problems(chosen, config.eval, run_dir, config.hardware,
-                                           config.runs_root)
-        if problems:
-            raise UserError(problems)
+        problems += judge.baseline_problems(chosen, config.eval, run_dir, config.hardware,
+                                            config.runs_root)
+    if problems:  # before the command is accepted: a refused one leaves the record as it was
+        raise UserError(problems)
     with _accepted(job, owner=saved is None or not saved.trains):
         if chosen:
             _evaluate(job, chosen, model)

@@ -2,8 +2,9 @@
 
 `harness` (lm-evaluation-harness, in this process or its workers), `nemo` (NeMo-Skills through
 an inference server), `generate` (answers to a prompt set), `judge` (an LLM judge over those
-answers) and `reward` (a reward model's accuracy on held-out pairs). `train_eval`, `stage=eval`, the watcher and the evaluation jobs it submits all go
-through `check`, `requested_cells` and `evaluate` here, so they find the same cells.
+answers) and `reward` (a reward model's accuracy on held-out pairs). `train_eval`, `stage=eval`,
+the watcher and the evaluation jobs it submits all go through `check`, `requested_cells` and
+`evaluate` here, so they find the same cells.
 """
 
 from __future__ import annotations
