@@ -24,8 +24,21 @@ CANONICAL_COLUMNS = {
     "text": ["text"],
     "preference": ["prompt", "chosen", "rejected"],
 }
+# A stage=synthesize run's outputs, by the format a training run reads (dataset=synthetic).
+SYNTHESIZED_PARTS = {"messages": "sft", "preference": "preferences"}
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
                   ".csv": "csv"}
+
+
+def synthesized_part(from_run: str, data_format: str, runs_root: str) -> Path | None:
+    """The sft/ or preferences/ directory of a finished stage=synthesize run, or None."""
+    from lmalign.models import run_candidates
+
+    for candidate in run_candidates(from_run, runs_root):
+        part = candidate / SYNTHESIZED_PARTS[data_format]
+        if (part / "data.jsonl").exists():
+            return part.resolve()
+    return None
 
 
 def load_splits(dataset: DatasetConfig):

@@ -37,6 +37,9 @@ def check_environment_for(config: Config,
             "model.chat_template_path", template, "no such file", "a Jinja chat template file",
             "check the path (relative paths are taken from the current directory), or "
             "model.chat_template_path=null for the tokenizer's own template"))
+    if config.dataset.from_run and config.trains:
+        config, issue = _synthesized_dataset(config)
+        problems += issue
     if config.dataset.source == "local" and config.dataset.path:
         if not Path(config.dataset.path).expanduser().exists():
             problems.append(problem(
@@ -138,6 +141,30 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def _synthesized_dataset(config: Config) -> tuple[Config, list[str]]:
+    """dataset=synthetic: the named stage=synthesize run's sft/ or preferences/ as the path, so
+    the run's record names the files it trained on."""
+    from lmalign.data import SYNTHESIZED_PARTS, synthesized_part
+
+    dataset = config.dataset
+    if dataset.format not in SYNTHESIZED_PARTS:
+        return config, []  # reported by validate
+    found = synthesized_part(dataset.from_run, dataset.format, config.runs_root)
+    if found is None:
+        part = SYNTHESIZED_PARTS[dataset.format]
+        return config, [problem(
+            "dataset.from_run", dataset.from_run, f"no synthesized {part}/ there (looked in "
+            f"{Path(dataset.from_run) / part} and {Path(config.runs_root) / dataset.from_run / part})",
+            "the run_name or directory of a finished stage=synthesize run",
+            f"python -m lmalign stage=synthesize run_name={dataset.from_run} ... first, or fix "
+            "the name")]
+    if dataset.path and Path(dataset.path).expanduser().resolve() != found:
+        return config, [problem("dataset.path", dataset.path, f"dataset.from_run="
+                                f"{dataset.from_run} already names the data ({found})",
+                                "one of the two", "dataset.path=null")]
+    return dataclasses.replace(config, dataset=dataclasses.replace(dataset, path=str(found))), []
 
 
 def model_availability(name_or_path: str, revision: str | None) -> str | None:

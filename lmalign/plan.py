@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from lmalign import launch, memory, models
+from lmalign.data import SYNTHESIZED_PARTS
 from lmalign.schema import Config
 from lmalign.tables import aligned
 
@@ -46,7 +47,9 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
             f"{method.prompt_tuning.num_virtual_tokens} virtual tokens"}[method.peft]
     rows.append(("method", f"{method.name} ({peft}); quantization {model.quantization}"))
     rows.append(("parameters", f"{trainable:,} trainable of {total:,}{share}"))
-    rows.append(("dataset", f"{dataset.name} ({dataset.source}: {dataset.path or 'synthetic'}, "
+    where = (f"{dataset.from_run}'s {SYNTHESIZED_PARTS.get(dataset.format, '?')}/"
+             if dataset.from_run else dataset.path or "built in")
+    rows.append(("dataset", f"{dataset.name} ({dataset.source}: {where}, "
                  f"format {dataset.format}, split {dataset.train_split})"))
     nodes = f" on {hardware.num_nodes} nodes" if hardware.num_nodes > 1 else ""
     rows.append(("batch", f"global {method.global_batch_size} = "
@@ -122,6 +125,8 @@ def _eval_rows(config: Config) -> list[tuple[str, str]]:
 def _synthesis_rows(config: Config) -> list[tuple[str, str]]:
     synth = config.synth
     responses = synth.num_instructions * synth.responses_per_instruction
+    share = ("all" if synth.sft_top_fraction == 1
+             else f"the best-scored {100 * synth.sft_top_fraction:g}%")
     return [
         ("generator", f"{synth.generator} (pre-query text "
          + ("given" if synth.pre_query_template else "from its chat template") + ")"),
@@ -131,7 +136,7 @@ def _synthesis_rows(config: Config) -> list[tuple[str, str]]:
          f"{synth.temperatures} (at most {responses:,}), up to {synth.response_max_new_tokens} "
          f"new tokens; batches of {synth.batch_size}, {synth.batch_timeout_s:g} s deadline each"),
         ("scorer", f"{synth.scorer}: {synth.reward_model}"),
-        ("writes", f"sft/ (best answer, top {synth.sft_top_fraction:g} of instructions), "
+        ("writes", f"sft/ (best answer, {share} of instructions), "
          f"preferences/ (best vs worst, margin >= {synth.min_margin:g}), synth.md"),
     ]
 

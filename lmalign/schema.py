@@ -92,6 +92,9 @@ class DatasetConfig:
     max_samples: Count | None
     max_eval_samples: Count | None
     seed: Seed
+    # dataset=synthetic: a stage=synthesize run (run_name or directory); its sft/ is read for
+    # format messages, its preferences/ for format preference. Set into `path` when the run starts.
+    from_run: str | None
 
 
 @dataclass(config=STRICT)

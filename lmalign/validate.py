@@ -173,7 +173,23 @@ def _method_problems(config: Config) -> list[str]:
 def _dataset_problems(config: Config) -> list[str]:
     problems: list[str] = []
     dataset = config.dataset
-    if dataset.source in ("hub", "local") and not dataset.path:
+    if dataset.from_run is not None:
+        from lmalign.data import SYNTHESIZED_PARTS
+
+        if dataset.format not in SYNTHESIZED_PARTS:
+            problems.append(problem(
+                "dataset.format", dataset.format, "a stage=synthesize run holds chat data (sft/) "
+                "and preference pairs (preferences/)", " or ".join(SYNTHESIZED_PARTS),
+                "dataset.format=messages, or dataset.format=preference for method=dpo/reward"))
+        if dataset.source != "local":
+            problems.append(problem("dataset.source", dataset.source, "dataset.from_run reads "
+                                    "a run's files", "local", "dataset=synthetic"))
+        return problems  # its path is set when the run starts
+    if dataset.name == "synthetic" and not dataset.path:
+        problems.append(problem("dataset.from_run", None, "dataset=synthetic reads what a "
+                                "stage=synthesize run wrote", "that run's run_name or directory",
+                                "dataset.from_run=<run_name>"))
+    elif dataset.source in ("hub", "local") and not dataset.path:
         problems.append(problem(
             "dataset.path", None, f"dataset.source={dataset.source} needs a path",
             "a hub dataset id" if dataset.source == "hub" else "a file or directory",

@@ -16,6 +16,7 @@ PARTNERS = {
     ("dataset", "tiny_prefs"): ["method=dpo"],
     ("dataset", "ultrafeedback_binarized"): ["method=dpo"],
     ("dataset", "local"): ["dataset.path=data.jsonl"],
+    ("dataset", "synthetic"): ["dataset.from_run=synth"],
     ("method", "reward"): ["dataset=tiny_prefs", "eval=reward"],
     ("eval", "reward"): ["method=reward", "dataset=tiny_prefs"],
 }

@@ -155,3 +155,20 @@ def test_synthesis_names_missing_models_before_loading_anything(tmp_path, lmalig
     assert result.returncode == 2 and len(errors) == 2, result.stderr
     assert all("no such directory" in line for line in errors)
     assert not (tmp_path / "runs").exists()
+
+
+def test_dataset_synthetic_names_a_run_that_has_not_synthesized_and_formats_it_lacks(
+        tmp_path, lmalign_cache):
+    result = lmalign_in_process("method=lora", "dataset=synthetic", "dataset.from_run=nope",
+                                cwd=tmp_path, cache=lmalign_cache)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: dataset.from_run='nope': no synthesized sft/ there")
+    assert "stage=synthesize run_name=nope" in errors[0]
+    result = lmalign_in_process("dataset=synthetic", "dataset.from_run=nope",
+                                "dataset.format=text", cwd=tmp_path, cache=lmalign_cache)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: dataset.format='text'") and "messages or preference" in \
+        errors[0]
+    assert not (tmp_path / "runs").exists()

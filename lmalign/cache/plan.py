@@ -93,7 +93,9 @@ def model_items(config: Config, local: list[str], training: bool,
 
 def training_dataset_item(config: Config, local: list[str]) -> Item | None:
     dataset = config.dataset
-    if dataset.source == "local":
+    if dataset.from_run:
+        local.append(f"dataset.from_run={dataset.from_run} (copy that run directory over)")
+    elif dataset.source == "local":
         local.append(f"dataset.path={dataset.path} (copy it over)")
     if dataset.source != "hub":
         return None

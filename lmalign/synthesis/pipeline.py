@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lmalign import models, rundir, scoring
+from lmalign import data, models, rundir, scoring
 from lmalign.errors import UserError, problem
 from lmalign.schema import Config, ModelConfig, SynthConfig
 from lmalign.synthesis import card, filters, magpie
@@ -103,8 +103,8 @@ def synthesize(config: Config, run_dir: Path) -> dict[str, Any]:
             f"the filters (the counts are in {run_dir / 'synth.md'})", "filters that keep "
             "some of what the generator writes", "loosen synth.filters under a new run_name, "
             "or check the generator's pre-query text (synth.pre_query_template) in the log"))
-    _write_dataset(run_dir / "sft", sft)
-    _write_dataset(run_dir / "preferences", preferences)
+    _write_dataset(run_dir / data.SYNTHESIZED_PARTS["messages"], sft)
+    _write_dataset(run_dir / data.SYNTHESIZED_PARTS["preference"], preferences)
     log.info("synthesized %d SFT rows (sft/) and %d preference pairs (preferences/); "
              "counts in %s", len(sft), len(preferences), run_dir / "synth.md")
     return counts
