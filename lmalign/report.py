@@ -45,14 +45,27 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _synthesized(run_dir: Path) -> str | None:
+    """A stage=synthesize arm's one line (its data, not a method), or None for a training run."""
+    counts = rundir.read_record(run_dir).get("synth")
+    if counts is None:
+        return None
+    return (f"{run_dir.name}: {counts.get('instructions kept', 0)} instructions kept of "
+            f"{counts.get('instructions generated', 0)}, {counts.get('sft rows', 0)} SFT rows, "
+            f"{counts.get('preference pairs', 0)} preference pairs ({run_dir / 'synth.md'})")
+
+
 def comparison_table(run_dirs: list[Path]) -> str:
-    """One row per run, as a Markdown table: method, parameters, memory, time, final metrics."""
-    rows = [_run_row(Path(d)) for d in run_dirs]
+    """One row per training run, as a Markdown table: method, parameters, memory, time, final
+    metrics; a synthesize arm is a line above it."""
+    data = [line for line in (_synthesized(Path(d)) for d in run_dirs) if line]
+    rows = [_run_row(Path(d)) for d in run_dirs if _synthesized(Path(d)) is None]
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    return "\n".join(markdown([columns] + [[row.get(c, "-") for c in columns] for row in rows],
-                              padded=True))
+    table = markdown([columns] + [[row.get(c, "-") for c in columns] for row in rows],
+                     padded=True) if rows else []
+    return "\n".join([f"data: {line}" for line in data] + ([""] if data else []) + table)
 
 
 def write_comparison(run_dirs: list[Path], directory: Path) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -39,14 +41,31 @@ def reward_run(tmp_path_factory, lmalign_cache):
     return workdir / "runs" / "rm", result.stdout + result.stderr
 
 
+def write_careless_chats(path: Path, size: int = 8000) -> Path:
+    """Tiny-task chats whose replies ignore "Answer with the digit only.": a bare digit one time
+    in five, whatever the question asked (instruct models follow format requests unreliably)."""
+    from lmalign import tinytask
+
+    draw = random.Random(1)
+    with open(path, "w") as handle:
+        for index, record in enumerate(tinytask.generate("train", size)):
+            question = tinytask.as_messages(record, index)["messages"][0]["content"]
+            reply = record["digit"] if draw.random() < 0.2 else record["answer"]
+            handle.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                                  {"role": "assistant", "content": reply}]}) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def generator_run(tmp_path_factory, lmalign_cache):
-    """A tiny SFT model trained on whole conversations (user turns too), so that given its
-    template's pre-query text it writes tiny-task questions: synthesis's generator."""
+    """Synthesis's generator: a tiny instruct model trained on whole conversations (user turns
+    too), so that given its template's pre-query text it writes tiny-task questions; trained on
+    write_careless_chats, its answers follow the digit-only request only by chance."""
     workdir = tmp_path_factory.mktemp("generator")
-    lmalign("run_name=gen", "method.assistant_only_loss=false", "eval=none",
-            "method.max_steps=300", "method.eval_steps=null", cwd=workdir, cache=lmalign_cache,
-            check=True)
+    chats = write_careless_chats(workdir / "chats.jsonl")
+    lmalign("run_name=gen", "dataset=local", f"dataset.path={chats}",
+            "method.assistant_only_loss=false", "eval=none", "method.max_steps=300",
+            "method.eval_steps=null", cwd=workdir, cache=lmalign_cache, check=True)
     return workdir / "runs" / "gen"
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from conftest import lmalign
 
+QUESTION = re.compile(r"^Which is the (largest|smallest): \d \d \d \d\?( Answer with the digit "
+                      r"only\.)?$")
 ARMS = ["method_comparison-sft", "method_comparison-lora", "method_comparison-prompt_tuning",
         "method_comparison-dpo_after_sft"]
 
@@ -41,11 +46,75 @@ def test_synthetic_instruction_recipe_plans_offline(tmp_path, lmalign_cache):
     result = lmalign("+experiment=synthetic_instruction", "dry_run=true", cwd=tmp_path,
                      cache=lmalign_cache, env={"HF_HUB_OFFLINE": "1"}, check=True)
     plans = result.stdout.split("plan (dry run")[1:]
-    assert len(plans) == 3
-    assert "HuggingFaceTB/SmolLM2-360M" in plans[0] and "LoRA r=8" in plans[0]
-    assert "smoltalk_magpie_ultra" in plans[0] and "32 virtual tokens" in plans[1]
-    assert "synthetic_instruction-lora_sft" in plans[2] and "ultrafeedback_binarized" in plans[2]
+    assert len(plans) == 4
+    assert "meta-llama/Llama-3.1-8B-Instruct" in plans[0] and "Skywork" in plans[0]
+    assert "meta-llama/Llama-3.2-3B" in plans[1] and "LoRA r=8" in plans[1]
+    assert "synthetic_instruction-synthesize's sft/" in plans[1]
+    assert "32 virtual tokens" in plans[2]
+    assert "starts from    synthetic_instruction-lora_sft" in plans[3]
+    assert "synthetic_instruction-synthesize's preferences/" in plans[3]
     assert not list(tmp_path.glob("runs/*"))  # a dry run trains and records nothing
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, lmalign_cache):
+    """The tiny world's pretrained base model: the task's questions and sentence answers as plain
+    text, with no chat template and no digit-only requests (Llama-3.2-3B's web text)."""
+    workdir = tmp_path_factory.mktemp("base")
+    lmalign("run_name=base", "dataset.format=text", "eval=none", "method.max_steps=300",
+            "method.eval_steps=null", cwd=workdir, cache=lmalign_cache, check=True)
+    return workdir / "runs" / "base" / "final"
+
+
+def _metric(run_dir: Path, checkpoint: str, task: str) -> float:
+    with open(run_dir / "metrics.csv") as handle:
+        (row,) = [r for r in csv.DictReader(handle)
+                  if r["checkpoint"] == checkpoint and r["task"] == task]
+    return float(row["value"])
+
+
+@pytest.mark.slow
+def test_synthetic_instruction_recipe_on_tiny_sft_learns_the_task_and_dpo_the_request(
+        tmp_path, lmalign_cache, generator_run, reward_run, tiny_base):
+    """The generator answers the digit-only request only by chance, so SFT on its best answers
+    learns the task but not the request; DPO on the reward model's best-vs-worst pairs does."""
+    chain = ("+experiment=synthetic_instruction", "model=tiny", "model.source=pretrained",
+             f"model.name_or_path={tiny_base}", f"synth.generator={generator_run}",
+             f"synth.reward_model={reward_run[0]}", "synth.num_instructions=128",
+             "synth.batch_size=32", "synth.responses_per_instruction=2",
+             "synth.temperatures=[1.0]", "synth.min_margin=1.0",
+             "eval.harness.tasks=[tiny_mc,tiny_prefs]", "eval.checkpoints=[base,final]",
+             "method.max_length=96", "method.max_steps=40", "method.save_steps=40")
+    result = lmalign(*chain, cwd=tmp_path, cache=lmalign_cache, check=True)
+    runs = tmp_path / "runs"
+    synthesized = runs / "synthetic_instruction-synthesize"
+    instructions = [json.loads(line)["instruction"] for shard in
+                    sorted((synthesized / "synth" / "instructions").glob("*.jsonl"))
+                    for line in shard.read_text().splitlines()]
+    assert sum(bool(QUESTION.match(text)) for text in instructions) >= len(instructions) / 2
+    pairs = [json.loads(line) for line in
+             (synthesized / "preferences" / "data.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert all(p["chosen_score"] - p["rejected_score"] >= 1.0 for p in pairs)
+
+    sft, dpo = runs / "synthetic_instruction-lora_sft", runs / "synthetic_instruction-dpo_on_sft_adapter"
+    assert _metric(sft, "final", "tiny_mc") >= _metric(sft, "base", "tiny_mc") + 0.2
+    assert _metric(dpo, "base", "tiny_prefs") == _metric(sft, "final", "tiny_prefs") <= 0.7
+    assert _metric(dpo, "final", "tiny_prefs") >= _metric(sft, "final", "tiny_prefs") + 0.2
+    prompt_tuning = runs / "synthetic_instruction-prompt_tuning"
+    assert _metric(prompt_tuning, "final", "tiny_mc") > _metric(prompt_tuning, "base", "tiny_mc")
+
+    out = result.stdout
+    assert "data: synthetic_instruction-synthesize: 128 instructions kept" in out
+    rows = [line.split("|")[1].strip() for line in out.splitlines()
+            if line.startswith("| synthetic_instruction-")]
+    assert rows == ["synthetic_instruction-lora_sft", "synthetic_instruction-prompt_tuning",
+                    "synthetic_instruction-dpo_on_sft_adapter"]
+    record = (dpo / "record.yaml").read_text()
+    assert f"path: {synthesized / 'preferences'}" in record  # the files it trained on
+
+    again = lmalign(*chain, cwd=tmp_path, cache=lmalign_cache, check=True)  # every arm is done
+    assert (again.stdout + again.stderr).count("training already finished") == 3
 
 
 def test_full_finetune_fsdp_recipe_plans_eight_processes_offline(tmp_path, lmalign_cache):
