@@ -27,7 +27,10 @@ def check_environment_for(config: Config,
     if not config.loads_weights or config.dry_run:
         return config, problems
     # offline=true: the run's needs are checked against the cache's manifest instead.
-    if config.model.source == "pretrained" and not config.model.init_from and not config.offline:
+    if config.stage == "synthesize":
+        problems += [] if config.offline else _synthesis_models_here(config)
+    elif config.model.source == "pretrained" and not config.model.init_from \
+            and not config.offline:
         issue = model_availability(config.model.name_or_path, config.model.revision)
         if issue:
             problems.append(issue)
@@ -143,6 +146,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _synthesis_models_here(config: Config) -> list[str]:
+    """stage=synthesize loads its generator and reward model, not model=: those given as hub
+    ids must be in the cache or reachable (runs and directories are checked by the stage)."""
+    found = []
+    for key, name in (("synth.generator", config.synth.generator),
+                      ("synth.reward_model", config.synth.reward_model)):
+        if not name or name.startswith((".", "/", "~")) or name.count("/") != 1 \
+                or Path(name).expanduser().exists() \
+                or models.trained_start(name, config.runs_root) is not None:
+            continue
+        issue = model_availability(name, None, key)
+        if issue:
+            found.append(issue)
+    return found
+
+
 def _synthesized_dataset(config: Config) -> tuple[Config, list[str]]:
     """dataset=synthetic: the named stage=synthesize run's sft/ or preferences/ as the path, so
     the run's record names the files it trained on."""
@@ -167,17 +186,18 @@ def _synthesized_dataset(config: Config) -> tuple[Config, list[str]]:
     return dataclasses.replace(config, dataset=dataclasses.replace(dataset, path=str(found))), []
 
 
-def model_availability(name_or_path: str, revision: str | None) -> str | None:
+def model_availability(name_or_path: str, revision: str | None,
+                       key: str = "model.name_or_path") -> str | None:
     """None when the model can be loaded here; otherwise the problem line saying how to fix it."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if (path / "config.json").exists():
             return None
-        return problem("model.name_or_path", name_or_path, "directory has no config.json",
+        return problem(key, name_or_path, "directory has no config.json",
                        "a directory written by save_pretrained, or a hub model id",
-                       "point model.name_or_path at the model's directory")
+                       f"point {key} at the model's directory")
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        return problem("model.name_or_path", name_or_path, "no such directory, and not a hub id",
+        return problem(key, name_or_path, "no such directory, and not a hub id",
                        "a local model directory or a hub id like org/name",
                        "check the path")
     from huggingface_hub import constants, try_to_load_from_cache
@@ -193,8 +213,8 @@ def model_availability(name_or_path: str, revision: str | None) -> str | None:
         return None
     rev = revision or "main"
     return problem(
-        "model.name_or_path", name_or_path,
+        key, name_or_path,
         f"revision {rev} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
         f"and {why}", "a model in the local cache, or a local directory with config.json",
         f"on a connected machine run `hf download {name_or_path} --revision {rev}` and copy "
-        "its HF_HOME here, or set model.name_or_path=/path/to/model")
+        f"its HF_HOME here, or set {key}=/path/to/model")

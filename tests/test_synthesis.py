@@ -154,6 +154,14 @@ def test_synthesis_names_missing_models_before_loading_anything(tmp_path, lmalig
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 2, result.stderr
     assert all("no such directory" in line for line in errors)
+    # Hub ids not in the cache and no network: named before anything loads, not a traceback.
+    result = lmalign_in_process("stage=synthesize", "run_name=s", "synth.generator=org/gen",
+                                "synth.reward_model=org/rm", cwd=tmp_path, cache=lmalign_cache,
+                                env={"HF_HUB_OFFLINE": "1"})
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 2, result.stderr
+    assert errors[0].startswith("error: synth.generator='org/gen': revision main is not in")
+    assert errors[1].endswith("or set synth.reward_model=/path/to/model")
     assert not (tmp_path / "runs").exists()
 
 
