@@ -330,7 +330,12 @@ def test_a_served_llm_that_cannot_grade_makes_every_judgment_invalid_and_the_run
                      env={"LMALIGN_TEST_MARK": "served-judge"}, check=True)
     judged = _judgments(demo_copy, "final", "mt_bench")
     assert len(judged) == 3 and not any(j["valid"] for j in judged)
-    assert all(j["reason"] == "no [[rating]] in the judge's answer" for j in judged), judged
+    # the server answered each time; what it wrote is no rating on the scale (which wrong answer
+    # a tiny model gives differs between machines' float arithmetic)
+    reasons = [(j["reason"], j["judge_text"]) for j in judged]
+    assert all(text is not None and (reason == "no [[rating]] in the judge's answer"
+                                     or reason.startswith("rating ")) for reason, text in reasons), \
+        reasons
     assert float(_metrics(demo_copy)[("final", "mt_bench", "invalid")]["value"]) == 3
     assert "every judgment is invalid" in result.stdout + result.stderr
     assert "serve" in (demo_copy / JUDGE_SERVER_DIR / "server.log").read_text()

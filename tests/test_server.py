@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import urllib.request
 from pathlib import Path
@@ -20,11 +19,7 @@ def _tiny_model(cache: Path) -> str:
 
 
 def _group_gone(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    return not server.group_alive(pid)
 
 
 def _nothing_listens(port: int) -> bool:

@@ -209,16 +209,19 @@ def _await_health(process: subprocess.Popen, base_url: str, launch: Launch, log_
 def stop(process: subprocess.Popen) -> None:
     """SIGTERM to the server's whole process group (vLLM and SGLang start workers), then
     SIGKILL to whatever is left after the grace period."""
-    if process.poll() is not None and not _group_alive(process.pid):
+    if process.poll() is not None and not group_alive(process.pid):
         return
     log.info("stopping the server (waiting up to %d s)", STOP_GRACE_SECONDS)
     _signal_group(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_SECONDS  # one bound for the server and its workers
-    while (process.poll() is None or _group_alive(process.pid)) and time.monotonic() < deadline:
+    while (process.poll() is None or group_alive(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if process.poll() is None or _group_alive(process.pid):
+    if process.poll() is None or group_alive(process.pid):
         log.warning("the server did not stop within %d s: killing it", STOP_GRACE_SECONDS)
         _signal_group(process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5  # SIGKILL cannot be refused: only the kernel's teardown
+        while group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
     process.wait()
 
 
@@ -229,14 +232,26 @@ def _signal_group(group: int, number: int) -> None:
         pass
 
 
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def group_alive(group: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: a killed server's
+    workers wait as zombies until whoever inherits them (init, or a subreaper) reaps them."""
+    stats = list(Path("/proc").glob("[0-9]*/stat"))
+    if not stats:  # no procfs: ask the kernel, zombies included
+        try:
+            os.killpg(group, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    for stat in stats:
+        try:
+            state, _parent, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # ended while we looked
+        if state != "Z" and int(process_group) == group:
+            return True
+    return False
 
 
 def _tail(path: Path, lines: int = 15) -> str:
