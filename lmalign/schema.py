@@ -375,6 +375,12 @@ class SynthFilters:
     # near-duplicates; null: exact duplicates only
     near_duplicate_threshold: Annotated[float, Field(gt=0, le=1)] | None
     exclude_patterns: list[str]  # regexes (case-insensitive): an instruction or reply matching one goes
+    # Evaluation prompts no instruction may reproduce: named sets (gsm8k, ifeval, mt_bench, tiny)
+    # or prompt files (a prompt or turns column), compared by word n-grams
+    decontaminate: list[str]
+    decontamination_ngram: Count  # a shared n-gram of this many words makes a prompt a candidate
+    # an instruction reproducing this share of a candidate prompt's words (in order) is dropped
+    decontamination_min_overlap: Annotated[float, Field(gt=0, le=1)]
 
 
 @dataclass(config=STRICT)

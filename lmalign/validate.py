@@ -427,6 +427,14 @@ def _synth_problems(config: Config) -> list[str]:
         if not getattr(synth, key):
             problems.append(problem(f"synth.{key}", None, "stage=synthesize needs it",
                                     "a run name, a model directory or a hub id", fix))
+    from lmalign.evaluation import prompts
+
+    for name in synth.filters.decontaminate:
+        if name not in prompts.NAMED and not Path(name).expanduser().exists():
+            problems.append(problem("synth.filters.decontaminate", name, "no such named prompt "
+                                    "set or file", f"{', '.join(prompts.NAMED)}, or a prompts "
+                                    "file (a prompt or turns column)", "fix the name or path, or "
+                                    "drop it from the list"))
     for pattern in synth.filters.exclude_patterns:
         try:
             re.compile(pattern)

@@ -263,3 +263,29 @@ def test_a_group_missing_from_the_cache_is_one_line_not_one_per_subtask(tmp_path
     assert line.startswith("eval.harness.tasks='mmlu': dataset:cais/mmlu:anatomy, "
                            "dataset:cais/mmlu:astronomy, dataset:cais/mmlu:virology and 2 more "
                            "are not in the offline cache")
+
+
+def test_synthesis_and_served_judge_models_are_planned_and_required_offline(tmp_path):
+    """stage=synthesize loads its generator and reward model, not model=; a judge lmalign serves
+    is a hub model too; a run of ours is copied over, not fetched."""
+    from conftest import typed_config
+    from lmalign.cache.offline import offline_problems
+    from lmalign.cache.plan import plan
+
+    named = ("synth.generator=org/generator", "synth.reward_model=./rm",
+             "eval=[generate,judge]", "eval.judge.server=vllm", "eval.judge.model=org/judge")
+    found = plan(typed_config("stage=cache_plan", *named))
+    by_repo = {item.repo: item.needed_by for item in found.items}
+    assert by_repo["org/generator"] == ["synth.generator"]
+    assert by_repo["org/judge"] == ["eval.judge.model"]
+    assert "./rm" not in by_repo and "synth.reward_model=./rm (copy it over)" in found.local
+    api_judge = plan(typed_config("stage=cache_plan", "eval=[generate,judge]",
+                                  "eval.judge.model=gpt-4.1", "eval.judge.base_url=http://x/v1"))
+    assert "gpt-4.1" not in {item.repo for item in api_judge.items}
+
+    problems = offline_problems(typed_config("stage=synthesize", "offline=true",
+                                             "model=smollm2_135m", *named[:2]),
+                                ["stage=synthesize"])
+    (line,) = problems  # model= is not loaded by stage=synthesize: not asked for
+    assert line.startswith("cache.dir=None: offline=true, and this run needs from the hub: "
+                           "model org/generator") and "SmolLM2" not in line

@@ -84,7 +84,9 @@ def test_synthesis_writes_sft_data_and_pairs_that_load_and_a_card_that_adds_up(s
 def test_dedup_removes_planted_exact_and_near_duplicates():
     settings = SynthFilters(min_instruction_chars=1, max_instruction_chars=1000,
                             min_response_chars=1, max_response_chars=1000,
-                            near_duplicate_threshold=0.7, exclude_patterns=["as an ai"])
+                            near_duplicate_threshold=0.7, exclude_patterns=["as an ai"],
+                            decontaminate=[], decontamination_ngram=8,
+                            decontamination_min_overlap=0.7)
     long = ("Write a short poem about the sea at night, with the moon over the water and the "
             "boats asleep in the harbour")
     items = [{"id": "a", "instruction": long},
@@ -143,11 +145,14 @@ def test_sigkill_during_synthesis_then_rerun_gives_the_same_items_once_each(
 
 
 def test_synthesis_names_missing_models_before_loading_anything(tmp_path, lmalign_cache):
-    result = lmalign_in_process("stage=synthesize", "run_name=s", cwd=tmp_path,
+    result = lmalign_in_process("stage=synthesize", "run_name=s",
+                                "synth.filters.decontaminate=[gsm8k,gms8k]", cwd=tmp_path,
                                 cache=lmalign_cache)
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 2
+    assert result.returncode == 2 and len(errors) == 3, result.stderr
     assert errors[0].startswith("error: synth.generator=None")
+    assert errors[2].startswith("error: synth.filters.decontaminate='gms8k': no such named "
+                                "prompt set or file") and "gsm8k" in errors[2]
     result = lmalign_in_process("stage=synthesize", "run_name=s", "synth.generator=./nope",
                                 "synth.reward_model=runs/nope/final", cwd=tmp_path,
                                 cache=lmalign_cache)
@@ -180,3 +185,35 @@ def test_dataset_synthetic_names_a_run_that_has_not_synthesized_and_formats_it_l
     assert errors[0].startswith("error: dataset.format='text'") and "messages or preference" in \
         errors[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_decontamination_drops_copied_evaluation_prompts_and_keeps_shared_boilerplate():
+    """The shipped gsm8k, ifeval and tiny prompts, as the default synth.filters name them."""
+    settings = typed_config("stage=synthesize", "synth.generator=g",
+                            "synth.reward_model=r").synth.filters
+    assert settings.decontaminate == ["gsm8k", "ifeval", "mt_bench", "tiny"]
+    from lmalign.evaluation import prompts
+    from lmalign.synthesis.pipeline import _benchmarks
+
+    held_out = prompts.named_or_file("tiny")[0].turns[0]
+    items = [
+        # GSM8K's first test question with another opening and a changed last clause
+        {"id": "a", "instruction": "Here is a puzzle. Janet's ducks lay 16 eggs per day. She "
+         "eats three for breakfast every morning and bakes muffins for her friends every day "
+         "with four. She sells the remainder at the farmers' market daily for $2 per fresh duck "
+         "egg. What does she earn?"},
+        # IFEval's boilerplate constraint around a new request (58% of the words of IFEval's
+        # "Write a story about a family that goes camping ... in all capital letters."): kept
+        {"id": "b", "instruction": "Describe a rainy afternoon in a small harbour town. Your "
+         "entire response should be in English, and in all capital letters."},
+        {"id": "c", "instruction": f"{held_out} Answer with the digit only."},  # tiny held-out
+        {"id": "d", "instruction": "Which is the largest: 9 9 9 9?"},  # not a held-out list
+        {"id": "e", "instruction": "Explain how a bicycle gear changes the effort of pedalling."},
+    ]
+    kept, dropped = filters.instructions(items, settings, _benchmarks(
+        typed_config("stage=synthesize", "synth.generator=g", "synth.reward_model=r").synth))
+    assert [i["id"] for i in kept] == ["b", "d", "e"]
+    assert dropped == Counter({"contaminated (gsm8k)": 1, "contaminated (tiny)": 1})
+
+    kept, dropped = filters.instructions(items, settings, None)  # decontaminate=[]
+    assert len(kept) == 5 and not dropped

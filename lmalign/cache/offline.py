@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from lmalign.cache.manifest import DATASETS, HUB, damage, load_manifest
-from lmalign.cache.plan import model_items, nemo_items, training_dataset_item
+from lmalign.cache.plan import (model_items, nemo_items, served_judge_items, synthesis_items,
+                                training_dataset_item)
 from lmalign.errors import UserError, problem
 from lmalign.schema import Config
 
@@ -49,9 +50,15 @@ def offline_problems(config: Config, overrides: list[str]) -> list[str]:
     lack, however many items (mmlu's 57 subjects are one line)."""
     training = config.trains
     evaluating = config.evaluates or (config.stage == "watch" and bool(config.eval.backends))
-    needed = [(("model.init_from", config.model.init_from) if config.model.init_from else
-               ("model.name_or_path", config.model.name_or_path), item)
-              for item in model_items(config, [], training or config.stage != "eval", evaluating)]
+    if config.stage == "synthesize":  # it loads its generator and reward model, not model=
+        needed = synthesis_items(config, [])
+    else:
+        needed = [(("model.init_from", config.model.init_from) if config.model.init_from else
+                   ("model.name_or_path", config.model.name_or_path), item)
+                  for item in model_items(config, [], training or config.stage != "eval",
+                                          evaluating)]
+    if evaluating:
+        needed += served_judge_items(config, [])
     if training and (dataset := training_dataset_item(config, [])):
         needed.append((("dataset.path", config.dataset.path), dataset))
     if evaluating and config.eval.nemo is not None:

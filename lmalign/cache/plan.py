@@ -1,7 +1,7 @@
 """stage=cache_plan: everything a run's config names from the hub (model revisions, the training
 dataset, the datasets behind every lm-eval task with groups expanded through lm-eval's own
-registry, NeMo-Skills benchmark data), whatever stage it will run (docs/design.md, Offline
-cache)."""
+registry, NeMo-Skills benchmark data, synthesis' generator and reward model, a judge lmalign
+serves), whatever stage it will run (docs/design.md, Offline cache)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def plan(config: Config, planned: Manifest | None = None) -> Plan:
 
     for item in model_items(config, local, training=True, evaluating=True):
         add(item)
+    for _, item in synthesis_items(config, local) + served_judge_items(config, local):
+        add(item)
     dataset = training_dataset_item(config, local)
     if dataset:
         add(dataset)
@@ -57,6 +59,43 @@ def nemo_items(config: Config) -> list[Item]:
 
     names = dict.fromkeys(b.name for b in nemo_skills.parse_benchmarks(config.eval.nemo.benchmark_spec))
     return [Item("nemo-benchmark", name, needed_by=["eval=nemo"]) for name in names]
+
+
+def synthesis_items(config: Config, local: list[str]) -> list[tuple[tuple[str, str], Item]]:
+    """stage=synthesize's generator and reward model, where named: ((key, value), item) each."""
+    return [found for key, name in (("synth.generator", config.synth.generator),
+                                    ("synth.reward_model", config.synth.reward_model))
+            if name for found in _named_model(key, name, config.runs_root, local)]
+
+
+def served_judge_items(config: Config, local: list[str]) -> list[tuple[tuple[str, str], Item]]:
+    """A judge model lmalign serves itself (eval.judge.server, eval.nemo.judge.server); an API
+    judge needs nothing from the hub."""
+    judges = []
+    if config.eval.judge is not None:
+        judges.append(("eval.judge.model", config.eval.judge))
+    if config.eval.nemo is not None:
+        judges.append(("eval.nemo.judge.model", config.eval.nemo.judge))
+    return [found for key, judge in judges if judge.server and judge.model
+            for found in _named_model(key, judge.model, config.runs_root, local)]
+
+
+def _named_model(key: str, name: str, runs_root: str, local: list[str]
+                 ) -> list[tuple[tuple[str, str], Item]]:
+    """A model named by a key that takes a run of ours, a directory or a hub id."""
+    from lmalign import models
+
+    start = models.trained_start(name, runs_root)
+    if start is not None:
+        local.append(f"{key}={name}: {start.adapter or start.path} (copy it over)")
+        if start.adapter is None or _is_local(start.path):
+            return []
+        return [((key, name), Item("model", start.path, start.revision or "main",
+                                   needed_by=[f"adapter base of {key}"]))]
+    if _is_local(name) or name.count("/") != 1:
+        local.append(f"{key}={name} (copy it over)")
+        return []
+    return [((key, name), Item("model", name, "main", needed_by=[key]))]
 
 
 def model_items(config: Config, local: list[str], training: bool,

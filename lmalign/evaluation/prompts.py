@@ -3,6 +3,8 @@
 - `mt_bench`: MT-Bench's 80 two-turn questions in 8 categories, with FastChat's 30 reference
   answers (lmalign/data/mt_bench, Apache-2.0, verbatim).
 - `ifeval`: IFEval's 541 prompts (lmalign/data/ifeval, Apache-2.0, verbatim).
+- `gsm8k`: GSM8K's 1,319 test questions, each with its worked solution as reference
+  (lmalign/data/gsm8k, MIT, verbatim).
 - `tiny`: the tiny task's held-out test questions, each with its correct answer as reference.
 - a file (jsonl/json/parquet/csv, optionally compressed) or a datasets directory: one prompt per
   row from its `prompt` column, or a list of user turns from its `turns` column; other names
@@ -20,7 +22,7 @@ from lmalign.errors import UserError, problem
 from lmalign.schema import GenerateConfig
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-NAMED = ("mt_bench", "ifeval", "tiny")
+NAMED = ("mt_bench", "ifeval", "gsm8k", "tiny")
 COLUMNS = ("prompt", "turns", "id", "category", "reference")  # what a file's columns map onto
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -35,12 +37,16 @@ class Prompt:
 
 def load(generate: GenerateConfig) -> list[Prompt]:
     """The prompt set, capped at max_prompts (the first ones, in the set's own order)."""
-    name = generate.prompts
-    found = {"mt_bench": _mt_bench, "ifeval": _ifeval, "tiny": _tiny}.get(name)
-    chosen = found() if found else _from_file(Path(name).expanduser(), generate.columns)
+    chosen = named_or_file(generate.prompts, generate.columns)
     if generate.max_prompts is not None:
         chosen = chosen[:generate.max_prompts]
     return chosen
+
+
+def named_or_file(name: str, columns: dict[str, str] | None = None) -> list[Prompt]:
+    """A named set's prompts, or a file's (its columns mapped through `columns`)."""
+    found = {"mt_bench": _mt_bench, "ifeval": _ifeval, "gsm8k": _gsm8k, "tiny": _tiny}.get(name)
+    return found() if found else _from_file(Path(name).expanduser(), columns or {})
 
 
 def check(generate: GenerateConfig) -> list[str]:
@@ -76,6 +82,11 @@ def _mt_bench() -> list[Prompt]:
 def _ifeval() -> list[Prompt]:
     return [Prompt(str(row["key"]), (row["prompt"],))
             for row in _jsonl(DATA / "ifeval" / "input_data.jsonl")]
+
+
+def _gsm8k() -> list[Prompt]:
+    return [Prompt(f"gsm8k-{index}", (row["question"],), None, (row["answer"],))
+            for index, row in enumerate(_jsonl(DATA / "gsm8k" / "test.jsonl"))]
 
 
 def _tiny() -> list[Prompt]:

@@ -47,7 +47,12 @@ def write(path: Path, synth: SynthConfig, counts: dict[str, Any], sft: list[dict
              f"- reward model: `{reward_name}` (licence: {licence(reward_name)})",
              f"- {synth.num_instructions} instruction(s) asked for, "
              f"{synth.responses_per_instruction} response(s) each at temperatures "
-             f"{synth.temperatures}; seed {synth.seed}", "",
+             f"{synth.temperatures}; seed {synth.seed}",
+             "- decontaminated against: " + (", ".join(synth.filters.decontaminate) + (
+                 f" (a shared word {synth.filters.decontamination_ngram}-gram, then at least "
+                 f"{synth.filters.decontamination_min_overlap:g} of the prompt's words in order)")
+                 if synth.filters.decontaminate else "nothing (synth.filters.decontaminate=[])"),
+             "",
              "## Counts", "", "| step | count |", "|---|---|"]
     for step, value in counts.items():
         if isinstance(value, dict):

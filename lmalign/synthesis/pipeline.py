@@ -63,7 +63,7 @@ def synthesize(config: Config, run_dir: Path) -> dict[str, Any]:
         synth.batch_timeout_s), lambda item, out: {"id": item, "instruction": out[0].strip(),
                                                   "finish_reason": out[1]})
     counts["instructions generated"] = len(made)
-    kept, dropped = filters.instructions(made, synth.filters)
+    kept, dropped = filters.instructions(made, synth.filters, _benchmarks(synth))
     counts["instructions dropped"] = dict(dropped)
     counts["instructions kept"] = len(kept)
 
@@ -108,6 +108,29 @@ def synthesize(config: Config, run_dir: Path) -> dict[str, Any]:
     log.info("synthesized %d SFT rows (sft/) and %d preference pairs (preferences/); "
              "counts in %s", len(sft), len(preferences), run_dir / "synth.md")
     return counts
+
+
+def _benchmarks(synth: SynthConfig) -> filters.Benchmarks | None:
+    """The evaluation prompts of synth.filters.decontaminate, every user turn of each."""
+    from lmalign.evaluation import prompts
+
+    if not synth.filters.decontaminate:
+        return None
+    sets = {}
+    for name in synth.filters.decontaminate:
+        try:
+            sets[name] = [turn for prompt in prompts.named_or_file(name) for turn in prompt.turns]
+        except UserError as exc:
+            raise UserError(problem("synth.filters.decontaminate", name, "cannot be read as "
+                                    f"prompts: {'; '.join(exc.problems)}", "a named set "
+                                    f"({', '.join(prompts.NAMED)}) or a prompts file with a "
+                                    "prompt or turns column", "fix the file or drop it from "
+                                    "the list")) from None
+    found = filters.Benchmarks.of(sets, synth.filters.decontamination_ngram,
+                                  synth.filters.decontamination_min_overlap)
+    log.info("decontaminating against %d evaluation prompts (%s)", len(found.prompts),
+             ", ".join(f"{name}: {len(texts)}" for name, texts in sets.items()))
+    return found
 
 
 def _loading(model: ModelConfig) -> ModelConfig:
