@@ -129,7 +129,11 @@ def _synthesis_rows(config: Config) -> list[tuple[str, str]]:
              else f"the best-scored {100 * synth.sft_top_fraction:g}%")
     return [
         ("generator", f"{synth.generator} (pre-query text "
-         + ("given" if synth.pre_query_template else "from its chat template") + ")"),
+         + ("given" if synth.pre_query_template else "from its chat template") + "; "
+         + {"hf": "generated in this process",
+            "external": f"asked at {synth.server_address}"}.get(
+             synth.engine, f"served by {synth.engine}, {synth.concurrency} requests in flight")
+         + ")"),
         ("instructions", f"{synth.num_instructions} at temperature "
          f"{synth.instruction_temperature}, up to {synth.instruction_max_new_tokens} new tokens"),
         ("responses", f"{synth.responses_per_instruction} per kept instruction at temperatures "

@@ -401,10 +401,18 @@ class SynthConfig:
     temperatures: Annotated[list[NonNegativeNumber], Field(min_length=1)]  # responses cycle
     response_top_p: Annotated[float, Field(gt=0, le=1)]
     response_max_new_tokens: Count
-    batch_size: Count  # sequences per generate call
-    # A batch that takes longer is stopped (transformers' max_time), retried once at half the
-    # size, then the stage stops with an error naming it, its work so far kept
+    batch_size: Count  # sequences per generate call, or requests per batch from a server
+    # A batch that takes longer is stopped (transformers' max_time; a server's HTTP timeout),
+    # retried once at half the size, then the stage stops with an error naming it, its work so
+    # far kept
     batch_timeout_s: PositiveNumber
+    # hf: batched generate in this process; a server engine serves the generator (as
+    # eval.generate's do) or, external, is one you run at server_address
+    engine: Literal["hf", "vllm", "sglang", "transformers", "external"]
+    server_address: str | None  # engine=external: its OpenAI base URL (.../v1)
+    server_startup_timeout_s: PositiveNumber
+    api_key_env: str | None  # engine=external: the NAME of the variable holding its key
+    concurrency: Count  # server engines: requests in flight
     filters: SynthFilters
     scorer: Literal["reward_model"]
     # A sequence-classification reward model: a method=reward run, a directory or a hub id

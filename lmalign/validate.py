@@ -429,6 +429,10 @@ def _synth_problems(config: Config) -> list[str]:
                                     "a run name, a model directory or a hub id", fix))
     from lmalign.evaluation import prompts
 
+    if synth.engine == "external" and not synth.server_address:
+        problems.append(problem("synth.server_address", None, "synth.engine=external samples "
+                                "from a server you run", "its OpenAI base URL",
+                                "synth.server_address=http://<host>:<port>/v1"))
     for name in synth.filters.decontaminate:
         if name not in prompts.NAMED and not Path(name).expanduser().exists():
             problems.append(problem("synth.filters.decontaminate", name, "no such named prompt "

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import lmalign
+from lmalign.evaluation import prompts
 
 QUESTION = re.compile(r"^Which is the (largest|smallest): \d \d \d \d\?( Answer with the digit "
                       r"only\.)?$")
@@ -105,7 +106,14 @@ def test_synthetic_instruction_recipe_on_tiny_sft_learns_the_task_and_dpo_the_re
     assert _metric(prompt_tuning, "final", "tiny_mc") > _metric(prompt_tuning, "base", "tiny_mc")
 
     out = result.stdout
-    assert "data: synthetic_instruction-synthesize: 128 instructions kept" in out
+    card = (synthesized / "synth.md").read_text()
+    kept = int(re.search(r"^\| instructions kept \| (\d+) \|$", card, re.MULTILINE).group(1))
+    assert kept >= 100  # some may reproduce a held-out question: decontamination drops those
+    assert f"data: synthetic_instruction-synthesize: {kept} instructions kept" in out
+    held_out = {prompt.turns[0] for prompt in prompts.named_or_file("tiny")}
+    trained_on = [json.loads(line)["messages"][0]["content"] for line in
+                  (synthesized / "sft" / "data.jsonl").read_text().splitlines()]
+    assert not [text for text in trained_on if text.split("?")[0] + "?" in held_out]
     rows = [line.split("|")[1].strip() for line in out.splitlines()
             if line.startswith("| synthetic_instruction-")]
     assert rows == ["synthetic_instruction-lora_sft", "synthetic_instruction-prompt_tuning",

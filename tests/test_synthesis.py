@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import lmalign, lmalign_background, lmalign_in_process, typed_config
-from lmalign import data
+from lmalign import data, models
 from lmalign.schema import SynthFilters
 from lmalign.synthesis import filters
 
@@ -217,3 +217,76 @@ def test_decontamination_drops_copied_evaluation_prompts_and_keeps_shared_boiler
 
     kept, dropped = filters.instructions(items, settings, None)  # decontaminate=[]
     assert len(kept) == 5 and not dropped
+
+
+@pytest.mark.slow
+def test_a_served_generator_writes_the_same_kind_of_data_and_its_server_is_stopped(
+        workdir, generator_run, reward_run, lmalign_cache):
+    """synth.engine=transformers: lmalign serves the generator (transformers serve, for real),
+    Magpie instructions as plain completions, answers as chats; the server ends with the stage,
+    and a re-run with every shard made starts none."""
+    from conftest import marked_processes
+
+    arguments = _synthesis(workdir, generator_run, reward_run, "served", "synth.engine=transformers",
+                           "synth.num_instructions=8", "synth.batch_size=8")
+    lmalign(*arguments, cwd=workdir, cache=lmalign_cache, check=True,
+            env={"LMALIGN_TEST_MARK": "synth-served"})
+    run = workdir / "runs" / "served"
+    made = _instructions(run)
+    assert [r["id"] for r in made] == [f"i{i:06d}" for i in range(8)]
+    assert sum(bool(QUESTION.match(r["instruction"])) for r in made) >= 4, made
+    assert len({r["instruction"] for r in made}) >= 4, made  # sampled, not greedy 8 times
+    assert _lines(run / "sft" / "data.jsonl")
+    assert not marked_processes("synth-served")
+    log = run / "synth" / "server" / "server.log"
+    lmalign(*arguments, cwd=workdir, cache=lmalign_cache, check=True)
+    assert log.read_text().count("$ ") == 1  # started once: the re-run had nothing to ask
+
+
+class SilentServer:
+    """Accepts connections on 127.0.0.1 and never answers: a server that hangs."""
+
+    def __enter__(self):
+        import socket
+        import threading
+
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.held: list = []
+
+        def accept():
+            while True:
+                try:
+                    self.held.append(self.socket.accept()[0])
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        return f"http://127.0.0.1:{self.socket.getsockname()[1]}/v1"
+
+    def __exit__(self, *_):
+        self.socket.close()
+        for connection in self.held:
+            connection.close()
+
+
+def test_a_server_that_never_answers_misses_the_deadline_twice_then_the_stage_names_it(
+        tmp_path, lmalign_cache):
+    tiny = models.resolve(typed_config().model, str(lmalign_cache))
+    reward_model = tmp_path / "rm"  # never loaded: the stage stops before scoring
+    reward_model.mkdir()
+    config = json.loads((Path(tiny) / "config.json").read_text())
+    (reward_model / "config.json").write_text(json.dumps(
+        {**config, "architectures": ["LlamaForSequenceClassification"], "num_labels": 1}))
+    with SilentServer() as address:
+        started = time.monotonic()
+        result = lmalign_in_process(
+            "stage=synthesize", "run_name=hang", f"synth.generator={tiny}",
+            f"synth.reward_model={reward_model}", "synth.engine=external",
+            f"synth.server_address={address}", "synth.num_instructions=4", "synth.batch_size=4",
+            "synth.batch_timeout_s=1", cwd=tmp_path, cache=lmalign_cache)
+        took = time.monotonic() - started
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: synth.batch_timeout_s=1")
+    assert "step instructions, batch 0" in errors[0] and "4 sequences, then 2" in errors[0]
+    assert took < 30  # the deadline, not the client's retries, ended it

@@ -227,15 +227,16 @@ def _served(target: Target, kind: str, model: ModelConfig, hardware: HardwareCon
             client = server.client(running.base_url, generate.api_key_env,
                                    generate.max_retries, generate.request_timeout_s)
             with ThreadPoolExecutor(generate.concurrency) as pool:
-                yield lambda turn, start, batch: _ask(client, pool, served.name, tokenizer,
-                                                      generate, seed, turn, batch)
+                yield lambda turn, start, batch: _ask(client, pool, kind, served.name,
+                                                      tokenizer, generate, seed, turn, batch)
     finally:
         if served.merged:
             shutil.rmtree(served.merged, ignore_errors=True)
 
 
-def _ask(client, pool, name: str, tokenizer, generate: GenerateConfig, seed: int, turn: int,
-         batch: list[tuple[Prompt, int, list[dict[str, str]]]]) -> list[dict[str, Any]]:
+def _ask(client, pool, kind: str, name: str, tokenizer, generate: GenerateConfig, seed: int,
+         turn: int, batch: list[tuple[Prompt, int, list[dict[str, str]]]]
+         ) -> list[dict[str, Any]]:
     """One request per prompt for the samples that share a history (turn 1 asks for `n`), and
     again for what a server returned too few of (transformers serve returns one choice)."""
     groups: dict[tuple[str, str], list[tuple[Prompt, int, list[dict[str, str]]]]] = {}
@@ -249,7 +250,8 @@ def _ask(client, pool, name: str, tokenizer, generate: GenerateConfig, seed: int
                 model=name, messages=history, max_tokens=generate.max_new_tokens,
                 temperature=generate.temperature, top_p=generate.top_p, n=wanted - len(got),
                 seed=seed * 1_000_003 + turn * 10_007 + units[0][1] + len(got),
-                extra_body=dict(generate.extra) or None)
+                extra_body={**server.sampling_fields(kind, generate.temperature),
+                            **generate.extra} or None)
             got += answer.choices[:wanted - len(got)]
         return [_served_answer(tokenizer, prompt, sample, turn, history, choice)
                 for (prompt, sample, _), choice in zip(units, got)]

@@ -148,6 +148,15 @@ def client(base_url: str, api_key_env: str | None, max_retries: int, timeout: fl
                   timeout=timeout)
 
 
+def sampling_fields(kind: str, temperature: float) -> dict[str, str]:
+    """Request fields a server needs to sample at all: transformers serve takes do_sample from
+    the model's generation config (greedy for many models) whatever the temperature; vLLM and
+    SGLang sample whenever the temperature is above 0."""
+    if kind == "transformers" and temperature > 0:
+        return {"generation_config": '{"do_sample": true}'}
+    return {}
+
+
 def _record(path: Path, pid: int) -> None:
     import json
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -25,13 +24,14 @@ from typing import Any
 from lmalign import data, models, rundir, scoring
 from lmalign.errors import UserError, problem
 from lmalign.schema import Config, ModelConfig, SynthConfig
-from lmalign.synthesis import card, filters, magpie
+from lmalign.synthesis import card, engines, filters, magpie
 
 log = logging.getLogger(__name__)
 SYNTH_DIR = "synth"
 SETTINGS = "settings.json"
 # Settings that change no text or score: a re-run may change them.
-_FREE = ("batch_timeout_s", "reward_batch_size", "name")
+_FREE = ("batch_timeout_s", "reward_batch_size", "name", "concurrency", "api_key_env",
+         "server_startup_timeout_s")
 
 
 def synthesize(config: Config, run_dir: Path) -> dict[str, Any]:
@@ -47,48 +47,40 @@ def synthesize(config: Config, run_dir: Path) -> dict[str, Any]:
     prompt = magpie.pre_query(tokenizer.chat_template, tokenizer.bos_token or "",
                               tokenizer.eos_token or "", synth.pre_query_template)
     log.info("pre-query text %r; a user turn ends at %r", prompt.text, prompt.end_of_turn)
-    loaded = None
 
-    def generator_model():
-        nonlocal loaded
-        if loaded is None:
-            loaded = models.load_start(generator, loading, config.hardware,
-                                       continue_adapter=False, trains_weights=False).eval()
-        return loaded
+    with engines.sampler(synth, generator, loading, config.hardware, tokenizer, work) as engine:
+        ids = [f"i{index:06d}" for index in range(synth.num_instructions)]
+        made = _batches("instructions", work, ids, synth, lambda batch, size, seed: engine.complete(
+            [prompt.text] * size, synth.instruction_temperature, synth.instruction_top_p,
+            synth.instruction_max_new_tokens, prompt.end_of_turn, seed, synth.batch_timeout_s),
+            lambda item, out: {"id": item, "instruction": out[0].strip(),
+                               "finish_reason": out[1]})
+        counts["instructions generated"] = len(made)
+        kept, dropped = filters.instructions(made, synth.filters, _benchmarks(synth))
+        counts["instructions dropped"] = dict(dropped)
+        counts["instructions kept"] = len(kept)
 
-    ids = [f"i{index:06d}" for index in range(synth.num_instructions)]
-    made = _batches("instructions", work, ids, synth, lambda batch, size, seed: _sample(
-        generator_model(), tokenizer, [prompt.text] * size, synth.instruction_temperature,
-        synth.instruction_top_p, synth.instruction_max_new_tokens, prompt.end_of_turn, seed,
-        synth.batch_timeout_s), lambda item, out: {"id": item, "instruction": out[0].strip(),
-                                                  "finish_reason": out[1]})
-    counts["instructions generated"] = len(made)
-    kept, dropped = filters.instructions(made, synth.filters, _benchmarks(synth))
-    counts["instructions dropped"] = dict(dropped)
-    counts["instructions kept"] = len(kept)
-
-    by_id = {item["id"]: item for item in kept}
-    answers: list[dict[str, Any]] = []
-    for t_index, temperature in enumerate(synth.temperatures):
-        samples = [k for k in range(synth.responses_per_instruction)
-                   if k % len(synth.temperatures) == t_index]
-        items = [f"{item['id']}-r{k}" for item in kept for k in samples]
-        answers += _batches(f"responses-t{t_index}", work, items, synth,
-                            lambda batch, size, seed, temperature=temperature: _sample(
-                                generator_model(), tokenizer,
-                                [_chat(tokenizer, by_id[i.split('-')[0]]["instruction"])
-                                 for i in batch], temperature, synth.response_top_p,
-                                synth.response_max_new_tokens, None, seed,
-                                synth.batch_timeout_s),
-                            lambda item, out, temperature=temperature: {
-                                "id": item, "instruction_id": item.split("-")[0],
-                                "temperature": temperature, "response": out[0].strip(),
-                                "finish_reason": out[1]})
-    counts["responses generated"] = len(answers)
-    answers, dropped = filters.responses(answers, synth.filters)
-    counts["responses dropped"] = dict(dropped)
-    counts["responses kept"] = len(answers)
-    loaded = None  # the generator's memory, before the reward model loads
+        by_id = {item["id"]: item for item in kept}
+        answers: list[dict[str, Any]] = []
+        for t_index, temperature in enumerate(synth.temperatures):
+            samples = [k for k in range(synth.responses_per_instruction)
+                       if k % len(synth.temperatures) == t_index]
+            items = [f"{item['id']}-r{k}" for item in kept for k in samples]
+            answers += _batches(
+                f"responses-t{t_index}", work, items, synth,
+                lambda batch, size, seed, temperature=temperature: engine.chat(
+                    [by_id[i.split('-')[0]]["instruction"] for i in batch], temperature,
+                    synth.response_top_p, synth.response_max_new_tokens, seed,
+                    synth.batch_timeout_s),
+                lambda item, out, temperature=temperature: {
+                    "id": item, "instruction_id": item.split("-")[0],
+                    "temperature": temperature, "response": out[0].strip(),
+                    "finish_reason": out[1]})
+        counts["responses generated"] = len(answers)
+        answers, dropped = filters.responses(answers, synth.filters)
+        counts["responses dropped"] = dict(dropped)
+        counts["responses kept"] = len(answers)
+    # the generator's memory (or its server) is gone before the reward model loads
 
     scores = _scores(answers, by_id, reward_path, config, loading, work)
     for answer in answers:
@@ -222,44 +214,6 @@ def _with_deadline(step: str, start: int, batch: list[str], make, seed: int,
                 "kept, and the same command resumes after them"))
         outputs += part
     return outputs
-
-
-def _chat(tokenizer, instruction: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
-                                         add_generation_prompt=True, tokenize=False)
-
-
-def _sample(loaded, tokenizer, prompts: list[str], temperature: float, top_p: float,
-            max_new_tokens: int, stop: str | None, seed: int, deadline_s: float
-            ) -> list[tuple[str, str]] | None:
-    """(text, finish reason: stop | length) per prompt, or None when the deadline struck."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    encoded = encoded.to(next(loaded.parameters()).device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
-        if temperature > 0 else {"do_sample": False}
-    stops = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
-    torch.manual_seed(seed)
-    started = time.monotonic()
-    with torch.inference_mode():
-        out = loaded.generate(**encoded, max_new_tokens=max_new_tokens, max_time=deadline_s,
-                              pad_token_id=tokenizer.pad_token_id, **sampling, **stops)
-    if time.monotonic() - started >= deadline_s:
-        return None
-    found = []
-    for row in out[:, encoded["input_ids"].shape[1]:].tolist():
-        kept = [t for t in row if t != tokenizer.pad_token_id]
-        text = tokenizer.decode(kept, skip_special_tokens=False)
-        ends = [text.find(mark) for mark in (stop, tokenizer.eos_token) if mark and mark in text]
-        if ends:
-            found.append((tokenizer.decode(tokenizer(text[:min(ends)], add_special_tokens=False)
-                                           ["input_ids"], skip_special_tokens=True), "stop"))
-        else:
-            finish = "length" if len(kept) >= max_new_tokens else "stop"
-            found.append((tokenizer.decode(kept, skip_special_tokens=True), finish))
-    return found
 
 
 def _scores(answers: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], reward_path,
