@@ -417,6 +417,10 @@ class SynthConfig:
     scorer: Literal["reward_model"]
     # A sequence-classification reward model: a method=reward run, a directory or a hub id
     reward_model: str | None
+    # chat: the reward model's chat template (Skywork, ArmoRM, our method=reward runs); pair:
+    # (question, answer) as a sentence pair (OpenAssistant's deberta); auto: pair where the reward
+    # model has no chat template
+    reward_input: Literal["auto", "chat", "pair"]
     reward_batch_size: Count
     reward_max_length: Count
     min_margin: NonNegativeNumber  # a pair's chosen score minus rejected at least this

@@ -199,3 +199,28 @@ def command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def write_pair_reward_model(path: Path) -> Path:
+    """A randomly initialised BERT-style reward model that reads (question, answer) sentence pairs
+    with token type ids, as OpenAssistant's deberta reward models do, and has no chat template:
+    built here (no hub), with a WordPiece vocabulary of the tiny task's words."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = ("which is the largest smallest answer with digit only what a of and to in "
+             "0 1 2 3 4 5 6 7 8 9 . ? : ,").split()
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words + letters),
+         *[f"##{c}" for c in letters]]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, type_vocab_size=2, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -220,17 +220,21 @@ def test_decontamination_drops_copied_evaluation_prompts_and_keeps_shared_boiler
 
 
 @pytest.mark.slow
-def test_a_served_generator_writes_the_same_kind_of_data_and_its_server_is_stopped(
-        workdir, generator_run, reward_run, lmalign_cache):
+def test_a_served_generator_and_a_question_answer_reward_model_make_the_data(
+        workdir, generator_run, lmalign_cache):
     """synth.engine=transformers: lmalign serves the generator (transformers serve, for real),
     Magpie instructions as plain completions, answers as chats; the server ends with the stage,
-    and a re-run with every shard made starts none."""
-    from conftest import marked_processes
+    and a re-run with every shard made starts none. The reward model reads (question, answer)
+    sentence pairs (BERT-style, no chat template), as OpenAssistant's deberta models do."""
+    from conftest import marked_processes, write_pair_reward_model
 
-    arguments = _synthesis(workdir, generator_run, reward_run, "served", "synth.engine=transformers",
-                           "synth.num_instructions=8", "synth.batch_size=8")
-    lmalign(*arguments, cwd=workdir, cache=lmalign_cache, check=True,
-            env={"LMALIGN_TEST_MARK": "synth-served"})
+    pair_model = write_pair_reward_model(workdir / "pair-rm")
+    arguments = ("stage=synthesize", "run_name=served", f"synth.generator={generator_run}",
+                 f"synth.reward_model={pair_model}", *SMALL, "synth.engine=transformers",
+                 "synth.num_instructions=8", "synth.batch_size=8")
+    result = lmalign(*arguments, cwd=workdir, cache=lmalign_cache, check=True,
+                     env={"LMALIGN_TEST_MARK": "synth-served"})
+    assert "as (question, answer) pairs" in result.stdout + result.stderr
     run = workdir / "runs" / "served"
     made = _instructions(run)
     assert [r["id"] for r in made] == [f"i{i:06d}" for i in range(8)]

@@ -233,9 +233,14 @@ def _scores(answers: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], rew
                                  head="reward")
     if config.hardware.accelerator == "cuda":
         loaded.to("cuda")
-    conversations = [[{"role": "user", "content": by_id[a["instruction_id"]]["instruction"]},
-                      {"role": "assistant", "content": a["response"]}] for a in answers]
-    values = scoring.score(loaded, tokenizer, conversations, synth.reward_batch_size,
+    style = scoring.input_style(tokenizer) if synth.reward_input == "auto" else synth.reward_input
+    log.info("scoring %d responses with %s as %s", len(answers), path,
+             "chats (its chat template)" if style == "chat" else "(question, answer) pairs")
+    items: list[scoring.Scored] = [
+        [{"role": "user", "content": by_id[a["instruction_id"]]["instruction"]},
+         {"role": "assistant", "content": a["response"]}] if style == "chat" else
+        (by_id[a["instruction_id"]]["instruction"], a["response"]) for a in answers]
+    values = scoring.score(loaded, tokenizer, items, synth.reward_batch_size,
                            synth.reward_max_length, "scoring responses")
     found = {a["id"]: v for a, v in zip(answers, values)}
     rundir.atomic_write_text(cached, "".join(json.dumps({"id": k, "score": v}) + "\n"
