@@ -330,12 +330,12 @@ def test_a_served_llm_that_cannot_grade_makes_every_judgment_invalid_and_the_run
                      env={"LMALIGN_TEST_MARK": "served-judge"}, check=True)
     judged = _judgments(demo_copy, "final", "mt_bench")
     assert len(judged) == 3 and not any(j["valid"] for j in judged)
-    # the server answered each time; what it wrote is no rating on the scale (which wrong answer
-    # a tiny model gives differs between machines' float arithmetic)
-    reasons = [(j["reason"], j["judge_text"]) for j in judged]
-    assert all(text is not None and (reason == "no [[rating]] in the judge's answer"
-                                     or reason.startswith("rating ")) for reason, text in reasons), \
-        reasons
+    # No rating on the scale came back: the tiny model's answer holds none, or (transformers
+    # serve from 5.2x checks prompt lengths) the server refused the 837-token mt_bench judge
+    # prompt, longer than the tiny model's 512-token context. Never a crash or a score.
+    reasons = [j["reason"] for j in judged]
+    assert all(reason == "no [[rating]] in the judge's answer" or reason.startswith(
+        ("rating ", "BadRequestError: Error code: 400")) for reason in reasons), reasons
     assert float(_metrics(demo_copy)[("final", "mt_bench", "invalid")]["value"]) == 3
     assert "every judgment is invalid" in result.stdout + result.stderr
     assert "serve" in (demo_copy / JUDGE_SERVER_DIR / "server.log").read_text()

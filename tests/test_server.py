@@ -30,6 +30,7 @@ def _nothing_listens(port: int) -> bool:
     return False
 
 
+@pytest.mark.slow  # a real server starts and answers: about 20 s
 def test_transformers_server_answers_then_stops_on_ctrl_c_leaving_nothing(tmp_path, lmalign_cache):
     model = _tiny_model(lmalign_cache)
     launch = server.Launch("transformers", model, model, "cpu", dtype="float32")

@@ -273,6 +273,7 @@ class SilentServer:
             connection.close()
 
 
+@pytest.mark.slow  # two deadlines of a second, in a whole stage run
 def test_a_server_that_never_answers_misses_the_deadline_twice_then_the_stage_names_it(
         tmp_path, lmalign_cache):
     tiny = models.resolve(typed_config().model, str(lmalign_cache))

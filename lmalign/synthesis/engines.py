@@ -31,7 +31,8 @@ SERVER_DIR = "server"  # under synth/: the generator server's log
 
 
 class InProcess:
-    """synth.engine=hf: the generator loaded here when first asked, dropped by `release`."""
+    """synth.engine=hf: the generator loaded here when first asked, dropped when the `sampler`
+    block ends, before the reward model loads."""
 
     def __init__(self, start: models.Start, loading: ModelConfig, hardware: HardwareConfig,
                  tokenizer):
@@ -60,7 +61,7 @@ class InProcess:
 
 class Served:
     """A server engine: started when first asked (a re-run with every shard made starts none),
-    stopped by `release` or when the stage ends."""
+    stopped when the `sampler` block ends, before the reward model loads."""
 
     def __init__(self, synth: SynthConfig, start: models.Start, loading: ModelConfig,
                  hardware: HardwareConfig, tokenizer, work: Path, stack: ExitStack):
@@ -137,10 +138,6 @@ class Served:
             return [future.result() for future in futures]
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-
-    def release(self) -> None:
-        self.stack.close()
-        self.client = None
 
 
 def _ended(text: str, finish_reason: str | None, stop: str | None,
