@@ -215,6 +215,7 @@ def test_verify_warns_of_a_datasets_version_unlike_the_one_that_wrote_the_cache(
     assert fetch.version_warnings(here) == []
 
 
+@pytest.mark.slow  # a whole command with lm-eval's task scan
 def test_prepare_without_network_stops_at_once_with_one_line(tmp_path, lmalign_cache):
     """No hub answering: one line naming the endpoint within seconds, not one slow failure per
     item with every retry."""

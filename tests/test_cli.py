@@ -106,6 +106,7 @@ def test_all_problems_are_reported_together(run):
     assert "did you mean method.learning_rate?" in text
 
 
+@pytest.mark.slow  # a whole command with lm-eval's task scan
 def test_unknown_task_is_caught_before_training(run):
     result = run("eval.harness.tasks=[hellaswagg]", "run_name=t")
     assert result.returncode == 2
@@ -176,6 +177,7 @@ def test_sweep_jobs_cannot_share_a_run_name(run, tmp_path):
     assert "Warning" not in varied.stderr  # the sweep's own checks resolved every job's name
 
 
+@pytest.mark.slow  # whole commands: about 7 s
 def test_a_dry_run_leaves_nothing_behind(run, tmp_path):
     result = run("dry_run=true", in_subprocess=True)
     assert result.returncode == 0 and "run directory" in result.stdout

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import typing
 
+import pytest
+
 from conftest import lmalign_in_process
 
 
@@ -157,6 +159,7 @@ def _grouped(cases):
             for needs, rounds in commands.items() for group in rounds]
 
 
+@pytest.mark.slow  # every mistake of the corpus through the CLI: about 20 s
 def test_every_mistake_of_the_corpus_is_its_own_error_line_with_a_fix(tmp_path, lmalign_cache):
     commands = (_grouped(_wrong_values()) + _grouped(_misspelt_keys())
                 + _grouped(_wrong_group_options())

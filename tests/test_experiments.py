@@ -125,6 +125,7 @@ def test_synthetic_instruction_recipe_on_tiny_sft_learns_the_task_and_dpo_the_re
     assert (again.stdout + again.stderr).count("training already finished") == 3
 
 
+@pytest.mark.slow  # a whole command: about 8 s
 def test_full_finetune_fsdp_recipe_plans_eight_processes_offline(tmp_path, lmalign_cache):
     result = lmalign("+experiment=full_finetune_fsdp", "dry_run=true", cwd=tmp_path,
                      cache=lmalign_cache, env={"HF_HUB_OFFLINE": "1"}, check=True)

@@ -29,6 +29,7 @@ def _bytes(tensors) -> int:
     ("method=prompt_tuning",),
     ("method=dpo", "dataset=tiny_prefs"),
 ], ids=["sft-fp32", "sft-bf16", "lora-bf16", "qlora-4bit", "prompt_tuning", "dpo-fp32"])
+@pytest.mark.slow  # six trainings: about 20 s
 def test_estimate_equals_the_bytes_a_trained_model_holds(overrides, tmp_path, lmalign_cache):
     config = typed_config(*overrides, *QUICK, f"cache.build_dir={lmalign_cache}")
     found = memory.estimate(config, plan.meta_model(config, None))

@@ -42,6 +42,7 @@ def test_lora_changes_only_the_adapter_and_leaves_base_weights_bit_identical(tmp
                         if n in base)
 
 
+@pytest.mark.slow  # trains: about 12 s
 def test_prompt_tuning_changes_only_the_virtual_tokens_and_the_loss_falls(tmp_path, lmalign_cache):
     trainer = _trainer(sft, tmp_path, lmalign_cache, "method=prompt_tuning",
                        "method.max_steps=40", *QUICK)
@@ -52,6 +53,7 @@ def test_prompt_tuning_changes_only_the_virtual_tokens_and_the_loss_falls(tmp_pa
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
 
 
+@pytest.mark.slow  # trains: about 6 s
 def test_dpo_with_lora_keeps_the_base_frozen(tmp_path, lmalign_cache):
     trainer = _trainer(dpo, tmp_path, lmalign_cache, "method=dpo", "dataset=tiny_prefs",
                        "method.peft=lora", "method.max_steps=4", *QUICK)
