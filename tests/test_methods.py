@@ -85,7 +85,7 @@ def _metric(run_dir: Path, checkpoint: str, task: str) -> float:
 @pytest.fixture(scope="module")
 def lora_run(runs, lmalign_cache):
     result = lmalign("run_name=lora", "method=lora", "eval.harness.tasks=[tiny_mc]",
-                     "method.max_steps=120", "method.eval_steps=null", cwd=runs,
+                     "method.max_steps=250", "method.eval_steps=null", cwd=runs,
                      cache=lmalign_cache, check=True)
     return runs / "runs" / "lora", result.stdout + result.stderr
 
