@@ -222,16 +222,21 @@ def stop(process: subprocess.Popen) -> None:
         return
     log.info("stopping the server (waiting up to %d s)", STOP_GRACE_SECONDS)
     _signal_group(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_SECONDS  # one bound for the server and its workers
-    while (process.poll() is None or group_alive(process.pid)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if process.poll() is None or group_alive(process.pid):
+    if not _ended(process, STOP_GRACE_SECONDS):  # one bound for the server and its workers
         log.warning("the server did not stop within %d s: killing it", STOP_GRACE_SECONDS)
         _signal_group(process.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5  # SIGKILL cannot be refused: only the kernel's teardown
-        while group_alive(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _ended(process, 5)  # SIGKILL cannot be refused: only the kernel's teardown
     process.wait()
+
+
+def _ended(process: subprocess.Popen, seconds: float) -> bool:
+    """Whether the server and every process of its group ended within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while process.poll() is None or group_alive(process.pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _signal_group(group: int, number: int) -> None:
