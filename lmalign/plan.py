@@ -139,7 +139,10 @@ def _synthesis_rows(config: Config) -> list[tuple[str, str]]:
         ("responses", f"{synth.responses_per_instruction} per kept instruction at temperatures "
          f"{synth.temperatures} (at most {responses:,}), up to {synth.response_max_new_tokens} "
          f"new tokens; batches of {synth.batch_size}, {synth.batch_timeout_s:g} s deadline each"),
-        ("scorer", f"{synth.scorer}: {synth.reward_model}"),
+        ("scorer", f"judge {synth.judge.model} ({synth.judge.rubric} rubric, " + (
+            f"served by {synth.judge.server})" if synth.judge.server else
+            f"at {synth.judge.base_url})") if synth.scorer == "judge"
+         else f"reward model {synth.reward_model}"),
         ("writes", f"sft/ (best answer, {share} of instructions), "
          f"preferences/ (best vs worst, margin >= {synth.min_margin:g}), synth.md"),
     ]

@@ -249,13 +249,19 @@ def report_run(job: Job) -> None:
 
 def synthesize_run(job: Job) -> None:
     """stage=synthesize: SFT data and preference pairs from an instruct model and a reward
-    model, into the run directory (lmalign/synthesis/pipeline.py)."""
+    model or judge, into the run directory (lmalign/synthesis/pipeline.py)."""
     from lmalign.synthesis import pipeline
 
     config = job.config
     problems = []
-    for key, name in (("synth.generator", config.synth.generator),
-                      ("synth.reward_model", config.synth.reward_model)):
+    models_named = [("synth.generator", config.synth.generator)]
+    if config.synth.scorer == "reward_model":
+        models_named.append(("synth.reward_model", config.synth.reward_model))
+    else:  # the judge's key and endpoint, before the generator loads
+        from lmalign.evaluation import judge
+
+        problems += judge.check(config.synth.judge, "synth.judge")
+    for key, name in models_named:
         start = pipeline.source(name, key, config.runs_root)
         if start.adapter is None and start.path == name and _looks_like_path(name) \
                 and not Path(name).expanduser().exists():

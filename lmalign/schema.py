@@ -385,7 +385,7 @@ class SynthFilters:
 
 @dataclass(config=STRICT)
 class SynthConfig:
-    """stage=synthesize: Magpie-style instructions, sampled responses, reward-model scores,
+    """stage=synthesize: Magpie-style instructions, sampled responses, reward-model or judge scores,
     then SFT data and preference pairs in the run directory (conf/synth/)."""
 
     name: str
@@ -414,7 +414,10 @@ class SynthConfig:
     api_key_env: str | None  # engine=external: the NAME of the variable holding its key
     concurrency: Count  # server engines: requests in flight
     filters: SynthFilters
-    scorer: Literal["reward_model"]
+    # reward_model: a sequence-classification model's score | judge: an LLM judge's rating
+    # under a single or criteria rubric (the criteria's mean)
+    scorer: Literal["reward_model", "judge"]
+    judge: JudgeEvalConfig  # scorer=judge: eval.judge's block (conf/eval/judge.yaml)
     # A sequence-classification reward model: a method=reward run, a directory or a hub id
     reward_model: str | None
     # chat: the reward model's chat template (Skywork, ArmoRM, our method=reward runs); pair:

@@ -16,8 +16,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from lmalign import models
 from lmalign.errors import UserError, problem
-from lmalign.schema import (Config, EvalConfig, GenerateConfig, HarnessConfig, NemoConfig,
-                            precision_of)
+from lmalign.schema import (Config, EvalConfig, GenerateConfig, HarnessConfig, JudgeEvalConfig,
+                            NemoConfig, precision_of)
 from lmalign.type_errors import describe_type_errors
 
 LAUNCHER_OPTIONS = Path(__file__).resolve().parent.parent / "conf" / "hydra" / "launcher"
@@ -421,12 +421,16 @@ def _synth_problems(config: Config) -> list[str]:
     if config.stage != "synthesize":
         return []
     synth, problems = config.synth, []
-    for key, fix in (("generator", "synth.generator=<an instruct run, model directory or hub "
-                      "id>"), ("reward_model", "synth.reward_model=<a method=reward run, "
-                               "directory or hub id>")):
+    needed = [("generator", "synth.generator=<an instruct run, model directory or hub id>")]
+    if synth.scorer == "reward_model":
+        needed.append(("reward_model", "synth.reward_model=<a method=reward run, directory or "
+                       "hub id>, or synth.scorer=judge"))
+    for key, fix in needed:
         if not getattr(synth, key):
             problems.append(problem(f"synth.{key}", None, "stage=synthesize needs it",
                                     "a run name, a model directory or a hub id", fix))
+    if synth.scorer == "judge":
+        problems += _synth_judge_problems(synth.judge)
     from lmalign.evaluation import prompts
 
     if synth.engine == "external" and not synth.server_address:
@@ -446,6 +450,28 @@ def _synth_problems(config: Config) -> list[str]:
             problems.append(problem("synth.filters.exclude_patterns", pattern,
                                     f"not a regular expression ({exc})", "Python regexes",
                                     "escape special characters, e.g. '\\?' for a question mark"))
+    return problems
+
+
+def _synth_judge_problems(judge: JudgeEvalConfig) -> list[str]:
+    """synth.scorer=judge grades each answer alone: a single or criteria rubric, a judge named."""
+    from lmalign.evaluation import rubrics
+
+    problems = [problem(f"synth.judge.{key}", None, "synth.scorer=judge needs a judge to ask",
+                        "the judge model's name and its OpenAI-compatible base URL",
+                        "synth.judge.model=gpt-4.1 synth.judge.base_url=https://api.openai.com/v1")
+                for key in (("model",) if judge.server else ("model", "base_url"))
+                if not getattr(judge, key)]
+    try:
+        kind = rubrics.load(judge.rubric).kind
+    except UserError as exc:
+        return problems + [p.replace("eval.judge.rubric", "synth.judge.rubric")
+                           for p in exc.problems]
+    if kind == "pairwise":
+        problems.append(problem("synth.judge.rubric", judge.rubric, "a pairwise rubric compares "
+                                "two answers, and synthesis grades each answer alone",
+                                "mt_bench, answer_quality or a single or criteria rubric file",
+                                "synth.judge.rubric=mt_bench"))
     return problems
 
 

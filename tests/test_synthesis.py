@@ -81,6 +81,55 @@ def test_synthesis_writes_sft_data_and_pairs_that_load_and_a_card_that_adds_up(s
     assert "generator: `" in card and "licence:" in card
 
 
+@pytest.mark.slow
+def test_a_judge_as_scorer_picks_right_answers_over_wrong_and_drops_what_it_cannot_grade(
+        workdir, synthesized, generator_run, reward_run, lmalign_cache):
+    """synth.scorer=judge over the generations of `synthesized` (copied: the same settings, so
+    nothing is generated again): the test judge rates an answer by the tiny task's rule, so every
+    pair prefers a right answer to a wrong one; answers it cannot grade are dropped and counted;
+    a re-run asks nothing."""
+    import shutil
+
+    from judge_server import JudgeServer, correct
+
+    run = workdir / "runs" / "judged"
+    for step in (synthesized / "synth").glob("[ir]*"):
+        if step.is_dir():
+            shutil.copytree(step, run / "synth" / step.name)
+    instructions = {r["id"]: r["instruction"] for r in _instructions(synthesized)}
+    unreadable = next(text for text in instructions.values() if QUESTION.match(text))
+    with JudgeServer(faults={unreadable: "no_rating"}) as judge:
+        arguments = (*_synthesis(workdir, generator_run, reward_run, "judged"),
+                     "synth.scorer=judge", "synth.judge.model=synth-judge",
+                     f"synth.judge.base_url={judge.url}", "synth.judge.api_key_env=null")
+        result = lmalign_in_process(*arguments, cwd=workdir, cache=lmalign_cache)
+        assert result.returncode == 0, result.stderr[-3000:]
+        asked = judge.count()
+        again = lmalign_in_process(*arguments, cwd=workdir, cache=lmalign_cache)
+        assert again.returncode == 0 and judge.count() == asked  # scores kept: nothing asked
+        # Scored by one judge, the run refuses another (before scoring, a judge may change).
+        other = lmalign_in_process(*arguments, "synth.judge.rubric=answer_quality",
+                                   cwd=workdir, cache=lmalign_cache)
+        assert other.returncode == 2 and other.stderr.startswith(
+            "error: synth.judge.rubric='answer_quality': this run directory's synthesis was "
+            "made with synth.judge.rubric='mt_bench'"), other.stderr
+    pairs = _lines(run / "preferences" / "data.jsonl")
+    assert pairs, "no pair had a right and a wrong answer"
+    for pair in pairs:
+        question = pair["prompt"][0]["content"]
+        assert correct(question, pair["chosen"][0]["content"]), pair
+        assert not correct(question, pair["rejected"][0]["content"]), pair
+        assert (pair["chosen_score"], pair["rejected_score"]) == (9, 2)
+    card = (run / "synth.md").read_text()
+    counts = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \|$", card, re.MULTILINE))
+    ungraded = (run / "synth" / "scores.jsonl").read_text().count('"score": null')
+    assert ungraded >= 1
+    assert int(counts["responses dropped: judge gave no valid grade"]) == ungraded
+    assert int(counts["responses scored"]) == int(counts["responses kept"]) - ungraded
+    assert 0 < asked <= int(counts["responses kept"])  # an answer given twice is asked once
+    assert "judge: `synth-judge`, mt_bench rubric" in card
+
+
 def test_dedup_removes_planted_exact_and_near_duplicates():
     settings = SynthFilters(min_instruction_chars=1, max_instruction_chars=1000,
                             min_response_chars=1, max_response_chars=1000,
@@ -167,6 +216,22 @@ def test_synthesis_names_missing_models_before_loading_anything(tmp_path, lmalig
     assert result.returncode == 2 and len(errors) == 2, result.stderr
     assert errors[0].startswith("error: synth.generator='org/gen': revision main is not in")
     assert errors[1].endswith("or set synth.reward_model=/path/to/model")
+    # A judge as scorer needs no reward model, but a rubric that grades one answer, and its key.
+    result = lmalign_in_process("stage=synthesize", "run_name=s", "synth.generator=./nope",
+                                "synth.scorer=judge", "synth.judge.rubric=pairwise",
+                                "synth.judge.base_url=null", cwd=tmp_path, cache=lmalign_cache)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 2, result.stderr
+    assert errors[0].startswith("error: synth.judge.base_url=None: synth.scorer=judge needs")
+    assert errors[1].startswith("error: synth.judge.rubric='pairwise': a pairwise rubric")
+    result = lmalign_in_process("stage=synthesize", "run_name=s", "synth.generator=./nope",
+                                "synth.scorer=judge", "synth.judge.api_key_env=NO_SUCH_KEY",
+                                cwd=tmp_path, cache=lmalign_cache)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 2, result.stderr
+    assert errors[0].startswith("error: synth.judge.api_key_env='NO_SUCH_KEY': the judge's API "
+                                "key variable NO_SUCH_KEY is not set")
+    assert "no such directory" in errors[1]
     assert not (tmp_path / "runs").exists()
 
 

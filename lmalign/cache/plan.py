@@ -62,9 +62,12 @@ def nemo_items(config: Config) -> list[Item]:
 
 
 def synthesis_items(config: Config, local: list[str]) -> list[tuple[tuple[str, str], Item]]:
-    """stage=synthesize's generator and reward model, where named: ((key, value), item) each."""
-    return [found for key, name in (("synth.generator", config.synth.generator),
-                                    ("synth.reward_model", config.synth.reward_model))
+    """stage=synthesize's generator and its scorer (a reward model, or a judge lmalign serves),
+    where named: ((key, value), item) each."""
+    synth = config.synth
+    scorer = ("synth.judge.model", synth.judge.model if synth.judge.server else None) \
+        if synth.scorer == "judge" else ("synth.reward_model", synth.reward_model)
+    return [found for key, name in (("synth.generator", synth.generator), scorer)
             if name for found in _named_model(key, name, config.runs_root, local)]
 
 

@@ -37,7 +37,7 @@ def check(evaluation: EvalConfig, cache_dir: str | None = None) -> None:
             elif backend == "judge":
                 from lmalign.evaluation import judge
 
-                problems += judge.check(evaluation)
+                problems += judge.check(evaluation.judge)
             elif backend == "harness":
                 from lmalign.evaluation import harness
 

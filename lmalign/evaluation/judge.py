@@ -84,10 +84,10 @@ def requested_cells(targets: list[Target], evaluation: EvalConfig, hardware: Har
             for target in judged_targets(targets, evaluation, rubric)]
 
 
-def check(evaluation: EvalConfig) -> list[str]:
+def check(judge: JudgeEvalConfig, key: str = "eval.judge") -> list[str]:
     """Before anything trains or loads: the rubric reads, the key's variable is set, and the
-    judge's endpoint answers (a wrong address would otherwise make every judgment invalid)."""
-    judge = evaluation.judge
+    judge's endpoint answers (a wrong address would otherwise make every judgment invalid).
+    `key`: where the block sits (eval.judge, or synth.judge for synth.scorer=judge)."""
     problems = []
     try:
         rubrics.load(judge.rubric)
@@ -97,28 +97,28 @@ def check(evaluation: EvalConfig) -> list[str]:
         return problems  # served by lmalign when its turn comes
     if judge.api_key_env and not os.environ.get(judge.api_key_env):
         problems.append(problem(
-            "eval.judge.api_key_env", judge.api_key_env, f"the judge's API key variable "
+            f"{key}.api_key_env", judge.api_key_env, f"the judge's API key variable "
             f"{judge.api_key_env} is not set", "the NAME of a set variable holding the key, or "
             "null for an endpoint without keys", f"export {judge.api_key_env}=..., or "
-            f"+secrets.{judge.api_key_env}=..., or eval.judge.api_key_env=null"))
+            f"+secrets.{judge.api_key_env}=..., or {key}.api_key_env=null"))
     elif judge.base_url and judge.model:
-        problems += _unreachable(judge)
+        problems += _unreachable(judge, key)
     return problems
 
 
-def _unreachable(judge: JudgeEvalConfig) -> list[str]:
+def _unreachable(judge: JudgeEvalConfig, key: str) -> list[str]:
     import openai
 
     client = _client(judge, judge.base_url, max_retries=0, timeout=15)
     try:
         client.models.list()
     except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-        return [problem("eval.judge.base_url", judge.base_url, f"the judge does not answer "
+        return [problem(f"{key}.base_url", judge.base_url, f"the judge does not answer "
                         f"there ({type(exc).__name__})", "the OpenAI-compatible base URL of a "
                         "running judge (.../v1)", "start the judge's server, or fix "
-                        "eval.judge.base_url")]
+                        f"{key}.base_url")]
     except openai.AuthenticationError:
-        return [problem("eval.judge.api_key_env", judge.api_key_env, "the judge's endpoint "
+        return [problem(f"{key}.api_key_env", judge.api_key_env, "the judge's endpoint "
                         "rejected the key in that variable (401)", "a valid key",
                         f"export a valid key as {judge.api_key_env}")]
     except openai.APIError:
@@ -182,7 +182,7 @@ def evaluate(targets: list[Target], evaluation: EvalConfig, run_dir: Path,
                          baseline)
             log.info("eval %s: %d judgment(s) by %s (%s rubric) -> %s", target.label,
                      len(asks), judge.model, judge.rubric, cell.relative_to(run_dir))
-            _ask_all(asks, judge, rubric, cache, target.label, base_url)
+            _ask_all(asks, judge, rubric, cache, f"eval {target.label}", base_url)
             _write_cell(target, cell, asks, rubric, evaluation, hardware, list(by_id))
 
 
@@ -322,6 +322,32 @@ def _asks(rubric: Rubric, by_id: dict[str, Prompt], answers: dict[tuple[str, int
     return asks
 
 
+def grade_answers(judge: JudgeEvalConfig, questions_and_answers: list[tuple[str, str]],
+                  cache: Path, server_dir: Path, hardware: HardwareConfig
+                  ) -> list[tuple[float | None, str | None]]:
+    """synth.scorer=judge: each (question, answer)'s grade under a single rubric (its rating)
+    or a criteria rubric (the criteria's mean), or None and the reason it has none. Asked and
+    cached as eval=judge asks, so a re-run asks only what got no readable reply."""
+    rubric = rubrics.load(judge.rubric)
+    messages = rubrics.single_messages if rubric.kind == "single" else rubrics.criteria_messages
+    distinct = dict.fromkeys(questions_and_answers)  # sampled answers often repeat
+    asks = {(question, answer): Ask(str(index), None, 0, 0, None, messages(
+        rubric, Prompt(str(index), (question,)), 0, [answer]))
+        for index, (question, answer) in enumerate(distinct)}
+    with server.judge_endpoint(judge, server_dir, hardware) as base_url:
+        _ask_all(list(asks.values()), judge, rubric, cache, "synthesis", base_url)
+    grades = []
+    for ask in (asks[pair] for pair in questions_and_answers):
+        graded = _graded(rubric, ask)
+        if not graded["valid"]:
+            grades.append((None, graded["reason"]))
+        elif rubric.kind == "single":
+            grades.append((graded["score"], None))
+        else:
+            grades.append((sum(graded["grades"].values()) / len(graded["grades"]), None))
+    return grades
+
+
 def _baseline_answer(baseline: dict, prompt_id: str, turn: int, sample: int) -> str | None:
     """The baseline's answer of the same sample, else its first (it may have fewer samples)."""
     return baseline.get((prompt_id, turn, sample), baseline.get((prompt_id, turn, 0)))
@@ -386,7 +412,7 @@ def _ask_all(asks: list[Ask], judge: JudgeEvalConfig, rubric: Rubric, cache: Pat
         for done, future in enumerate(as_completed(futures), 1):
             future.result()
             if done % step == 0 or done == len(asks):
-                log.info("eval %s: judged %d/%d", label, done, len(asks))
+                log.info("%s: judged %d/%d", label, done, len(asks))
     finally:  # on a stop, the queued requests are dropped; those in flight still get cached
         pool.shutdown(wait=False, cancel_futures=True)
 

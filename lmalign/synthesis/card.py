@@ -41,10 +41,16 @@ def _front_matter_licence(text: str) -> str | None:
 
 def write(path: Path, synth: SynthConfig, counts: dict[str, Any], sft: list[dict],
           preferences: list[dict], answers: list[dict], generator: str, reward_model) -> None:
-    reward_name = str(reward_model.adapter or reward_model.path)
+    """reward_model: where the reward model was loaded from (synth.scorer=reward_model)."""
+    if synth.scorer == "judge":
+        judge = synth.judge
+        scorer = f"- judge: `{judge.model}`, {judge.rubric} rubric (licence: " + (
+            f"{licence(judge.model)})" if judge.server else f"the terms of {judge.base_url})")
+    else:
+        reward_name = str(reward_model.adapter or reward_model.path)
+        scorer = f"- reward model: `{reward_name}` (licence: {licence(reward_name)})"
     lines = ["# Synthetic data", "",
-             f"- generator: `{generator}` (licence: {licence(generator)})",
-             f"- reward model: `{reward_name}` (licence: {licence(reward_name)})",
+             f"- generator: `{generator}` (licence: {licence(generator)})", scorer,
              f"- {synth.num_instructions} instruction(s) asked for, "
              f"{synth.responses_per_instruction} response(s) each at temperatures "
              f"{synth.temperatures}; seed {synth.seed}",
@@ -61,8 +67,8 @@ def write(path: Path, synth: SynthConfig, counts: dict[str, Any], sft: list[dict
         else:
             lines.append(f"| {step} | {value} |")
     if answers:
-        _histogram(path.parent / HISTOGRAM, answers, preferences)
-        lines += ["", "## Scores", "", f"![reward scores]({HISTOGRAM})"]
+        _histogram(path.parent / HISTOGRAM, answers, preferences, _unit(synth))
+        lines += ["", "## Scores", "", f"![{_unit(synth)}]({HISTOGRAM})"]
     lines += ["", "## Examples", ""]
     for pair in preferences[:3]:
         lines += [f"**{pair['id']}** {_short(pair['prompt'][0]['content'])}", "",
@@ -79,7 +85,11 @@ def _short(text: str, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[:limit] + "..."
 
 
-def _histogram(path: Path, answers: list[dict], preferences: list[dict]) -> None:
+def _unit(synth: SynthConfig) -> str:
+    return "judge grade" if synth.scorer == "judge" else "reward score"
+
+
+def _histogram(path: Path, answers: list[dict], preferences: list[dict], unit: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +104,7 @@ def _histogram(path: Path, answers: list[dict], preferences: list[dict]) -> None
     axes[1].set_title("preference pairs")
     axes[1].legend()
     for axis in axes:
-        axis.set_xlabel("reward score")
+        axis.set_xlabel(unit)
     figure.tight_layout()
     staging = path.with_suffix(".partial.png")
     figure.savefig(staging)

@@ -32,6 +32,10 @@ SETTINGS = "settings.json"
 # Settings that change no text or score: a re-run may change them.
 _FREE = ("batch_timeout_s", "reward_batch_size", "name", "concurrency", "api_key_env",
          "server_startup_timeout_s")
+_FREE_JUDGE = ("base_url", "api_key_env", "server_startup_timeout_s", "concurrency",
+               "max_retries", "request_timeout_s", "baseline", "bootstrap_samples")
+_SCORING = ("scorer", "judge", "reward_model", "reward_input", "reward_max_length")
+SCORES = "scores.jsonl"
 
 
 def synthesize(config: Config, run_dir: Path) -> dict[str, Any]:
@@ -39,7 +43,8 @@ def synthesize(config: Config, run_dir: Path) -> dict[str, Any]:
     work = run_dir / SYNTH_DIR
     _refuse_changed(synth, work)
     generator = source(synth.generator, "synth.generator", config.runs_root)
-    reward_path = source(synth.reward_model, "synth.reward_model", config.runs_root)
+    reward_path = source(synth.reward_model, "synth.reward_model", config.runs_root) \
+        if synth.scorer == "reward_model" else None
     counts: dict[str, Any] = {}
     loading = _loading(config.model)
 
@@ -82,9 +87,14 @@ def synthesize(config: Config, run_dir: Path) -> dict[str, Any]:
         counts["responses kept"] = len(answers)
     # the generator's memory (or its server) is gone before the reward model loads
 
-    scores = _scores(answers, by_id, reward_path, config, loading, work)
+    scores = _scores(answers, by_id, reward_path, config, loading, run_dir)
     for answer in answers:
         answer["score"] = scores[answer["id"]]
+    ungraded = [a for a in answers if a["score"] is None]
+    if ungraded:  # only a judge leaves answers without a score: its reasons are in the log
+        counts["responses dropped"]["judge gave no valid grade"] = len(ungraded)
+        answers = [a for a in answers if a["score"] is not None]
+        counts["responses scored"] = len(answers)
     sft, preferences, pair_counts = _datasets(answers, by_id, synth)
     counts.update(pair_counts)
     card.write(run_dir / "synth.md", synth, counts, sft, preferences, answers,
@@ -142,20 +152,46 @@ def source(name: str | None, key: str, runs_root: str) -> models.Start:
 
 
 def _refuse_changed(synth: SynthConfig, work: Path) -> None:
-    """A run directory holds one synthesis: its shards are only valid for the same settings."""
-    now = {k: v for k, v in _plain(synth).items() if k not in _FREE}
+    """A run directory holds one synthesis: its shards are only valid for the same settings, its
+    scores for the same scorer (which may change until something is scored, e.g. to fix a
+    judge that graded nothing)."""
+    now = _compared(synth)
     saved_file = work / SETTINGS
     if saved_file.exists():
         before = json.loads(saved_file.read_text())
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        flat_before, flat_now = _flat(before), _flat(now)
+        changed = sorted(k for k in set(flat_before) | set(flat_now)
+                         if flat_before.get(k) != flat_now.get(k))
+        if not (work / SCORES).exists():
+            changed = [k for k in changed if k.split(".")[0] not in _SCORING]
         if changed:
-            raise UserError([problem(f"synth.{k}", now.get(k), f"this run directory's synthesis "
-                                     f"was made with synth.{k}={before.get(k)!r}", "the same "
-                                     "synthesis settings when re-running a run_name",
+            raise UserError([problem(f"synth.{k}", flat_now.get(k), "this run directory's "
+                                     f"synthesis was made with synth.{k}={flat_before.get(k)!r}",
+                                     "the same synthesis settings when re-running a run_name",
                                      "use a new run_name") for k in changed])
-        return
+        if before == now:
+            return
     work.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write_json(saved_file, now)
+
+
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    """synth.judge's keys as judge.<key>, so a refusal names the one that changed."""
+    flat = {key: value for key, value in settings.items() if key != "judge"}
+    flat.update({f"judge.{key}": value for key, value in settings.get("judge", {}).items()})
+    return flat
+
+
+def _compared(synth: SynthConfig) -> dict[str, Any]:
+    """The settings a re-run must repeat: what changes a text or a score, for the scorer used."""
+    found = {k: v for k, v in _plain(synth).items() if k not in _FREE}
+    if synth.scorer == "judge":
+        found["judge"] = {k: v for k, v in found["judge"].items() if k not in _FREE_JUDGE}
+        for key in ("reward_model", "reward_input", "reward_max_length"):
+            found.pop(key)
+    else:
+        found.pop("judge")
+    return found
 
 
 def _plain(synth: SynthConfig) -> dict[str, Any]:
@@ -217,15 +253,51 @@ def _with_deadline(step: str, start: int, batch: list[str], make, seed: int,
 
 
 def _scores(answers: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], reward_path,
-            config: Config, loading: ModelConfig, work: Path) -> dict[str, float]:
-    """Each kept answer's reward, cached in synth/scores.jsonl (written once, whole)."""
-    cached = work / "scores.jsonl"
+            config: Config, loading: ModelConfig, run_dir: Path) -> dict[str, float | None]:
+    """Each kept answer's score (None: the judge gave none), cached in synth/scores.jsonl
+    (written once, whole)."""
+    cached = run_dir / SYNTH_DIR / SCORES
     if not answers:
         return {}
     if cached.exists():
         known = {r["id"]: r["score"] for r in map(json.loads, cached.read_text().splitlines())}
         if all(a["id"] in known for a in answers):
             return known
+    found = _judged(answers, by_id, config, run_dir) if config.synth.scorer == "judge" \
+        else _rewarded(answers, by_id, reward_path, config, loading)
+    rundir.atomic_write_text(cached, "".join(json.dumps({"id": k, "score": v}) + "\n"
+                                             for k, v in found.items()))
+    return found
+
+
+def _judged(answers: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], config: Config,
+            run_dir: Path) -> dict[str, float | None]:
+    from lmalign.evaluation import judge, server
+
+    synth = config.synth
+    log.info("grading %d responses with the judge %s (%s rubric)", len(answers),
+             synth.judge.model, synth.judge.rubric)
+    grades = judge.grade_answers(
+        synth.judge, [(by_id[a["instruction_id"]]["instruction"], a["response"]) for a in answers],
+        Path(config.cache.build_dir).expanduser() / judge.CACHE_SUBDIR,
+        run_dir / SYNTH_DIR / server.JUDGE_SERVER_DIR, config.hardware)
+    reasons = Counter(reason for _, reason in grades if reason)
+    summary = "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3))
+    if grades and sum(reasons.values()) == len(grades):
+        raise UserError(problem(
+            "synth.judge.model", synth.judge.model, f"the judge graded none of {len(grades)} "
+            f"responses ({summary})", f"a judge that answers in the {synth.judge.rubric} "
+            "rubric's format", "fix synth.judge (model, base_url, rubric); the same command "
+            "then asks again, the generations kept"))
+    if reasons:
+        log.warning("the judge gave no valid grade to %d of %d responses (%s); they are "
+                    "dropped (the data card counts them)",
+                    sum(reasons.values()), len(grades), summary)
+    return {a["id"]: grade for a, (grade, _) in zip(answers, grades)}
+
+
+def _rewarded(answers: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], reward_path,
+              config: Config, loading: ModelConfig) -> dict[str, float | None]:
     synth = config.synth
     path = str(reward_path.adapter or reward_path.path)
     tokenizer = models.load_tokenizer(path, loading, reward_path.revision)
@@ -242,10 +314,7 @@ def _scores(answers: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], rew
         (by_id[a["instruction_id"]]["instruction"], a["response"]) for a in answers]
     values = scoring.score(loaded, tokenizer, items, synth.reward_batch_size,
                            synth.reward_max_length, "scoring responses")
-    found = {a["id"]: v for a, v in zip(answers, values)}
-    rundir.atomic_write_text(cached, "".join(json.dumps({"id": k, "score": v}) + "\n"
-                                             for k, v in found.items()))
-    return found
+    return {a["id"]: v for a, v in zip(answers, values)}
 
 
 def _datasets(answers: list[dict[str, Any]], by_id: dict[str, dict[str, Any]],
