@@ -2,7 +2,7 @@
 
     python benchmarks/synthesis.py [--items 32] [--new-tokens 32] [--batch-size 16]
 
-Generation: the stage's batched sampling (lmalign.synthesis.pipeline, batches of
+Generation: the stage's batched sampling (lmalign.synthesis.engines, batches of
 synth.batch_size, left-padded, one `generate` per batch) against one `generate` call per item, on
 the same prompts: Magpie pre-query texts (instructions) and chat prompts (responses). A
 random-initialised model never writes its end-of-turn text, so both sides make exactly
@@ -60,12 +60,12 @@ def _one_at_a_time(model, tokenizer, prompts: list[str], new_tokens: int) -> flo
 
 
 def _batched(model, tokenizer, prompts: list[str], new_tokens: int, batch_size: int) -> float:
-    from lmalign.synthesis.pipeline import _sample
+    from lmalign.synthesis.engines import _generate
 
     began = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
-        made = _sample(model, tokenizer, prompts[start:start + batch_size], 1.0, 1.0,
-                       new_tokens, None, start, deadline_s=3600)
+        made = _generate(model, tokenizer, prompts[start:start + batch_size], 1.0, 1.0,
+                         new_tokens, None, start, deadline_s=3600)
         assert made is not None
     return time.perf_counter() - began
 
