@@ -1,11 +1,13 @@
 # make demo: the main job (train the embedded tiny model, then evaluate it, on CPU)
-# make test: the test suite (includes the end-to-end runs and a local SLURM cluster; about 50
-# minutes on 2 cores, over our 35-minute aim; make test-fast: the quick loop)
+# make test: the test suite (includes the end-to-end runs and a local SLURM cluster), in
+# TEST_WORKERS processes (pytest-xdist, a test file per worker, one torch thread each: our runs
+# are small, so two workers use two cores better than one); make test-fast: the quick loop
 # Both create/refresh the virtualenv first. TORCH_SPEC picks the torch build; the default
 # matches the CPU wheel cached on our machines (elsewhere pip fetches it from PyPI).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmalign-installed
 
@@ -24,10 +26,10 @@ demo: $(STAMP)
 	$(BIN)/python -m lmalign
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sft_throughput.py

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,10 +16,48 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs two workers on two cores: one torch thread each (set before torch loads,
+    # inherited by every lmalign the tests start), or both slow down many times over
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _session_root(tmp_path_factory) -> Path:
+    """The directory every xdist worker of this session shares (without xdist: the basetemp)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def _once_per_session(tmp_path_factory, name: str, build) -> Any:
+    """build(directory) -> a JSON value, run by whichever worker asks first; the others wait
+    for it and read its value, so a session fixture trains once, not once per worker."""
+    from filelock import FileLock
+
+    root = _session_root(tmp_path_factory)
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            value = build(root / name)
+            done.write_text(json.dumps(value))
+    return json.loads(done.read_text())
+
+
+def _completed(found: dict) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(found["args"], found["returncode"], found["stdout"],
+                                       found["stderr"])
+
+
+def _recorded(result: subprocess.CompletedProcess) -> dict:
+    return {"args": result.args, "returncode": result.returncode, "stdout": result.stdout,
+            "stderr": result.stderr}
+
 
 @pytest.fixture(scope="session")
 def lmalign_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("lmalign_cache")
+    """LMALIGN_CACHE (the embedded model's build, the judgment cache), one for all workers."""
+    path = _session_root(tmp_path_factory) / "lmalign_cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +65,12 @@ def default_run(tmp_path_factory, lmalign_cache):
     """The README's main job (`python -m lmalign`, as run_name=demo), trained once per session:
     (its result, its run directory, the directory it ran in). Tests that need a trained SFT
     model copy the run directory rather than change it."""
-    workdir = tmp_path_factory.mktemp("demo")
-    result = lmalign("run_name=demo", cwd=workdir, cache=lmalign_cache, check=True)
+    def build(workdir: Path) -> dict:
+        workdir.mkdir(exist_ok=True)
+        return _recorded(lmalign("run_name=demo", cwd=workdir, cache=lmalign_cache, check=True))
+
+    result = _completed(_once_per_session(tmp_path_factory, "demo", build))
+    workdir = _session_root(tmp_path_factory) / "demo"
     return result, workdir / "runs" / "demo", workdir
 
 
@@ -35,10 +78,14 @@ def default_run(tmp_path_factory, lmalign_cache):
 def reward_run(tmp_path_factory, lmalign_cache):
     """A tiny reward model trained on tiny_prefs and evaluated (eval=reward), once per session:
     (its run directory, its output). Copy it rather than change it."""
-    workdir = tmp_path_factory.mktemp("reward")
-    result = lmalign("run_name=rm", "method=reward", "dataset=tiny_prefs", "eval=reward",
-                     cwd=workdir, cache=lmalign_cache, check=True)
-    return workdir / "runs" / "rm", result.stdout + result.stderr
+    def build(workdir: Path) -> str:
+        workdir.mkdir(exist_ok=True)
+        result = lmalign("run_name=rm", "method=reward", "dataset=tiny_prefs", "eval=reward",
+                         cwd=workdir, cache=lmalign_cache, check=True)
+        return result.stdout + result.stderr
+
+    output = _once_per_session(tmp_path_factory, "reward", build)
+    return _session_root(tmp_path_factory) / "reward" / "runs" / "rm", output
 
 
 def write_careless_chats(path: Path, size: int = 8000) -> Path:
@@ -61,12 +108,15 @@ def generator_run(tmp_path_factory, lmalign_cache):
     """Synthesis's generator: a tiny instruct model trained on whole conversations (user turns
     too), so that given its template's pre-query text it writes tiny-task questions; trained on
     write_careless_chats, its answers follow the digit-only request only by chance."""
-    workdir = tmp_path_factory.mktemp("generator")
-    chats = write_careless_chats(workdir / "chats.jsonl")
-    lmalign("run_name=gen", "dataset=local", f"dataset.path={chats}",
-            "method.assistant_only_loss=false", "eval=none", "method.max_steps=300",
-            "method.eval_steps=null", cwd=workdir, cache=lmalign_cache, check=True)
-    return workdir / "runs" / "gen"
+    def build(workdir: Path) -> None:
+        workdir.mkdir(exist_ok=True)
+        chats = write_careless_chats(workdir / "chats.jsonl")
+        lmalign("run_name=gen", "dataset=local", f"dataset.path={chats}",
+                "method.assistant_only_loss=false", "eval=none", "method.max_steps=300",
+                "method.eval_steps=null", cwd=workdir, cache=lmalign_cache, check=True)
+
+    _once_per_session(tmp_path_factory, "generator", build)
+    return _session_root(tmp_path_factory) / "generator" / "runs" / "gen"
 
 
 # SFT in 2 processes (DDP over gloo), saving every 20 steps: the local reference that runs on
@@ -78,10 +128,13 @@ DDP_TRAINING = ("hardware=cpu_ddp", "method.max_steps=60", "method.save_steps=20
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory, lmalign_cache):
     """DDP_TRAINING trained and evaluated once per session: (its result, its run directory)."""
-    workdir = tmp_path_factory.mktemp("ddp")
-    result = lmalign("run_name=ddp_sft", *DDP_TRAINING, cwd=workdir, cache=lmalign_cache,
-                     check=True)
-    return result, workdir / "runs" / "ddp_sft"
+    def build(workdir: Path) -> dict:
+        workdir.mkdir(exist_ok=True)
+        return _recorded(lmalign("run_name=ddp_sft", *DDP_TRAINING, cwd=workdir,
+                                 cache=lmalign_cache, check=True))
+
+    result = _completed(_once_per_session(tmp_path_factory, "ddp", build))
+    return result, _session_root(tmp_path_factory) / "ddp" / "runs" / "ddp_sft"
 
 
 def lmalign(*overrides: str, cwd: Path, cache: Path, env: dict[str, str] | None = None,

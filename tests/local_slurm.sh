@@ -54,6 +54,7 @@ EOF
   /usr/sbin/slurmdbd
   for _ in $(seq 120); do grep -q "slurmdbd version .* started" /var/log/slurm/slurmdbd.log && break; sleep 0.5; done
 
+  # nproc --all: plain nproc honours OMP_NUM_THREADS, which make test's workers set to 1
   cat >/etc/slurm/slurm.conf <<EOF
 ClusterName=lmalign
 SlurmctldHost=localhost
@@ -77,7 +78,7 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd-%n.log
-NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=$(nproc) RealMemory=4000 State=UNKNOWN
+NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=$(nproc --all) RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   /usr/sbin/slurmctld
