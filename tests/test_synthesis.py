@@ -124,7 +124,9 @@ def test_a_judge_as_scorer_picks_right_answers_over_wrong_and_drops_what_it_cann
     counts = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \|$", card, re.MULTILINE))
     ungraded = (run / "synth" / "scores.jsonl").read_text().count('"score": null')
     assert ungraded >= 1
-    assert int(counts["responses dropped: judge gave no valid grade"]) == ungraded
+    assert int(counts["responses ungraded: judge gave no valid grade"]) == ungraded
+    dropped = sum(int(n) for step, n in counts.items() if step.startswith("responses dropped: "))
+    assert int(counts["responses generated"]) == int(counts["responses kept"]) + dropped
     assert int(counts["responses scored"]) == int(counts["responses kept"]) - ungraded
     assert 0 < asked <= int(counts["responses kept"])  # an answer given twice is asked once
     assert "judge: `synth-judge`, mt_bench rubric" in card

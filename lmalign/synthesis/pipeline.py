@@ -92,7 +92,7 @@ def synthesize(config: Config, run_dir: Path) -> dict[str, Any]:
         answer["score"] = scores[answer["id"]]
     ungraded = [a for a in answers if a["score"] is None]
     if ungraded:  # only a judge leaves answers without a score: its reasons are in the log
-        counts["responses dropped"]["judge gave no valid grade"] = len(ungraded)
+        counts["responses ungraded"] = {"judge gave no valid grade": len(ungraded)}
         answers = [a for a in answers if a["score"] is not None]
         counts["responses scored"] = len(answers)
     sft, preferences, pair_counts = _datasets(answers, by_id, synth)
