@@ -195,42 +195,39 @@ def test_sigkill_during_synthesis_then_rerun_gives_the_same_items_once_each(
     assert refused.returncode == 2 and "synth.num_instructions=40" in refused.stderr
 
 
+def _refused(tmp_path: Path, cache: Path, *overrides: str, env: dict | None = None
+             ) -> list[str]:
+    """The error lines of a stage=synthesize command that must be refused (exit 2)."""
+    result = lmalign_in_process("stage=synthesize", "run_name=s", *overrides, cwd=tmp_path,
+                                cache=cache, env=env)
+    assert result.returncode == 2, result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
 def test_synthesis_names_missing_models_before_loading_anything(tmp_path, lmalign_cache):
-    result = lmalign_in_process("stage=synthesize", "run_name=s",
-                                "synth.filters.decontaminate=[gsm8k,gms8k]", cwd=tmp_path,
-                                cache=lmalign_cache)
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 3, result.stderr
+    errors = _refused(tmp_path, lmalign_cache, "synth.filters.decontaminate=[gsm8k,gms8k]")
+    assert len(errors) == 3, errors
     assert errors[0].startswith("error: synth.generator=None")
     assert errors[2].startswith("error: synth.filters.decontaminate='gms8k': no such named "
                                 "prompt set or file") and "gsm8k" in errors[2]
-    result = lmalign_in_process("stage=synthesize", "run_name=s", "synth.generator=./nope",
-                                "synth.reward_model=runs/nope/final", cwd=tmp_path,
-                                cache=lmalign_cache)
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 2, result.stderr
-    assert all("no such directory" in line for line in errors)
+    errors = _refused(tmp_path, lmalign_cache, "synth.generator=./nope",
+                      "synth.reward_model=runs/nope/final")
+    assert len(errors) == 2 and all("no such directory" in line for line in errors), errors
     # Hub ids not in the cache and no network: named before anything loads, not a traceback.
-    result = lmalign_in_process("stage=synthesize", "run_name=s", "synth.generator=org/gen",
-                                "synth.reward_model=org/rm", cwd=tmp_path, cache=lmalign_cache,
-                                env={"HF_HUB_OFFLINE": "1"})
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 2, result.stderr
+    errors = _refused(tmp_path, lmalign_cache, "synth.generator=org/gen",
+                      "synth.reward_model=org/rm", env={"HF_HUB_OFFLINE": "1"})
+    assert len(errors) == 2, errors
     assert errors[0].startswith("error: synth.generator='org/gen': revision main is not in")
     assert errors[1].endswith("or set synth.reward_model=/path/to/model")
     # A judge as scorer needs no reward model, but a rubric that grades one answer, and its key.
-    result = lmalign_in_process("stage=synthesize", "run_name=s", "synth.generator=./nope",
-                                "synth.scorer=judge", "synth.judge.rubric=pairwise",
-                                "synth.judge.base_url=null", cwd=tmp_path, cache=lmalign_cache)
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 2, result.stderr
+    errors = _refused(tmp_path, lmalign_cache, "synth.generator=./nope", "synth.scorer=judge",
+                      "synth.judge.rubric=pairwise", "synth.judge.base_url=null")
+    assert len(errors) == 2, errors
     assert errors[0].startswith("error: synth.judge.base_url=None: synth.scorer=judge needs")
     assert errors[1].startswith("error: synth.judge.rubric='pairwise': a pairwise rubric")
-    result = lmalign_in_process("stage=synthesize", "run_name=s", "synth.generator=./nope",
-                                "synth.scorer=judge", "synth.judge.api_key_env=NO_SUCH_KEY",
-                                cwd=tmp_path, cache=lmalign_cache)
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 2, result.stderr
+    errors = _refused(tmp_path, lmalign_cache, "synth.generator=./nope", "synth.scorer=judge",
+                      "synth.judge.api_key_env=NO_SUCH_KEY")
+    assert len(errors) == 2, errors
     assert errors[0].startswith("error: synth.judge.api_key_env='NO_SUCH_KEY': the judge's API "
                                 "key variable NO_SUCH_KEY is not set")
     assert "no such directory" in errors[1]
