@@ -305,12 +305,7 @@ def _judge_problems(evaluation: EvalConfig, config: Config) -> list[str]:
             "eval", f"[{','.join(evaluation.backends)}]", "eval=judge grades the answers "
             "eval=generate makes, and generate is not selected", "judge together with generate",
             f"'eval=[{','.join(others + ['generate', 'judge'])}]'"))
-    for key in ("model",) if judge.server else ("model", "base_url"):
-        if not getattr(judge, key):
-            problems.append(problem(
-                f"eval.judge.{key}", None, "eval=judge needs a judge to ask",
-                "the judge model's name and its OpenAI-compatible base URL",
-                "eval.judge.model=gpt-4.1 eval.judge.base_url=https://api.openai.com/v1"))
+    problems += _unnamed_judge_problems(judge, "eval.judge", "eval=judge")
     if _is_pairwise(judge.rubric) and evaluation.generate is not None:
         from lmalign.evaluation import judge as judging
 
@@ -453,20 +448,24 @@ def _synth_problems(config: Config) -> list[str]:
     return problems
 
 
+def _unnamed_judge_problems(judge: JudgeEvalConfig, key: str, user: str) -> list[str]:
+    """A judge to ask: its model, and its base URL unless lmalign serves it."""
+    return [problem(f"{key}.{name}", None, f"{user} needs a judge to ask",
+                    "the judge model's name and its OpenAI-compatible base URL",
+                    f"{key}.model=gpt-4.1 {key}.base_url=https://api.openai.com/v1")
+            for name in (("model",) if judge.server else ("model", "base_url"))
+            if not getattr(judge, name)]
+
+
 def _synth_judge_problems(judge: JudgeEvalConfig) -> list[str]:
     """synth.scorer=judge grades each answer alone: a single or criteria rubric, a judge named."""
     from lmalign.evaluation import rubrics
 
-    problems = [problem(f"synth.judge.{key}", None, "synth.scorer=judge needs a judge to ask",
-                        "the judge model's name and its OpenAI-compatible base URL",
-                        "synth.judge.model=gpt-4.1 synth.judge.base_url=https://api.openai.com/v1")
-                for key in (("model",) if judge.server else ("model", "base_url"))
-                if not getattr(judge, key)]
+    problems = _unnamed_judge_problems(judge, "synth.judge", "synth.scorer=judge")
     try:
-        kind = rubrics.load(judge.rubric).kind
+        kind = rubrics.load(judge.rubric, "synth.judge.rubric").kind
     except UserError as exc:
-        return problems + [p.replace("eval.judge.rubric", "synth.judge.rubric")
-                           for p in exc.problems]
+        return problems + exc.problems
     if kind == "pairwise":
         problems.append(problem("synth.judge.rubric", judge.rubric, "a pairwise rubric compares "
                                 "two answers, and synthesis grades each answer alone",

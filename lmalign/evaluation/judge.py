@@ -90,7 +90,7 @@ def check(judge: JudgeEvalConfig, key: str = "eval.judge") -> list[str]:
     `key`: where the block sits (eval.judge, or synth.judge for synth.scorer=judge)."""
     problems = []
     try:
-        rubrics.load(judge.rubric)
+        rubrics.load(judge.rubric, f"{key}.rubric")
     except UserError as exc:
         problems += exc.problems
     if judge.server:

@@ -94,27 +94,28 @@ class Rubric:
                 "json_schema": {"name": "grades", "schema": schema, "strict": True}}
 
 
-def load(name: str) -> Rubric:
-    """A built-in rubric by name or a rubric YAML file; a broken one is one error line."""
+def load(name: str, key: str = "eval.judge.rubric") -> Rubric:
+    """A built-in rubric by name or a rubric YAML file; a broken one is one error line naming
+    `key` (where the rubric was set: eval.judge.rubric or synth.judge.rubric)."""
     import yaml
 
     path = RUBRICS / f"{name}.yaml" if name in NAMED else Path(name).expanduser()
     if not path.is_file():
-        raise UserError(problem("eval.judge.rubric", name, "no such rubric or file",
+        raise UserError(problem(key, name, "no such rubric or file",
                                 f"{', '.join(NAMED)}, or a rubric YAML file",
-                                "eval.judge.rubric=mt_bench, or the file's path"))
+                                f"{key}=mt_bench, or the file's path"))
     text = path.read_text()
     try:
         spec = RubricFile.model_validate(yaml.safe_load(text) or {})
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(problem("eval.judge.rubric", name, f"not valid YAML{where}",
+        raise UserError(problem(key, name, f"not valid YAML{where}",
                                 "a YAML mapping (kind, criteria, ...)",
                                 f"fix {path}, or copy {RUBRICS / 'answer_quality.yaml'}")) from None
     except ValidationError as exc:
         raise UserError([problem(
-            "eval.judge.rubric", name, f"{'.'.join(str(p) for p in error['loc']) or 'file'}: "
+            key, name, f"{'.'.join(str(p) for p in error['loc']) or 'file'}: "
             f"{error['msg']}", "kind: single | pairwise | criteria; criteria: {name: "
             "{description, scale: [low, high]}}", f"fix {path}")
             for error in exc.errors()]) from None
