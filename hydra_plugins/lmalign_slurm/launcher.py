@@ -8,6 +8,9 @@
 - The wait polls SLURM's accounting every few seconds. A job that crashed, was cancelled
   or timed out is reported with its SLURM id and log within seconds, and the other jobs
   are still waited for. Upstream raises on the first failure and polls less often as jobs age.
+- A job that accounting calls ended but the queue still holds is waited for: while SLURM
+  requeues a job (a preemption, USR2 to a checkpointing run) sacct can report the ending
+  attempt FAILED before the queue shows the job PENDING again.
 - A job that raised logs its traceback to its own log (upstream only returns it).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -30,6 +34,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 5  # how often the submitting process asks SLURM about its jobs
+# squeue's states of a job that will still run (or runs) without anyone's help, and the held
+# ones a user releases; squeue also lists ended jobs for a while (MinJobAge), in other states.
+STILL_QUEUED = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
+                "REQUEUE_HOLD", "SPECIAL_EXIT", "RESIZING", "SIGNALING", "STAGE_OUT",
+                "SUSPENDED", "STOPPED", "RESV_DEL_HOLD"}
 
 
 class SlurmLauncher(SubmititSlurmLauncher):
@@ -111,7 +120,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         while pending:
             watcher.update()  # one sacct call for every job
             for number, (overrides, job) in list(pending.items()):
-                if not job.done():
+                if not job.done() or _still_queued(job):
                     continue
                 del pending[number]
                 described = f"job {number} ({' '.join(filter_overrides(overrides))})"
@@ -162,3 +171,17 @@ class SlurmLauncher(SubmititSlurmLauncher):
                 f"job {job_num} ({' '.join(filter_overrides(returned.overrides or []))}): "
                 f"{type(error).__name__}: {error}; log: {environment.paths.stderr}")
         return returned
+
+
+def _still_queued(job) -> bool:
+    """Whether SLURM's queue still holds a job that has written no result (a requeue under
+    way). Where squeue cannot answer, accounting's word stands."""
+    if job.paths.result_pickle.exists():
+        return False
+    found = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T"], capture_output=True,
+                           text=True)
+    states = set(found.stdout.split()) if found.returncode == 0 else set()
+    if states & STILL_QUEUED:
+        job.watcher.clear()  # submitit keeps a state it took as final: ask accounting again
+        return True
+    return False
