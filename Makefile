@@ -11,7 +11,16 @@ TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmalign-installed
 
-.PHONY: setup demo test test-fast bench clean
+# make wheelhouse: lmalign and its dependencies as wheels in wheelhouse/, for a machine without
+# network (README, "Offline install"); PYTHON_VERSION, PLATFORM, EXTRAS and EXCLUDE (the target's
+# `pip list --format=freeze`) describe the target; empty means this machine, no extras.
+PYTHON_VERSION ?=
+PLATFORM ?=
+EXTRAS ?=
+EXCLUDE ?=
+WHEELHOUSE ?= wheelhouse
+
+.PHONY: setup demo test test-fast test-wheelhouse wheelhouse bench clean
 
 setup: $(STAMP)
 
@@ -26,13 +35,22 @@ demo: $(STAMP)
 	$(BIN)/python -m lmalign
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -ra --durations=15 -m "not wheelhouse" -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -ra -m "not slow and not wheelhouse" -n $(TEST_WORKERS) --dist loadfile
+
+wheelhouse: $(STAMP)
+	$(BIN)/python scripts/wheelhouse.py --python-version "$(PYTHON_VERSION)" \
+		--platform "$(PLATFORM)" --extras "$(EXTRAS)" --exclude "$(EXCLUDE)" --out "$(WHEELHOUSE)"
+
+# Builds a wheelhouse and installs it into a fresh virtualenv with --no-index (a few minutes;
+# CI runs it after make test)
+test-wheelhouse: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m wheelhouse tests/test_wheelhouse.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sft_throughput.py
 
 clean:
-	rm -rf outputs multirun runs .pytest_cache
+	rm -rf outputs multirun runs .pytest_cache wheelhouse

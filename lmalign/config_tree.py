@@ -15,7 +15,10 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# conf/ and launch/ travel inside the package (lmalign/bundled links to them in a checkout),
+# so an installed wheel finds them as a checkout does.
+BUNDLED = Path(__file__).parent / "bundled"
+CONF_DIR = str(BUNDLED / "conf")
 CONFIG_NAME = "config"
 # Config groups whose chosen option a run's record keeps (not recipes or Hydra's own groups).
 RECORDED_GROUPS = ("model", "dataset", "method", "hardware", "eval", "logger", "synth")

@@ -28,7 +28,7 @@ from lmalign.errors import TrainingStopped, UserError, problem
 from lmalign.schema import Config, HardwareConfig
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parent.parent
+BUNDLED = Path(__file__).parent / "bundled"  # holds launch/ (see config_tree.BUNDLED)
 # What a driver hands its workers lives in a folder of its own invocation, so a watcher and a
 # training run (or two evaluations of one run) never read each other's files.
 HANDOFF_DIR = "handoff"
@@ -48,7 +48,7 @@ def needs_workers(hardware: HardwareConfig) -> bool:
 
 def launch_file(hardware: HardwareConfig) -> Path:
     path = Path(hardware.launch_config).expanduser()
-    return path if path.is_absolute() or path.exists() else REPO / path
+    return path if path.is_absolute() or path.exists() else BUNDLED / path
 
 
 def free_port() -> int:
@@ -158,7 +158,7 @@ def command(config: Config, run_dir: Path, handoff: Path, meeting: Rendezvous | 
     training: every process holds the whole model and scores its share of the requests."""
     hardware = config.hardware
     meeting = meeting or rendezvous(hardware)
-    launch_config = REPO / EVAL_LAUNCH_FILE if evaluate else launch_file(hardware)
+    launch_config = BUNDLED / EVAL_LAUNCH_FILE if evaluate else launch_file(hardware)
     args = [sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(launch_config),
             "--num_processes", str(hardware.world_size),

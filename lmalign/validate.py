@@ -15,12 +15,13 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from lmalign import models
+from lmalign.config_tree import CONF_DIR
 from lmalign.errors import UserError, problem
 from lmalign.schema import (Config, EvalConfig, GenerateConfig, HarnessConfig, JudgeEvalConfig,
                             NemoConfig, precision_of)
 from lmalign.type_errors import describe_type_errors
 
-LAUNCHER_OPTIONS = Path(__file__).resolve().parent.parent / "conf" / "hydra" / "launcher"
+LAUNCHER_OPTIONS = Path(CONF_DIR) / "hydra" / "launcher"
 
 CHECKPOINT_SELECTOR = re.compile(r"^(base|final|latest|all|checkpoint-\d+|\d+)$")
 

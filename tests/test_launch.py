@@ -47,7 +47,7 @@ def test_zero3_launch_file_gives_deepspeed_the_global_batch_for_8_processes():
     class EightProcesses(TrainingArguments):
         world_size = property(lambda self: 8)
 
-    arguments = training.trainer_arguments(config, launch.REPO / "unused", [], has_eval=False)
+    arguments = training.trainer_arguments(config, launch.BUNDLED / "unused", [], has_eval=False)
     arguments.update(bf16=False, use_cpu=True)  # built on this CPU; the batch sizes are the point
     deepspeed = HfTrainerDeepSpeedConfig(str(deepspeed_file))
     deepspeed.trainer_config_process(EightProcesses(**arguments))

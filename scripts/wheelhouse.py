@@ -1,0 +1,301 @@
+"""`make wheelhouse`: lmalign and every dependency as wheels, for a machine without network.
+
+    python scripts/wheelhouse.py [--python-version 3.12] [--platform manylinux_2_28_x86_64]
+        [--extras deepspeed,serving] [--exclude target-freeze.txt] [--out wheelhouse]
+
+The target may differ from this machine (another Python, another platform). pip resolves for
+it (`pip download --only-binary=:all:` with the target's tags). A package PyPI has only as an
+sdist (antlr4-python3-runtime, sqlitedict, ...) has no wheel to download, so its wheel is built
+here first, found by a resolution for this machine (pip's JSON report says which packages came
+as sdists); for another target it must come out pure Python (`none-any`).
+
+`--exclude` takes the target's `pip list --format=freeze`: its versions constrain the resolution
+(lmalign is installed beside them, not over them) and the wheels of those exact versions are
+left out. At the end, `pip install --no-index --dry-run` for the target checks that the
+wheelhouse installs with nothing else at hand, the excluded packages stood in for by empty
+wheels of the same name and version (they are what the target already has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_FILE = ".target.json"  # which target a wheelhouse was made for
+
+
+class Refused(Exception):
+    """A problem the user fixes; one `error:` line, exit 2."""
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_exclude(path: Path) -> dict[str, str]:
+    """The target's packages {canonical name: version} from `pip list --format=freeze`."""
+    if not path.is_file():
+        raise Refused(f"EXCLUDE={path}: no such file; write it on the target with: python -m "
+                      "pip list --format=freeze > target.txt")
+    pins: dict[str, str] = {}
+    problems = []
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name.strip()):
+            problems.append(f"EXCLUDE={path} line {number}: {raw.strip()!r} is not name==version; "
+                            "write the list with: python -m pip list --format=freeze")
+            continue
+        pins[canonical(name.strip())] = version.strip()
+    if problems:
+        raise Refused("\n".join(problems))
+    pins.pop("lmalign", None)  # the wheelhouse brings its own
+    return pins
+
+
+LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+
+
+def platform_tags(platform: str) -> list[str]:
+    """The tags a platform takes wheels of. pip takes `--platform manylinux_2_28_x86_64` to
+    mean that tag alone, but a glibc 2.28 system runs every older manylinux wheel too
+    (tokenizers ships manylinux_2_17 ones): the older tags are named as well, newest first."""
+    found = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+    if not found:
+        return [platform]
+    glibc, arch = int(found.group(1)), found.group(2)
+    tags = []
+    for minor in range(glibc, 4, -1):
+        tags.append(f"manylinux_2_{minor}_{arch}")
+        if minor in LEGACY_MANYLINUX:
+            tags.append(f"{LEGACY_MANYLINUX[minor]}_{arch}")
+    return tags
+
+
+def target_flags(python_version: str | None, platform: str | None) -> list[str]:
+    flags = ["--only-binary=:all:"]
+    if python_version:
+        flags += ["--python-version", python_version, "--implementation", "cp"]
+    for tag in platform_tags(platform) if platform else []:
+        flags += ["--platform", tag]
+    return flags
+
+
+def pip(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True,
+                          env=env)
+
+
+def with_find_links(*folders: Path) -> dict[str, str]:
+    """pip's environment with our folders added to the find-links it already has (a command-line
+    --find-links would replace those, e.g. a machine's local wheels)."""
+    env = dict(os.environ)
+    env["PIP_FIND_LINKS"] = " ".join(filter(None, [env.get("PIP_FIND_LINKS", ""),
+                                                   *map(str, folders)]))
+    return env
+
+
+def build_own_wheel(out: Path) -> Path:
+    for old in out.glob("lmalign-*.whl"):
+        old.unlink()  # this checkout's wheel replaces an older one of the same version
+    built = pip("wheel", "--no-deps", "-q", "-w", str(out), str(ROOT))
+    if built.returncode:
+        raise SystemExit(f"error: building lmalign's wheel failed:\n{tail(built.stderr)}")
+    return next(out.glob("lmalign-*.whl"))
+
+
+def sdist_only(requirement: str, constraints: Path) -> list[str]:
+    """`name==version` of each package in the requirement's tree that PyPI has only as an
+    sdist, from a resolution for this machine that prefers wheels (pip's JSON report). The
+    target's versions constrain it where this machine can take them; a target on a newer Python
+    may pin releases this one cannot install (numpy 2.5 needs 3.12), and then it goes without."""
+    for given in ([str(constraints)], []):
+        with tempfile.TemporaryDirectory() as folder:
+            report = Path(folder) / "report.json"
+            found = pip("install", "--dry-run", "--ignore-installed", "--prefer-binary",
+                        "--report", str(report), *(["-c", given[0]] if given else []),
+                        requirement)
+            if found.returncode == 0:
+                return [f"{item['metadata']['name']}=={item['metadata']['version']}"
+                        for item in json.loads(report.read_text())["install"]
+                        if not item["download_info"]["url"].endswith(".whl")]
+    raise SystemExit(f"error: pip could not resolve {requirement} here:\n{tail(found.stderr)}")
+
+
+def tail(pip_output: str) -> str:
+    """pip's last lines, where it says what failed."""
+    return "\n".join(pip_output.strip().splitlines()[-40:])
+
+
+def download(requirement: str, out: Path, flags: list[str], constraints: Path) -> list[str]:
+    """Every wheel the requirement needs on the target, into `out`; the packages whose wheels
+    were built here."""
+    print(f"resolving {requirement.split(' @ ')[0]} ...", flush=True)
+    built = sdist_only(requirement, constraints)
+    for wanted in built:
+        print(f"  {wanted}: PyPI has no wheel of it; building one here", flush=True)
+        made = pip("wheel", "--no-deps", "-q", "-w", str(out), "-c", str(constraints), wanted)
+        if made.returncode:
+            raise SystemExit(f"error: building a wheel of {wanted} failed:\n{tail(made.stderr)}")
+    print("downloading the wheels for the target ...", flush=True)
+    found = pip("download", "-d", str(out), "-c", str(constraints), *flags, requirement,
+                env=with_find_links(out))
+    if found.returncode:
+        raise SystemExit(f"error: pip could not resolve {requirement} for the target:\n"
+                         f"{tail(found.stderr)}")
+    return built
+
+
+def refuse_platform_wheels(out: Path, built: list[str], foreign: bool) -> None:
+    """A wheel built here for this machine's platform is of no use on another."""
+    if not foreign:
+        return
+    names = {canonical(re.split(r"[<>=!~ ;\[]", wanted, 1)[0]) for wanted in built}
+    for wheel in out.glob("*.whl"):
+        if canonical(wheel.name.split("-")[0]) in names and not wheel.name.endswith("-none-any.whl"):
+            wheel.unlink()
+            raise Refused(f"{wheel.name}: PyPI has no wheel of it for the target and the one "
+                          "built here is for this machine's platform; build it on a machine "
+                          "like the target (pip wheel --no-deps <name>) and put it in the "
+                          "wheelhouse")
+
+
+def leave_out(out: Path, exclude: dict[str, str]) -> dict[str, str]:
+    """Remove the wheels of the exact versions the target has: {"name version": its METADATA},
+    whose dependencies (extras included: datasets asks for fsspec[http]) the check needs."""
+    left = {}
+    for wheel in sorted(out.glob("*.whl")):
+        name, version = wheel.name.split("-")[:2]
+        if exclude.get(canonical(name)) == version:
+            with zipfile.ZipFile(wheel) as archive:
+                metadata = next(n for n in archive.namelist()
+                                if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+                left[canonical(name)] = archive.read(metadata).decode()
+            wheel.unlink()
+    return left
+
+
+def stub_wheels(exclude: dict[str, str], metadata: dict[str, str], folder: Path) -> None:
+    """Wheels standing in for what the target has, for the dry-run check only: no files, but
+    the real wheel's METADATA where it was downloaded, so its dependencies count."""
+    for name, version in exclude.items():
+        dist = f"{name.replace('-', '_')}-{version}"
+        with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"{dist}.dist-info/METADATA", metadata.get(name) or
+                           f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+            wheel.writestr(f"{dist}.dist-info/WHEEL",
+                           "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            wheel.writestr(f"{dist}.dist-info/RECORD", "")
+
+
+def check(requirement: str, out: Path, flags: list[str], exclude: dict[str, str],
+          metadata: dict[str, str]) -> set[tuple[str, str]]:
+    """What the target installs from the wheelhouse: (canonical name, version) each."""
+    with tempfile.TemporaryDirectory() as stubs:
+        stub_wheels(exclude, metadata, Path(stubs))
+        report = Path(stubs) / "report.json"
+        found = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+             "--no-index", "--isolated", "--find-links", str(out), "--find-links", stubs, *flags,
+             "--report", str(report), requirement], capture_output=True, text=True)
+        if found.returncode:
+            raise SystemExit("error: the wheelhouse does not install with --no-index for the "
+                             f"target:\n{tail(found.stderr)}")
+        installs = {(canonical(item["metadata"]["name"]), item["metadata"]["version"])
+                    for item in json.loads(report.read_text())["install"]}
+    from_wheelhouse = {(name, version) for name, version in installs if name not in exclude}
+    print(f"checked: pip install --no-index --dry-run for the target installs "
+          f"{len(from_wheelhouse)} packages from the wheelhouse, with "
+          f"{len(installs) - len(from_wheelhouse)} of EXCLUDE's as present")
+    return from_wheelhouse
+
+
+def drop_unneeded(out: Path, needed: set[tuple[str, str]]) -> list[Path]:
+    """Wheels the target does not install: what only a left-out package needed (torch's CUDA
+    libraries beside the target's own torch), or an older version from an earlier run."""
+    dropped = []
+    for wheel in sorted(out.glob("*.whl")):
+        name, version = wheel.name.split("-")[:2]
+        if (canonical(name), version) not in needed:
+            dropped.append(wheel)
+    return dropped
+
+
+def record_target(out: Path, target: dict) -> None:
+    """One wheelhouse, one target: wheels for another would resolve wrongly there."""
+    recorded = out / TARGET_FILE
+    if recorded.exists():
+        before = json.loads(recorded.read_text())
+        if before != target:
+            raise Refused(f"{out} holds wheels for another target ({before}); remove it or set "
+                          "WHEELHOUSE=<another folder>")
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(target, sort_keys=True) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python-version", default="",
+                        help="the target's Python, e.g. 3.12 (default: this one)")
+    parser.add_argument("--platform", default="",
+                        help="the target's platform tag, e.g. manylinux_2_28_x86_64 "
+                             "(default: this machine's)")
+    parser.add_argument("--extras", default="", help="lmalign's extras, e.g. deepspeed,serving")
+    parser.add_argument("--exclude", default="",
+                        help="the target's `pip list --format=freeze`: constraints, left out")
+    parser.add_argument("--out", default=str(ROOT / "wheelhouse"))
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    extras = ",".join(e.strip() for e in args.extras.split(",") if e.strip())
+    try:
+        exclude = read_exclude(Path(args.exclude)) if args.exclude else {}
+        record_target(out, {"python_version": args.python_version or "this machine's",
+                            "platform": args.platform or "this machine's", "extras": extras,
+                            "exclude": sorted(f"{n}=={v}" for n, v in exclude.items())})
+    except Refused as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    flags = target_flags(args.python_version, args.platform)
+    own = build_own_wheel(out)
+    requirement = f"lmalign[{extras}]" if extras else "lmalign"
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
+        constraints.write("".join(f"{n}=={v}\n" for n, v in exclude.items()))
+        constraints.flush()
+        built = download(f"{requirement} @ {own.as_uri()}", out, flags, Path(constraints.name))
+    try:
+        refuse_platform_wheels(out, built, bool(args.python_version or args.platform))
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    left = leave_out(out, exclude)
+    dropped = drop_unneeded(out, check(requirement, out, flags, exclude, left))
+    if dropped:
+        print(f"dropped {len(dropped)} wheels the target would not install "
+              f"({sum(w.stat().st_size for w in dropped) / 2**20:.1f} MiB): "
+              + ", ".join(w.name.split("-")[0] for w in dropped))
+        for wheel in dropped:
+            wheel.unlink()
+    wheels = sorted(out.glob("*.whl"))
+    size = sum(w.stat().st_size for w in wheels) / 2**20
+    print(f"{out}: {len(wheels)} wheels, {size:.1f} MiB"
+          + (f"; built here: {', '.join(built)}" if built else "")
+          + (f"; left out ({len(left)}, the target has them): "
+             + ", ".join(f"{name} {exclude[name]}" for name in left) if left else ""))
+    print(f"on the target: python -m pip install --no-index --find-links {out.name} "
+          f"'{requirement}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""make wheelhouse (scripts/wheelhouse.py): lmalign for a machine without network.
+
+The install test builds a wheelhouse for this machine with the target's torch left out, installs
+it with --no-index into a fresh virtualenv that has only torch, and runs lmalign there. It costs
+a few minutes of downloads and installs, so `make test` leaves it to `make test-wheelhouse`
+(marker `wheelhouse`), which CI runs after it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "wheelhouse.py"
+
+
+def wheelhouse(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=1200)
+
+
+@pytest.mark.wheelhouse
+def test_a_wheelhouse_installs_without_network_beside_the_targets_torch_and_runs(tmp_path):
+    target = tmp_path / "target"
+    subprocess.run([sys.executable, "-m", "venv", str(target)], check=True)
+    pip = [str(target / "bin" / "python"), "-m", "pip"]
+    subprocess.run([*pip, "install", "-q", "torch==2.13.0"], check=True)  # this machine's disk
+    freeze = tmp_path / "target.txt"
+    freeze.write_text(subprocess.run([*pip, "list", "--format=freeze"], capture_output=True,
+                                     text=True, check=True).stdout)
+
+    made = wheelhouse("--exclude", str(freeze), "--out", str(tmp_path / "wheelhouse"),
+                      cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert "checked: pip install --no-index --dry-run" in made.stdout
+    wheels = {p.name.split("-")[0].lower() for p in (tmp_path / "wheelhouse").glob("*.whl")}
+    assert "torch" not in wheels and "lmalign" in wheels  # the target's torch is left out
+    assert {"antlr4_python3_runtime", "sqlitedict"} <= wheels  # sdist-only: built here
+
+    # --isolated: nothing from this machine's pip configuration (its local wheels, its indexes)
+    installed = subprocess.run([*pip, "install", "-q", "--isolated", "--no-index",
+                                "--find-links", str(tmp_path / "wheelhouse"), "lmalign"],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    work = tmp_path / "work"
+    work.mkdir()
+    plan = subprocess.run([str(target / "bin" / "python"), "-m", "lmalign", "dry_run=true"],
+                          cwd=work, capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "launch         in this process" in plan.stdout  # the plan, from the packaged conf/
+    # The same command again: the wheels are there, nothing is fetched twice, the record holds.
+    again = wheelhouse("--exclude", str(freeze), "--out", str(tmp_path / "wheelhouse"),
+                       cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_a_target_list_that_is_not_a_freeze_is_one_line_per_bad_line(tmp_path):
+    freeze = tmp_path / "target.txt"
+    freeze.write_text("torch==2.11.0\nnumpy>=2\ntorchvision @ file:///opt/wheels/tv.whl\n")
+    refused = wheelhouse("--exclude", str(freeze), "--out", str(tmp_path / "wh"), cwd=tmp_path)
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(l.startswith("error: EXCLUDE=") for l in lines), lines
+    assert "line 2: 'numpy>=2'" in lines[0] and "pip list --format=freeze" in lines[0]
+    assert "line 3:" in lines[1]
+    assert not (tmp_path / "wh").exists()  # refused before anything was made
+
+
+def test_a_missing_target_list_and_a_wheelhouse_of_another_target_are_refused(tmp_path):
+    refused = wheelhouse("--exclude", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "wh"),
+                         cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: EXCLUDE=") and "no such file" in refused.stderr
+
+    out = tmp_path / "wh"
+    out.mkdir()
+    (out / ".target.json").write_text(json.dumps({"python_version": "3.12"}))
+    refused = wheelhouse("--python-version", "3.11", "--out", str(out), cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "holds wheels for another target" in refused.stderr and "WHEELHOUSE=" in refused.stderr
