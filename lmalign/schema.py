@@ -147,7 +147,8 @@ class MethodConfig:
     global_batch_size: Count
     max_length: Count
     packing: bool
-    # TRL's strategies: bfd and bfd_split pack padding-free (needs flash attention); wrapped does not.
+    # TRL's strategies: bfd and bfd_split pack padding-free (any attention: transformers 5 masks
+    # by position_ids); wrapped does not.
     packing_strategy: Literal["bfd", "bfd_split", "wrapped"]
     padding_free: bool
     assistant_only_loss: bool | None  # null: on for chat data whose template marks replies

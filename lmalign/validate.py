@@ -14,7 +14,6 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from lmalign import models
 from lmalign.config_tree import CONF_DIR
 from lmalign.errors import UserError, problem
 from lmalign.schema import (Config, EvalConfig, GenerateConfig, HarnessConfig, JudgeEvalConfig,
@@ -128,7 +127,7 @@ def _data_format_problems(config: Config) -> list[str]:
 def _method_problems(config: Config) -> list[str]:
     """The method's own settings, and how they fit the model and the hardware."""
     problems: list[str] = []
-    method, hardware = config.method, config.hardware
+    method = config.method
     if method.name in ("dpo", "reward") and method.peft not in ("none", "lora"):
         problems.append(problem(
             "method.peft", method.peft, f"method={method.name} trains the full model or a LoRA "
@@ -139,19 +138,26 @@ def _method_problems(config: Config) -> list[str]:
             f"quantized weights cannot be trained directly (method.peft={method.peft}); "
             "QLoRA trains a LoRA adapter on them", "none, or 4bit/8bit with method.peft=lora",
             "method=lora, or model.quantization=none"))
+    # Padding-free rows (and bfd packing) hold several sequences; transformers 5 keeps them apart
+    # under every attention (a block-diagonal mask from position_ids where no attention mask is
+    # given; tests/test_methods.py checks logits and loss curves). PEFT's prompt tuning drops
+    # position_ids and puts its virtual tokens before the row: only the first sequence has them.
     flattens = method.padding_free or (method.packing and method.packing_strategy != "wrapped")
-    attention = models.attention(config.model, hardware, announce=False)
-    if flattens and attention != "flash_attention_2":
+    if flattens and method.peft == "prompt_tuning":
         key, value = (("method.padding_free", True) if method.padding_free else
                       ("method.packing_strategy", method.packing_strategy))
         problems.append(problem(
-            key, value, "padding-free batches put several sequences in one row, which only "
-            f"flash attention keeps apart (with {attention} they attend "
-            "to each other)", "padding-free or bfd packing with "
-            "model.attn_implementation=flash_attention_2",
-            "model.attn_implementation=flash_attention_2 on a GPU, or "
-            + ("method.padding_free=false" if method.padding_free
-               else "method.packing_strategy=wrapped")))
+            key, value, "prompt tuning puts its virtual tokens before a row, and a padding-free "
+            "row holds several sequences (PEFT drops their position_ids)",
+            "padding-free or bfd packing with method.peft=none or lora",
+            "method.padding_free=false" if method.padding_free
+            else "method.packing_strategy=wrapped"))
+    if method.padding_free and not method.packing:
+        problems.append(problem(
+            "method.padding_free", True, "without packing, TRL flattens batches without "
+            f"truncating them to method.max_length={method.max_length}",
+            "padding-free rows through packing (bfd packs padding-free and truncates)",
+            "method.packing=true method.packing_strategy=bfd, or method.padding_free=false"))
     context = config.model.architecture.get("max_position_embeddings")
     if isinstance(context, int) and method.max_length > context:
         problems.append(problem(

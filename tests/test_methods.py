@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from pathlib import Path
@@ -205,6 +207,66 @@ def test_a_template_without_generation_markers_falls_back_unless_asked_explicitl
     with pytest.raises(UserError, match=r"method.assistant_only_loss=True: the chat template has "
                        r"no \{% generation %\} markers.*fix: model.chat_template_path="):
         _assistant_only_loss(explicit, tokenizer)
+
+
+def _loss_curve(trainer) -> list[float]:
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+def test_a_padding_free_row_keeps_its_sequences_apart_under_sdpa(architecture):
+    """transformers 5 builds a block-diagonal mask from position_ids when a row comes without an
+    attention mask (masking_utils.find_packed_sequence_indices): packed logits equal the
+    separate sequences' logits, under sdpa and eager, through TRL's own collator."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    sequences = [[5, 9, 13, 2, 7, 7, 40], [3, 8, 21, 34, 55, 89, 14, 23, 37, 60, 97, 57], [4, 4, 6]]
+    row = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": s} for s in sequences])
+    assert "attention_mask" not in row and row["input_ids"].shape[0] == 1
+    for attention in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(architecture, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                      attn_implementation=attention)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():  # use_cache=False as TRL's compute_loss: a cache turns it off
+            packed = model(input_ids=row["input_ids"], position_ids=row["position_ids"],
+                           use_cache=False).logits[0]
+            apart = torch.cat([model(input_ids=torch.tensor([s]), use_cache=False).logits[0]
+                               for s in sequences])
+        assert (packed - apart).abs().max() < 1e-5, (architecture, attention)
+
+
+def test_padding_free_training_follows_the_padded_loss_curve(tmp_path, lmalign_cache):
+    """The same sequences per step, padded or flattened into one row (the same collator with
+    padding_free on, as bfd packing uses it): the same losses, step after step."""
+    def trainer(name, padding_free):
+        built = _trainer(sft, tmp_path / name, lmalign_cache, "method.max_steps=12",
+                         "method.save_steps=1000", *QUICK)
+        built.data_collator = dataclasses.replace(built.data_collator, padding_free=padding_free)
+        return built
+
+    flat_trainer = trainer("flat", True)
+    row = next(iter(flat_trainer.get_train_dataloader()))
+    assert row["input_ids"].shape[0] == 1 and "attention_mask" not in row  # one padding-free row
+    padded, flat = _loss_curve(trainer("padded", False)), _loss_curve(flat_trainer)
+    assert len(padded) == len(flat) == 12
+    assert max(abs(a - b) for a, b in zip(padded, flat)) < 1e-4, (padded, flat)
+    assert padded[-1] < padded[0]  # it trained
+
+
+def test_bfd_packing_trains_padding_free_rows_under_sdpa(tmp_path, lmalign_cache):
+    trainer = _trainer(sft, tmp_path, lmalign_cache, "method.packing=true", "method.max_steps=2",
+                       *QUICK)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    starts = int((batch["position_ids"][0] == 0).sum())
+    assert starts > 1  # several chats in the row, each from position 0
+    trainer.train()
 
 
 def test_wrapped_packing_trains(tmp_path, lmalign_cache):

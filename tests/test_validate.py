@@ -20,17 +20,20 @@ def test_quantized_weights_train_only_through_lora():
         typed_config("model.quantization=4bit")
 
 
-def test_padding_free_without_flash_attention_is_refused():
-    with pytest.raises(UserError, match=r"method.padding_free=True: .*with sdpa they attend to "
-                       r"each other.*fix: .*method.padding_free=false"):
+def test_padding_free_and_bfd_packing_run_under_sdpa_but_not_with_prompt_tuning():
+    assert typed_config("method.packing=true").method.packing_strategy == "bfd"  # sdpa, this CPU
+    assert typed_config("method.packing=true", "method.padding_free=true").method.padding_free
+    with pytest.raises(UserError, match=r"method.padding_free=True: without packing, TRL "
+                       r"flattens batches without truncating.*fix: method.packing=true"):
         typed_config("method.padding_free=true")
-
-
-def test_bfd_packing_without_flash_attention_is_refused_but_wrapped_packing_runs():
-    with pytest.raises(UserError, match=r"method.packing_strategy='bfd': .*fix: .*"
-                       r"method.packing_strategy=wrapped"):
-        typed_config("method.packing=true")
-    assert typed_config("method.packing=true", "method.packing_strategy=wrapped").method.packing
+    with pytest.raises(UserError, match=r"method.padding_free=True: prompt tuning puts its "
+                       r"virtual tokens before a row.*fix: method.padding_free=false"):
+        typed_config("method=prompt_tuning", "method.padding_free=true", "method.packing=true")
+    with pytest.raises(UserError, match=r"method.packing_strategy='bfd': prompt tuning.*"
+                       r"fix: method.packing_strategy=wrapped"):
+        typed_config("method=prompt_tuning", "method.packing=true")
+    assert typed_config("method=prompt_tuning", "method.packing=true",
+                        "method.packing_strategy=wrapped").method.packing
 
 
 def test_unknown_peft_kind_lists_the_allowed_ones():
