@@ -48,6 +48,7 @@ def trainer_arguments(config: Config, run_dir: Path, report_to: list[str],
         bf16=hardware.precision == "bf16",
         fp16=hardware.precision == "fp16",
         activation_checkpointing=hardware.gradient_checkpointing,
+        use_liger_kernel=hardware.liger_kernel,
         use_cpu=hardware.accelerator == "cpu",
         dataloader_num_workers=hardware.dataloader_num_workers,
         dataloader_pin_memory=hardware.accelerator == "cuda",
@@ -146,8 +147,11 @@ def peak_memory(found: dict[str, float | None]):
     """Peak memory while the block runs, in MiB, into found["peak_memory_mib"].
 
     On a GPU: the CUDA allocator's peak. On a CPU, where torch keeps no allocator statistics:
-    the growth of the process's resident memory over its level at the start, sampled every 20 ms
-    (an earlier job in the same process may leave freed memory that a later one reuses).
+    the growth of the process's resident memory over its level at the start (an earlier job in
+    the same process may leave freed memory that a later one reuses). Linux keeps the peak
+    itself (VmHWM, reset by writing 5 to /proc/self/clear_refs): exact and free. Where that
+    cannot be reset, a thread samples the resident size every 20 ms, which cost up to a few
+    percent of a tiny model's training speed (benchmarks/sft_throughput.py).
     """
     import torch
 
@@ -156,30 +160,46 @@ def peak_memory(found: dict[str, float | None]):
         yield
         found["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
         return
-    page = os.sysconf("SC_PAGE_SIZE")
-    if not os.path.exists("/proc/self/statm"):  # not Linux: no cheap resident-memory reading
+    if not os.path.exists("/proc/self/status"):  # not Linux: no cheap resident-memory reading
         found["peak_memory_mib"] = None
         yield
         return
+    start = _status_bytes("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        with _sampled_peak() as peak:
+            yield
+        found["peak_memory_mib"] = (peak[0] - start) / 2**20
+        return
+    yield
+    found["peak_memory_mib"] = (_status_bytes("VmHWM") - start) / 2**20
 
-    def resident() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * page
 
-    start, peak, done = resident(), [0], threading.Event()
+def _status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+@contextmanager
+def _sampled_peak():
+    """The largest resident size seen every 20 ms while the block runs, in [0]."""
+    peak, done = [_status_bytes("VmRSS")], threading.Event()
 
     def sample() -> None:
         while not done.wait(0.02):
-            peak[0] = max(peak[0], resident())
+            peak[0] = max(peak[0], _status_bytes("VmRSS"))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        yield
+        yield peak
     finally:
         done.set()
         sampler.join()
-        found["peak_memory_mib"] = (max(peak[0], resident()) - start) / 2**20
+        peak[0] = max(peak[0], _status_bytes("VmRSS"))
 
 
 def hold_stop_signals() -> None:

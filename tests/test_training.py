@@ -149,3 +149,23 @@ def test_sigterm_and_sigkill_runs_resume_to_the_weights_of_an_uninterrupted_run(
             torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
     record = json.loads((tmp_path / "runs" / "termed" / "run.json").read_text())
     assert [a["status"] for a in record["attempts"]] == ["stopped", "done"]
+
+
+def test_peak_memory_on_a_cpu_counts_an_allocation_freed_before_the_block_ends():
+    """Linux's own high-water mark, reset at the start: a peak between two samples counts."""
+    import torch
+
+    from lmalign import training
+
+    found: dict = {}
+    with training.peak_memory(found):
+        block = torch.ones(50 * 2**20)  # 200 MiB, written
+        del block
+    assert 190 < found["peak_memory_mib"] < 400, found
+    # Where clear_refs cannot be written (some sandboxes), a sampling thread stands in.
+    start = training._status_bytes("VmRSS")
+    with training._sampled_peak() as peak:
+        block = torch.ones(50 * 2**20)
+        time.sleep(0.1)  # sampled every 20 ms
+        del block
+    assert 190 < (peak[0] - start) / 2**20 < 400
