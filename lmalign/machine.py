@@ -67,6 +67,14 @@ def _hardware_here(config: Config, explicit_keys: Collection[str]) -> tuple[Conf
     if hardware.launch_config and not launch_file(hardware).exists():
         problems.append(problem("hardware.launch_config", hardware.launch_config, "no such file",
                                 "a file in launch/ or a path", "check the name"))
+    if hardware.liger_kernel and hardware.accelerator != "cuda":
+        problems.append(problem("hardware.liger_kernel", True, "Liger's kernels are Triton GPU "
+                                f"kernels and hardware={hardware.name} trains on the CPU",
+                                "true on a CUDA profile", "hardware.liger_kernel=false"))
+    elif hardware.liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        problems.append(problem("hardware.liger_kernel", True, "liger-kernel is not installed",
+                                "true with liger-kernel installed", "pip install liger-kernel, "
+                                "or hardware.liger_kernel=false"))
     if hardware.distributed == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append(problem("hardware.distributed", "deepspeed", "DeepSpeed is not installed",
                                 "deepspeed with DeepSpeed installed, or fsdp",

@@ -179,6 +179,7 @@ class HardwareConfig:
     precision: Precision
     supports_bf16: bool  # false for GPUs without bf16 (T4, V100)
     gradient_checkpointing: bool
+    liger_kernel: bool  # TRL's use_liger_kernel: fused RMSNorm, RoPE, SwiGLU and loss kernels
     # The profile's attention, used where model.attn_implementation is null.
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"]
     distributed: Literal["none", "ddp", "fsdp", "deepspeed"]

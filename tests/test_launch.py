@@ -121,6 +121,17 @@ def test_more_processes_than_gpus_shrinks_a_profile_default_but_not_an_explicit_
                         "batch stays the same)"]
 
 
+def test_liger_kernels_are_refused_on_a_cpu_profile_and_where_not_installed():
+    _, problems = machine.check_environment_for(typed_config("hardware.liger_kernel=true"))
+    assert problems == ["hardware.liger_kernel=True: Liger's kernels are Triton GPU kernels and "
+                        "hardware=cpu trains on the CPU; allowed: true on a CUDA profile; fix: "
+                        "hardware.liger_kernel=false"]
+    _, problems = machine.check_environment_for(typed_config("hardware=a100",
+                                                             "hardware.liger_kernel=true"))
+    assert "hardware.liger_kernel=True: liger-kernel is not installed" in problems[0]
+    assert typed_config("hardware=a100").hardware.liger_kernel is False  # not measured yet
+
+
 def test_fsdp_on_a_cpu_is_refused_not_silently_run_as_ddp():
     with pytest.raises(UserError, match=r"hardware.distributed='fsdp': FSDP and DeepSpeed need "
                        r"GPUs; on a CPU accelerate would silently train plain DDP.*"
