@@ -67,9 +67,11 @@ def build_model(architecture: dict[str, Any], seed: int, tokenizer):
 
     arch = dict(architecture)
     model_type = arch.pop("model_type")
+    # A larger vocab_size (benchmarks/gpu_check.py: a real model's embedding and head sizes)
+    # leaves rows no token of this tokenizer uses.
     config = AutoConfig.for_model(
         model_type,
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), arch.pop("vocab_size", 0)),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

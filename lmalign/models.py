@@ -350,7 +350,7 @@ def build_on_meta(model: ModelConfig, head: Head = "causal_lm"):
 
     arch = dict(model.architecture)
     if model.source == "embedded":  # its vocabulary is its tokenizer's, built here without weights
-        arch["vocab_size"] = len(embedded.build_tokenizer())
+        arch["vocab_size"] = max(len(embedded.build_tokenizer()), arch.get("vocab_size", 0))
     config = AutoConfig.for_model(arch.pop("model_type"), **arch, **head_arguments(head))
     with torch.device("meta"):
         return auto_class(head).from_config(config)

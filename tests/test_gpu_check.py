@@ -1,0 +1,58 @@
+"""benchmarks/gpu_check.py on this CPU: the cases that can run here pass through `python -m
+lmalign`, the CUDA ones say they need a GPU, the JSON is written case by case, and --cases
+reruns one without losing the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECK = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def check(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CHECK), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600,
+                          env={**os.environ, "LMALIGN_CACHE": str(cache)})
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_its_cpu_cases_and_names_what_needs_a_gpu(tmp_path, lmalign_cache):
+    out = tmp_path / "check.json"
+    cases = "matmul,sft_full,fsdp2,qlora"
+    done = check("--cases", cases, "--steps", "6", "--out", str(out), "--work",
+                 str(tmp_path / "work"), cwd=tmp_path, cache=lmalign_cache)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["cases"]
+    assert list(rows) == cases.split(",")
+    assert {name: rows[name]["status"] for name in rows} == {
+        "matmul": "pass", "sft_full": "pass", "fsdp2": "not run", "qlora": "not run"}
+    assert rows["fsdp2"]["why"] == "needs a CUDA GPU"
+    sft = rows["sft_full"]["figures"]
+    assert sft["tokens/s"] > 0 and sft["TFLOP/s"] > 0 and sft["MFU measured"].endswith("%")
+    assert sft["plan MiB (no activations)"] > 0
+    assert rows["matmul"]["figures"]["TFLOP/s"] > 0
+    table = done.stdout.split("runs in")[1]
+    for name in rows:
+        assert f"\n{name} " in table
+
+    # One case again: its row is replaced, the others stay as they were.
+    again = check("--cases", "matmul", "--out", str(out), "--work", str(tmp_path / "work"),
+                  cwd=tmp_path, cache=lmalign_cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads(out.read_text())["cases"]
+    assert rerun["sft_full"] == rows["sft_full"] and list(rerun) == list(rows)
+
+
+def test_an_unknown_case_is_one_error_line_naming_the_cases(tmp_path):
+    refused = subprocess.run([sys.executable, str(CHECK), "--cases", "sft_ful"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        refused.stderr.strip()] and "sft_ful unknown; one of matmul, sft_full" in refused.stderr
