@@ -122,10 +122,22 @@ def _time_callbacks(trainer, seconds: dict) -> None:
     handler.call_event = call_event
 
 
+def _train_plain(args, base, train) -> tuple[float, float]:
+    """A bare SFTTrainer with these arguments: (tokens/s, mean loss)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args,
+                         train_dataset=train, processing_class=AutoTokenizer.from_pretrained(base))
+    result = trainer.train()
+    tokens = next(h["num_tokens"] for h in reversed(trainer.state.log_history)
+                  if "num_tokens" in h)
+    return tokens / result.metrics["train_runtime"], result.metrics["train_loss"]
+
+
 def run_trl_with_lmalign_arguments(config, base, train) -> tuple[float, float]:
     """The same SFTTrainer with exactly the TrainingArguments lmalign gives it, nothing else."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from lmalign import training
 
@@ -136,18 +148,11 @@ def run_trl_with_lmalign_arguments(config, base, train) -> tuple[float, float]:
                          packing_strategy=method.packing_strategy,
                          padding_free=method.padding_free, assistant_only_loss=True,
                          completion_only_loss=method.completion_only_loss)
-        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args,
-                             train_dataset=train,
-                             processing_class=AutoTokenizer.from_pretrained(base))
-        result = trainer.train()
-    tokens = next(h["num_tokens"] for h in reversed(trainer.state.log_history)
-                  if "num_tokens" in h)
-    return tokens / result.metrics["train_runtime"], result.metrics["train_loss"]
+        return _train_plain(args, base, train)
 
 
 def run_plain_trl(config, base, train, trl_defaults: bool = False) -> tuple[float, float]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     method = config.method
     cpu_settings = {} if trl_defaults else {"bf16": False, "gradient_checkpointing": False}
@@ -161,13 +166,7 @@ def run_plain_trl(config, base, train, trl_defaults: bool = False) -> tuple[floa
                          seed=config.seed, data_seed=config.seed, save_strategy="no",
                          report_to=[], logging_steps=method.max_steps, disable_tqdm=True,
                          dataloader_pin_memory=False, **cpu_settings)
-        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args,
-                             train_dataset=train,
-                             processing_class=AutoTokenizer.from_pretrained(base))
-        result = trainer.train()
-    tokens = next(h["num_tokens"] for h in reversed(trainer.state.log_history)
-                  if "num_tokens" in h)
-    return tokens / result.metrics["train_runtime"], result.metrics["train_loss"]
+        return _train_plain(args, base, train)
 
 
 def run_hand_loop(config, base, train) -> tuple[float, float]:
