@@ -298,4 +298,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("stopped: interrupted (Ctrl-C); the wheels already in the wheelhouse are kept, and "
+              "the same command again fetches only the rest", file=sys.stderr)
+        sys.exit(130)
