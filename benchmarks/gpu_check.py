@@ -286,12 +286,9 @@ def _flops_per_token(check: Check, found: dict[str, Any]) -> float:
     from conftest import typed_config
 
     config = typed_config(*check.shape())
-    arch = dict(config.model.architecture)
-    embedding = arch.get("vocab_size", 0) * arch["hidden_size"]
-    if not arch.get("vocab_size"):
-        embedding = plan.meta_model(config, None).get_input_embeddings().weight.numel()
-    tied = arch.get("tie_word_embeddings", False)
-    parameters = found["total_parameters"] - (0 if tied else embedding)
+    arch = config.model.architecture
+    embedding = plan.meta_model(config, None).get_input_embeddings().weight.numel()
+    parameters = found["total_parameters"] - (0 if arch.get("tie_word_embeddings") else embedding)
     context = _mean_chat_tokens(check)
     return 6 * parameters + 12 * arch["num_hidden_layers"] * arch["hidden_size"] * context
 
@@ -390,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per training case")
     parser.add_argument("--work", default=None, help="folder for the runs (default: a new one)")
     options = parser.parse_args(argv)
+    if options.steps < 1:
+        print(f"error: --steps {options.steps}: at least 1 optimizer step", file=sys.stderr)
+        return 2
     chosen = [name.strip() for name in options.cases.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in CASES]
     if unknown:

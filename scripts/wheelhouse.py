@@ -28,6 +28,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_FILE = ".target.json"  # which target a wheelhouse was made for
 
@@ -36,8 +39,15 @@ class Refused(Exception):
     """A problem the user fixes; one `error:` line, exit 2."""
 
 
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+def canonical(name: str, version: str) -> tuple[str, str]:
+    """(name, version) as pip compares them: torch_geometric is torch-geometric, 1.0 is 1.0.0."""
+    return canonicalize_name(name), str(Version(version))
+
+
+def in_wheel(wheel: Path) -> tuple[str, str]:
+    """A wheel file's (canonical name, version)."""
+    name, version, *_ = parse_wheel_filename(wheel.name)
+    return name, str(version)
 
 
 def read_exclude(path: Path) -> dict[str, str]:
@@ -52,11 +62,15 @@ def read_exclude(path: Path) -> dict[str, str]:
         if not line:
             continue
         name, sep, version = line.partition("==")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name.strip()):
+        try:
+            if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name.strip()):
+                raise InvalidVersion
+            name, version = canonical(name.strip(), version.strip())
+        except InvalidVersion:
             problems.append(f"EXCLUDE={path} line {number}: {raw.strip()!r} is not name==version; "
                             "write the list with: python -m pip list --format=freeze")
             continue
-        pins[canonical(name.strip())] = version.strip()
+        pins[name] = version
     if problems:
         raise Refused("\n".join(problems))
     pins.pop("lmalign", None)  # the wheelhouse brings its own
@@ -160,9 +174,9 @@ def refuse_platform_wheels(out: Path, built: list[str], foreign: bool) -> None:
     """A wheel built here for this machine's platform is of no use on another."""
     if not foreign:
         return
-    names = {canonical(re.split(r"[<>=!~ ;\[]", wanted, 1)[0]) for wanted in built}
+    names = {canonicalize_name(wanted.partition("==")[0]) for wanted in built}
     for wheel in out.glob("*.whl"):
-        if canonical(wheel.name.split("-")[0]) in names and not wheel.name.endswith("-none-any.whl"):
+        if in_wheel(wheel)[0] in names and not wheel.name.endswith("-none-any.whl"):
             wheel.unlink()
             raise Refused(f"{wheel.name}: PyPI has no wheel of it for the target and the one "
                           "built here is for this machine's platform; build it on a machine "
@@ -175,12 +189,12 @@ def leave_out(out: Path, exclude: dict[str, str]) -> dict[str, str]:
     whose dependencies (extras included: datasets asks for fsspec[http]) the check needs."""
     left = {}
     for wheel in sorted(out.glob("*.whl")):
-        name, version = wheel.name.split("-")[:2]
-        if exclude.get(canonical(name)) == version:
+        name, version = in_wheel(wheel)
+        if exclude.get(name) == version:
             with zipfile.ZipFile(wheel) as archive:
                 metadata = next(n for n in archive.namelist()
                                 if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
-                left[canonical(name)] = archive.read(metadata).decode()
+                left[name] = archive.read(metadata).decode()
             wheel.unlink()
     return left
 
@@ -211,7 +225,7 @@ def check(requirement: str, out: Path, flags: list[str], exclude: dict[str, str]
         if found.returncode:
             raise SystemExit("error: the wheelhouse does not install with --no-index for the "
                              f"target:\n{tail(found.stderr)}")
-        installs = {(canonical(item["metadata"]["name"]), item["metadata"]["version"])
+        installs = {canonical(item["metadata"]["name"], item["metadata"]["version"])
                     for item in json.loads(report.read_text())["install"]}
     from_wheelhouse = {(name, version) for name, version in installs if name not in exclude}
     print(f"checked: pip install --no-index --dry-run for the target installs "
@@ -225,8 +239,7 @@ def drop_unneeded(out: Path, needed: set[tuple[str, str]]) -> list[Path]:
     libraries beside the target's own torch), or an older version from an earlier run."""
     dropped = []
     for wheel in sorted(out.glob("*.whl")):
-        name, version = wheel.name.split("-")[:2]
-        if (canonical(name), version) not in needed:
+        if in_wheel(wheel) not in needed:
             dropped.append(wheel)
     return dropped
 
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if dropped:
         print(f"dropped {len(dropped)} wheels the target would not install "
               f"({sum(w.stat().st_size for w in dropped) / 2**20:.1f} MiB): "
-              + ", ".join(w.name.split("-")[0] for w in dropped))
+              + ", ".join(in_wheel(w)[0] for w in dropped))
         for wheel in dropped:
             wheel.unlink()
     wheels = sorted(out.glob("*.whl"))
