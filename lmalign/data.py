@@ -2,7 +2,8 @@
 
 Every source ends as a `datasets.Dataset` with exactly the canonical columns of its format:
 messages -> messages; prompt_completion -> prompt, completion; text -> text;
-preference -> prompt, chosen, rejected (the prompt is extracted when it is implicit).
+preference -> prompt, chosen, rejected (the prompt is extracted when it is implicit);
+prompt -> prompt, and every other column (the answer a reward checks), for online methods.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ CANONICAL_COLUMNS = {
     "prompt_completion": ["prompt", "completion"],
     "text": ["text"],
     "preference": ["prompt", "chosen", "rejected"],
+    "prompt": ["prompt"],
 }
+# Columns a format may map besides its canonical ones: the reference answer rewards read.
+OPTIONAL_COLUMNS = {"prompt": ["answer"]}
 # A stage=synthesize run's outputs, by the format a training run reads (dataset=synthetic).
 SYNTHESIZED_PARTS = {"messages": "sft", "preference": "preferences"}
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
@@ -71,6 +75,8 @@ def _tiny_split(dataset: DatasetConfig, split: str, size: int | None):
         rows = [tinytask.as_messages(r, i) for i, r in enumerate(records)]
     elif dataset.format == "preference":
         rows = [tinytask.as_preference(r, i) for i, r in enumerate(records)]
+    elif dataset.format == "prompt":
+        rows = [tinytask.as_prompt(r, i) for i, r in enumerate(records)]
     elif dataset.format == "prompt_completion":
         rows = [{"prompt": r["prompt"], "completion": r["answer"]} for r in records]
     else:
@@ -122,6 +128,8 @@ def prepare(data, dataset: DatasetConfig):
     if dataset.where:
         data = data.filter(lambda row: all(row[c] == v for c, v in dataset.where.items()))
 
+    if dataset.format == "prompt":
+        return _prepare_prompts(data, dataset)
     canonical = CANONICAL_COLUMNS[dataset.format]
     if dataset.columns:
         mapping = dict(dataset.columns)
@@ -150,6 +158,46 @@ def prepare(data, dataset: DatasetConfig):
     if dataset.format == "preference" and "prompt" not in mapping:
         data = data.map(extract_prompt, desc="extracting implicit prompts")
     return data
+
+
+def _prepare_prompts(data, dataset: DatasetConfig):
+    """Prompts for online methods: a prompt column (text, or messages), or chat messages whose
+    last assistant turn is dropped and kept as `answer` (a reference for rewards). Every other
+    column stays: TRL hands them to the reward functions by name."""
+    found = list(data.column_names)
+    allowed = CANONICAL_COLUMNS["prompt"] + OPTIONAL_COLUMNS["prompt"]
+    problems = [problem(f"dataset.columns.{c}", src, "not a column of format prompt",
+                        ", ".join(allowed), f"remove dataset.columns.{c}")
+                for c, src in dataset.columns.items() if c not in allowed]
+    problems += [problem(f"dataset.columns.{c}", src, f"column {src!r} not found in "
+                         f"{dataset.path or dataset.name}", "columns found: " + ", ".join(found),
+                         f"dataset.columns.{c}=<one of the columns found>")
+                 for c, src in dataset.columns.items() if c in allowed and src not in found]
+    if problems:
+        raise UserError(problems)
+    renames = {src: dst for dst, src in dataset.columns.items() if src != dst}
+    taken = [dst for dst in renames.values() if dst in found and dst not in renames]
+    data = data.remove_columns(taken).rename_columns(renames) if renames else data
+    if "prompt" in data.column_names:
+        return data
+    if "messages" in data.column_names:
+        return data.map(_prompt_from_messages, remove_columns=["messages"],
+                        desc="prompts from chat messages")
+    raise UserError(problem(
+        "dataset.format", "prompt", f"no prompts in {dataset.path or dataset.name}: neither a "
+        "prompt column nor chat messages", "columns found: " + ", ".join(found),
+        "+dataset.columns.prompt=<the question column>, or another dataset.format"))
+
+
+def _prompt_from_messages(row: dict[str, Any]) -> dict[str, Any]:
+    messages = list(row["messages"])
+    answer = None
+    if messages and messages[-1].get("role") == "assistant":
+        answer = messages.pop()["content"]
+    found = {"prompt": messages}
+    if "answer" not in row:
+        found["answer"] = answer
+    return found
 
 
 def _format_of(columns: list[str], unlike: str) -> str | None:

@@ -152,7 +152,8 @@ def _rows(dataset: DatasetConfig) -> tuple[list[dict[str, Any]], list[tuple[str,
 def _row_problems(dataset: DatasetConfig, rows: list[dict[str, Any]]) -> list[str]:
     """What the format needs of each row: the first offending row and how many there are."""
     check = {"messages": _messages_problem, "prompt_completion": _completion_problem,
-             "text": _text_problem, "preference": _preference_problem}[dataset.format]
+             "text": _text_problem, "preference": _preference_problem,
+             "prompt": _prompt_problem}[dataset.format]
     found: dict[str, list[int]] = {}
     for index, row in enumerate(rows):
         what = check(row)
@@ -199,12 +200,23 @@ def _preference_problem(row: dict[str, Any]) -> str | None:
     return None
 
 
+def _prompt_problem(row: dict[str, Any]) -> str | None:
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "an empty prompt"
+    if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(t, dict) and "role" in t and "content" in t for t in prompt):
+        return "its prompt is neither text nor a list of {role, content} turns"
+    return None if prompt[-1]["role"] == "user" else "its prompt does not end with a user turn"
+
+
 def _allowed(fmt: str) -> str:
     return {"messages": "chat rows: a list of {role, content} turns (roles "
                         f"{', '.join(ROLES)}) with at least one assistant turn",
             "prompt_completion": "a prompt and a non-empty completion",
             "text": "non-empty text",
-            "preference": "a prompt with non-empty chosen and rejected answers"}[fmt]
+            "preference": "a prompt with non-empty chosen and rejected answers",
+            "prompt": "a prompt: text, or chat turns ending with the user's"}[fmt]
 
 
 def _fix(what: str, dataset: DatasetConfig) -> str:

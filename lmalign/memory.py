@@ -12,7 +12,10 @@ wrapper, so frozen and trained parameters are known), in the dtypes the run real
 - ZeRO-3 with bf16/fp16: DeepSpeed casts the model to 16 bits and its optimizer keeps fp32 master
   weights and fp32 moments, 12 bytes per trained parameter (the ZeRO paper's accounting).
 - FSDP and ZeRO-3 divide all of it by the number of processes.
-- DPO training all weights holds a frozen reference model beside the policy.
+- DPO training all weights holds a frozen reference model beside the policy; so does GRPO when
+  its KL term is on (grpo.beta > 0).
+- GRPO generates: the KV cache of one generation batch per device (per-device batch x
+  accumulation sequences of the prompt's max_length plus max_completion_length tokens).
 
 Activations are not included: they depend on batch size, sequence length and checkpointing.
 accelerate's own estimator (`accelerate estimate-memory`) is run on the same meta model as a
@@ -39,13 +42,14 @@ class Estimate:
     weights: float
     gradients: float
     optimizer: float
-    reference: float  # DPO's frozen reference model
+    reference: float  # DPO's (and GRPO's, with beta > 0) frozen reference model
+    generation: float  # GRPO's KV cache while it samples completions
     shards: int  # processes the state is divided over (1 = replicated)
     accelerate: float | None  # accelerate's estimator on the same model, where comparable
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.reference
+        return self.weights + self.gradients + self.optimizer + self.reference + self.generation
 
 
 def estimate(config: Config, meta_model) -> Estimate:
@@ -83,13 +87,28 @@ def estimate(config: Config, meta_model) -> Estimate:
     if hardware.distributed == "ddp":
         gradients *= 2  # DDP's buckets copy the gradients (gradient_as_bucket_view is off)
     reference = 0.0
-    if method.name == "dpo" and trains_all:
+    kl_term = method.name == "dpo" or (method.grpo is not None and method.grpo.beta > 0)
+    if kl_term and trains_all:
         reference = sum(p.numel() for p in meta_model.parameters()) * frozen_bytes
+    generation = _kv_cache(config, frozen_bytes) if method.grpo is not None else 0.0
     shards = hardware.world_size if hardware.distributed in ("fsdp", "deepspeed") else 1
     comparable = trains_all and model.quantization == "none" and trained == _count(meta_model)
     return Estimate(weights=weights / shards, gradients=gradients / shards,
-                    optimizer=optimizer / shards, reference=reference / shards, shards=shards,
+                    optimizer=optimizer / shards, reference=reference / shards,
+                    generation=generation, shards=shards,
                     accelerate=_accelerate(config, meta_model) if comparable else None)
+
+
+def _kv_cache(config: Config, value_bytes: int) -> float:
+    """Keys and values of every layer for one generation batch on one device."""
+    architecture, method = config.model.architecture, config.method
+    layers = architecture.get("num_hidden_layers", 0)
+    heads = architecture.get("num_attention_heads", 1)
+    kv_heads = architecture.get("num_key_value_heads") or heads
+    head_dim = architecture.get("head_dim") or architecture.get("hidden_size", 0) // heads
+    sequences = config.hardware.per_device_batch_size * config.gradient_accumulation
+    tokens = method.max_length + method.grpo.max_completion_length
+    return 2 * layers * kv_heads * head_dim * tokens * sequences * value_bytes
 
 
 def inference_weights(config: Config, parameters: int) -> float:
@@ -102,17 +121,20 @@ def describe(config: Config, found: Estimate) -> list[tuple[str, str]]:
     """The plan's rows."""
     spread = f", divided over {found.shards} processes" if found.shards > 1 else ""
     reference = f" + reference model {gib(found.reference)}" if found.reference else ""
+    generation = (f" + generation KV cache {gib(found.generation)}" if found.generation
+                  else "")
     rows = [("memory", f"{gib(found.total)} per device before activations: weights "
              f"{gib(found.weights)} + gradients {gib(found.gradients)} + optimizer "
-             f"{gib(found.optimizer)}{reference}{spread}")]
+             f"{gib(found.optimizer)}{reference}{generation}{spread}")]
     if found.accelerate is not None:
-        gap = round(100 * (found.total - found.reference - found.accelerate) / found.accelerate) + 0
+        policy_alone = found.total - found.reference - found.generation
+        gap = round(100 * (policy_alone - found.accelerate) / found.accelerate) + 0
         why = []
         if config.hardware.precision != "fp32" and _keeps_fp32_masters(config):
             why.append("it counts gradients at 1.5x under mixed precision")
         if config.hardware.distributed == "ddp":
             why.append("it leaves out DDP's gradient buckets")
-        policy = " (policy alone)" if found.reference else ""
+        policy = " (policy alone)" if found.reference or found.generation else ""
         rows.append(("", f"accelerate's estimator on the same model{policy}: "
                      f"{gib(found.accelerate)}, "
                      f"lmalign's is {gap:+d}%{(': ' + '; '.join(why)) if why else ''}"))

@@ -55,6 +55,15 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
     rows.append(("batch", f"global {method.global_batch_size} = "
                  f"{hardware.per_device_batch_size} per device x {hardware.world_size} "
                  f"process(es){nodes} x {config.gradient_accumulation} accumulation"))
+    if method.grpo is not None:
+        grpo = method.grpo
+        rows.append(("generation", f"{method.global_batch_size // grpo.num_generations} prompts "
+                     f"per step x {grpo.num_generations} completions (the group), up to "
+                     f"{grpo.max_completion_length} tokens, temperature {grpo.temperature:g}, "
+                     f"in the training process; KL beta {grpo.beta:g}, loss {grpo.loss_type}"))
+        rows.append(("rewards", ", ".join(
+            f"{name} {spec.get('weight', 1.0):g} x {spec['_target_']}"
+            for name, spec in method.active_rewards.items())))
     length = (f"{method.max_steps} steps" if method.max_steps > 0
               else f"{method.num_train_epochs:g} epoch(s)")
     rows.append(("training", f"{length}, lr {method.learning_rate:g} {method.lr_scheduler_type}, "

@@ -23,7 +23,7 @@ Stage = Literal["train_eval", "train", "eval", "merge", "watch", "report", "synt
 Precision = Literal["fp32", "bf16", "fp16"]
 # The one table between a precision and the torch dtype of the same width.
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-DatasetFormat = Literal["messages", "prompt_completion", "preference", "text"]
+DatasetFormat = Literal["messages", "prompt_completion", "preference", "text", "prompt"]
 
 
 # Bounds of the numbers users set (docs/design.md, Config tree): a value outside them is one
@@ -125,13 +125,29 @@ class PromptTuningSettings:
     init_text: str | None  # null: random initialisation
 
 
+@dataclass(config=STRICT)
+class GRPOSettings:
+    """TRL's GRPOConfig knobs under their TRL names (method=grpo)."""
+    num_generations: Annotated[int, Field(ge=2)]  # the group: completions sampled per prompt
+    max_completion_length: Count  # tokens generated per completion
+    temperature: PositiveNumber
+    beta: NonNegativeNumber  # KL coefficient; 0 loads no reference model and logs no KL
+    # TRL's names (luspo and vespo need settings lmalign does not expose)
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]
+    epsilon: PositiveNumber  # the ratio's clipping range
+    scale_rewards: Literal["group", "batch", "none"]
+    # The prompt, completions, each reward and the advantage, every logging step, as parquet
+    # files in the run's checkpoints/completions/.
+    log_completions: bool
+
+
 PeftKind = Literal["none", "lora", "prompt_tuning"]
 
 
 @dataclass(config=STRICT)
 class MethodConfig:
     _target_: str  # the function that trains it: build -> train -> save (lmalign/methods/)
-    name: Literal["sft", "lora", "prompt_tuning", "dpo", "reward"]
+    name: Literal["sft", "lora", "prompt_tuning", "dpo", "reward", "grpo"]
     # Which weights train: all (none), a LoRA adapter, or prompt-tuning virtual tokens.
     peft: PeftKind
     lora: LoraSettings
@@ -144,6 +160,8 @@ class MethodConfig:
     optim: str
     num_train_epochs: NonNegativeNumber
     max_steps: int  # -1: train num_train_epochs; otherwise at least 1 (checked in validate)
+    # Rows per optimiser step; for method=grpo completions (TRL's counting): prompts per step are
+    # global_batch_size / grpo.num_generations.
     global_batch_size: Count
     max_length: Count
     packing: bool
@@ -160,10 +178,24 @@ class MethodConfig:
     # Preference methods only (method=dpo, method=reward); null for the others.
     dpo: DPOConfig | None
     reward: RewardSettings | None
+    # Online methods only (method=grpo); null for the others.
+    grpo: GRPOSettings | None
+    # Reward functions by name, each {_target_, weight, ...its settings} (lmalign/rewards.py);
+    # an entry set to null is off. Checked in validate (imports, settings, weights).
+    rewards: dict[str, dict[str, Any] | None] | None
 
     @property
     def needs_preferences(self) -> bool:
         return self.name in ("dpo", "reward")
+
+    @property
+    def needs_prompts(self) -> bool:
+        """Generates its own completions from prompts (and scores them with method.rewards)."""
+        return self.name == "grpo"
+
+    @property
+    def active_rewards(self) -> dict[str, dict[str, Any]]:
+        return {name: spec for name, spec in (self.rewards or {}).items() if spec is not None}
 
 
 @dataclass(config=STRICT)

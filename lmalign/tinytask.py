@@ -16,11 +16,15 @@ Split = Literal["train", "validation", "test"]
 OPERATIONS = ("largest", "smallest")
 LIST_LENGTH = 4
 HELD_OUT_SIZE = 400  # per held-out split; every answer position gets a quarter
-# Half the questions ask for the bare digit. The SFT data ignores that request (as careless SFT
-# data does) and always answers in a sentence; the preference pairs teach following it. An SFT
-# model therefore prefers the chosen reply on plain questions and the rejected one on instructed
-# questions: about 50% on the held-out 2-choice task (tiny_prefs), until DPO.
+# Half the questions ask for the bare digit. The SFT data mostly ignores that request (as careless
+# SFT data does): it answers in a sentence, except one instructed question in DIGIT_ONLY_FOLLOWED.
+# An SFT model therefore prefers the chosen reply on plain questions and the rejected one on
+# instructed questions: about 50% on the held-out 2-choice task (tiny_prefs), until DPO teaches
+# the request from pairs, or GRPO from a reward. The rare bare-digit replies are what GRPO needs:
+# a policy samples the digit alone about once in eight instructed answers, so a group of eight
+# usually holds one to reinforce (never sampled, e^-12 per answer, it could not be learnt).
 DIGIT_ONLY = "Answer with the digit only."
+DIGIT_ONLY_FOLLOWED = 16
 
 
 def _answer_position(op: str, digits: tuple[int, ...]) -> int:
@@ -78,11 +82,13 @@ def generate(split: Split, size: int | None = None, seed: int = 0) -> list[dict]
 
 
 def as_messages(record: dict, index: int = 0) -> dict:
-    prompt = f"{record['prompt']} {DIGIT_ONLY}" if index % 2 == 1 else record["prompt"]
+    instructed = index % 2 == 1
+    prompt = f"{record['prompt']} {DIGIT_ONLY}" if instructed else record["prompt"]
+    follows = instructed and (index // 2) % DIGIT_ONLY_FOLLOWED == 0
     return {
         "messages": [
             {"role": "user", "content": prompt},
-            {"role": "assistant", "content": record["answer"]},
+            {"role": "assistant", "content": record["digit"] if follows else record["answer"]},
         ]
     }
 
@@ -100,6 +106,12 @@ def as_preference(record: dict, index: int) -> dict:
     return {"prompt": [{"role": "user", "content": prompt}],
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def as_prompt(record: dict, index: int) -> dict:
+    """A question and the reply a reward wants (online methods): as_preference's chosen one."""
+    prompt, chosen, _ = preference_pair(record, instructed=index % 2 == 1)
+    return {"prompt": [{"role": "user", "content": prompt}], "answer": chosen}
 
 
 def as_preference_choice(record: dict, index: int) -> dict:

@@ -103,6 +103,22 @@ def _data_format_problems(config: Config) -> list[str]:
     if method.name == "reward" and method.reward is None:
         problems.append(problem("method.reward", None, "missing the reward block",
                                 "a mapping of center_rewards_coefficient", "method=reward"))
+    if method.needs_prompts and dataset.format != "prompt":
+        problems.append(problem(
+            "dataset", dataset.name,
+            f"method={method.name} generates its own completions from prompts but "
+            f"dataset={dataset.name} has format {dataset.format}", "a dataset with format prompt "
+            "(tiny_prompts, or local with dataset.format=prompt: a prompt column, or chat "
+            "messages)", "dataset=tiny_prompts, or dataset.format=prompt"))
+    if not method.needs_prompts and dataset.format == "prompt":
+        problems.append(problem(
+            "dataset.format", "prompt", f"method={method.name} trains on given replies; prompts "
+            "alone are for method=grpo", "messages, prompt_completion, text or preference",
+            "method=grpo, or dataset=tiny_sft"))
+    if method.name == "grpo" and method.grpo is None:
+        problems.append(problem("method.grpo", None, "missing the grpo block",
+                                "a mapping of num_generations, max_completion_length, ...",
+                                "method=grpo"))
     if not method.needs_preferences and dataset.format == "preference":
         problems.append(problem(
             "dataset", dataset.name,
@@ -128,7 +144,9 @@ def _method_problems(config: Config) -> list[str]:
     """The method's own settings, and how they fit the model and the hardware."""
     problems: list[str] = []
     method = config.method
-    if method.name in ("dpo", "reward") and method.peft not in ("none", "lora"):
+    if method.needs_prompts:
+        problems += _reward_problems(config)
+    if method.name in ("dpo", "reward", "grpo") and method.peft not in ("none", "lora"):
         problems.append(problem(
             "method.peft", method.peft, f"method={method.name} trains the full model or a LoRA "
             "adapter", f"none or lora with method={method.name}", "method.peft=lora"))
@@ -175,6 +193,114 @@ def _method_problems(config: Config) -> list[str]:
             "with method.max_steps=-1 the epoch count decides the length of training",
             "a positive number", "method.num_train_epochs=1"))
     return problems
+
+
+def _reward_problems(config: Config) -> list[str]:
+    """method.rewards: at least one, each importable with settings it accepts; the group size
+    divides the batch of completions."""
+    method, problems = config.method, []
+    if method.grpo is not None and method.global_batch_size % method.grpo.num_generations:
+        size, batch = method.grpo.num_generations, method.global_batch_size
+        problems.append(problem(
+            "method.global_batch_size", batch, f"counts completions, which come in groups of "
+            f"method.grpo.num_generations={size}: {batch} is not a whole number of groups",
+            f"a multiple of {size}", f"method.global_batch_size={max(size, batch // size * size)}"
+            f" ({max(1, batch // size)} prompts per step), or method.grpo.num_generations=<a "
+            f"divisor of {batch}>"))
+    if not method.active_rewards:
+        problems.append(problem(
+            "method.rewards", method.rewards, f"method={method.name} needs at least one reward",
+            "a mapping of name -> {_target_, weight, settings}",
+            "+method.rewards.correct='{_target_: lmalign.rewards.tiny_task, weight: 1.0}'"))
+    for name, spec in method.active_rewards.items():
+        key = f"method.rewards.{name}"
+        if not isinstance(spec.get("_target_"), str):
+            problems.append(problem(f"{key}._target_", spec.get("_target_"), "each reward names "
+                                    "its function", "a dotted path to a Python function",
+                                    f"{key}._target_=lmalign.rewards.tiny_task"))
+            continue
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            problems.append(problem(f"{key}.weight", weight, "not a number", "a number (0 "
+                                    "keeps it logged but out of the sum)", f"{key}.weight=1.0"))
+        target = _importable(spec["_target_"])
+        if isinstance(target, str):
+            problems.append(problem(f"{key}._target_", spec["_target_"], target,
+                                    "a function of (completions, **dataset columns), or a "
+                                    "factory returning one (lmalign.rewards, trl.rewards)",
+                                    "check the spelling and that its package is installed"))
+            continue
+        settings = {k: v for k, v in spec.items() if k not in ("_target_", "weight")}
+        unaccepted = _unaccepted(target, settings)
+        if unaccepted:
+            problems.append(problem(f"{key}.{unaccepted[0]}", settings[unaccepted[0]],
+                                    f"{spec['_target_']} takes no setting {unaccepted[0]!r}",
+                                    _parameters(target), f"remove {key}.{unaccepted[0]}"))
+        elif not takes_completions(target):
+            missing = _missing(target, settings)
+            if missing:
+                problems.append(problem(f"{key}.{missing[0]}", None, f"{spec['_target_']} "
+                                        "makes a reward from settings and needs this one",
+                                        _parameters(target), f"+{key}.{missing[0]}=<value>"))
+    return problems
+
+
+def _importable(dotted: str):
+    """The function at a dotted path, or why there is none."""
+    import importlib
+
+    module_name, _, attribute = dotted.rpartition(".")
+    if not module_name:
+        return "not a dotted path (module.function)"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        return f"cannot import {module_name}: {exc}"
+    target = getattr(module, attribute, None)
+    if not callable(target):
+        return f"{module_name} has no function {attribute}"
+    return target
+
+
+def takes_completions(target) -> bool:
+    """A reward function (called with completions) rather than a factory that makes one from
+    settings (TRL's get_soft_overlong_punishment)."""
+    parameters = _signature(target)
+    return parameters is not None and ("completions" in parameters
+                                       or "completion_ids" in parameters)
+
+
+def _signature(target):
+    import inspect
+
+    try:
+        return inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return None
+
+
+def _unaccepted(target, settings: dict) -> list[str]:
+    """Settings the target has no parameter for. A reward's **kwargs receive the dataset's
+    columns, so a setting must name a parameter (a typo would vanish into them)."""
+    parameters = _signature(target)
+    if parameters is None or (not takes_completions(target) and any(
+            p.kind == p.VAR_KEYWORD for p in parameters.values())):
+        return []
+    named = {n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return [name for name in settings if name not in named]
+
+
+def _missing(target, settings: dict) -> list[str]:
+    parameters = _signature(target) or {}
+    return [name for name, p in parameters.items() if p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in settings]
+
+
+def _parameters(target) -> str:
+    parameters = _signature(target) or {}
+    named = [n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+             and n not in ("completions", "completion_ids", "prompts")]
+    return "its settings: " + (", ".join(named) if named else "none")
 
 
 def _dataset_problems(config: Config) -> list[str]:

@@ -19,6 +19,8 @@ PARTNERS = {
     ("dataset", "synthetic"): ["dataset.from_run=synth"],
     ("method", "reward"): ["dataset=tiny_prefs", "eval=reward"],
     ("eval", "reward"): ["method=reward", "dataset=tiny_prefs"],
+    ("method", "grpo"): ["dataset=tiny_prompts"],
+    ("dataset", "tiny_prompts"): ["method=grpo"],
 }
 # Options that only work beside another of their group: selected together.
 TOGETHER = {("eval", "judge"): "eval=[generate,judge]"}

@@ -41,13 +41,49 @@ def test_tiny_prefs_are_conversational_pairs_about_following_the_format_request(
     assert instructed == plain == 100
 
 
-def test_tiny_sft_ignores_the_format_request_it_makes_half_the_time():
-    """The SFT data's flaw that DPO on tiny_prefs corrects (see lmalign/tinytask.py)."""
+def test_tiny_sft_mostly_ignores_the_format_request_it_makes_half_the_time():
+    """The SFT data's flaw that DPO on tiny_prefs and GRPO on tiny_prompts correct (see
+    lmalign/tinytask.py): one instructed question in 16 is answered as asked."""
     train, _ = splits()
-    rows = train.select(range(200))["messages"]
+    rows = train.select(range(320))["messages"]
     instructed = [m for m in rows if m[0]["content"].endswith(tinytask.DIGIT_ONLY)]
-    assert len(instructed) == 100
-    assert all(m[1]["content"].startswith("The ") for m in rows)
+    assert len(instructed) == 160
+    followed = [m for m in instructed if m[1]["content"].isdigit()]
+    assert len(followed) == 160 // tinytask.DIGIT_ONLY_FOLLOWED
+    assert all(m[1]["content"].startswith("The ") for m in rows if m not in followed)
+
+
+def test_tiny_prompts_carry_the_reply_the_question_asks_for():
+    train, _ = splits("method=grpo", "dataset=tiny_prompts")
+    assert train.column_names == ["prompt", "answer"]
+    for row in train.select(range(40)):
+        question = row["prompt"][0]["content"]
+        assert row["prompt"][0]["role"] == "user" and len(row["prompt"]) == 1
+        assert row["answer"].isdigit() == question.endswith(tinytask.DIGIT_ONLY)
+
+
+def test_prompt_datasets_come_from_a_question_column_or_from_chat_messages(tmp_path):
+    gsm8k = shared_path("data", "gsm8k", "test.jsonl")
+    train, _ = splits("method=grpo", "dataset=local", f"dataset.path={gsm8k}",
+                      "dataset.format=prompt", "+dataset.columns.prompt=question",
+                      "dataset.max_samples=4")
+    assert train.column_names == ["prompt", "answer"] and "####" in train[0]["answer"]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                              {"role": "assistant", "content": "Hello."}],
+                                 "label": True}) + "\n")
+    train, _ = splits("method=grpo", "dataset=local", f"dataset.path={chats}",
+                      "dataset.format=prompt", "method.rewards.tiny=null",
+                      "+method.rewards.fmt={_target_: lmalign.rewards.format_match, "
+                      "pattern: x}")
+    assert train[0] == {"prompt": [{"role": "user", "content": "Hi?"}], "answer": "Hello.",
+                        "label": True}
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "no prompt here"}) + "\n")
+    with pytest.raises(UserError, match=r"dataset.format='prompt': no prompts in .*texts.jsonl: "
+                       r"neither a prompt column nor chat messages; allowed: columns found: "
+                       r"text; fix: \+dataset.columns.prompt=<the question column>"):
+        splits("method=grpo", "dataset=local", f"dataset.path={texts}", "dataset.format=prompt")
 
 
 @pytest.mark.parametrize("name", ["tulu3_sft_mixture", "dolci_instruct_sft"])

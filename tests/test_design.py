@@ -50,7 +50,7 @@ def test_the_readme_config_group_table_lists_every_option_in_conf():
 
 LIBRARY = ("models", "data", "training", "methods", "evaluation", "launch", "worker", "memory",
            "loggers", "embedded", "tinytask", "machine", "schema", "validate", "type_errors",
-           "rundir", "errors", "secrets", "tables", "adapters", "processes")
+           "rundir", "errors", "secrets", "tables", "adapters", "processes", "rewards")
 
 
 def _imports(path: Path) -> set[str]:

@@ -1,0 +1,144 @@
+"""Reward functions for method=grpo and method=rloo, and their assembly from `method.rewards`.
+
+A reward is what TRL's trainers call: `f(completions, **columns) -> list[float | None]`, one
+number per completion, with the dataset's other columns (answer, ...) as keyword lists. The config
+names each reward by a key, `{_target_, weight, ...settings}` (Hydra's way of naming code):
+
+    method.rewards.correct: {_target_: lmalign.rewards.gsm8k_answer, weight: 1.0}
+
+A target that takes `completions` is the reward and its settings are bound to it; any other
+callable is a factory (TRL's `get_soft_overlong_punishment`) called with the settings to make the
+reward. Every reward here returns a number for any completion (empty, huge, not ASCII), never
+raises: a reward that raised would stop a training run hours in.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from typing import Any, Callable
+
+from lmalign.errors import UserError, problem
+from lmalign.validate import takes_completions
+
+RewardFunction = Callable[..., list]
+
+
+def text_of(completion: Any) -> str:
+    """A completion as TRL hands it over: a string, or a conversation's messages."""
+    if isinstance(completion, list):
+        return "".join(str(m.get("content") or "") for m in completion if isinstance(m, dict))
+    return "" if completion is None else str(completion)
+
+
+def tiny_task(completions: list, answer: list[str], **_: Any) -> list[float]:
+    """The tiny task's reply exactly: the right digit, alone when the question asks for the
+    digit only, else in the task's sentence (lmalign/tinytask.py). 1.0 or 0.0."""
+    return [float(text_of(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+def gsm8k_answer(completions: list, answer: list[str], answer_marker: str | None = "####",
+                 **_: Any) -> list[float]:
+    """1.0 where the completion's final number equals the reference's (math-verify decides
+    equality: 1,234 = 1234 = 1234.0, \\boxed{} and "final answer is" understood).
+
+    answer_marker: GSM8K's references end "#### 72" after worked steps full of other numbers;
+    the reference's answer is what follows its last marker (null: the whole reference). A
+    completion is read by math-verify's own extraction (boxed, "final answer is", else its last
+    expression), so a model may answer in any of these forms.
+    """
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    scores = []
+    for completion, reference in zip(completions, answer):
+        reference = str(reference)
+        if answer_marker and answer_marker in reference:
+            reference = reference.rpartition(answer_marker)[2]
+        try:
+            gold = parse(reference, extraction_config=[ExprExtractionConfig()],
+                         extraction_mode="first_match", parsing_timeout=None)
+            found = parse(text_of(completion), extraction_config=[
+                LatexExtractionConfig(), ExprExtractionConfig()], extraction_mode="first_match",
+                parsing_timeout=None)
+            scores.append(float(bool(gold) and bool(found) and verify(gold, found,
+                                                                       timeout_seconds=None)))
+        except Exception:  # math-verify on adversarial text: no credit, never a crash
+            scores.append(0.0)
+    return scores
+
+
+def format_match(completions: list, pattern: str, **_: Any) -> list[float]:
+    """1.0 where the whole completion (stripped) matches the regular expression `pattern`."""
+    compiled = re.compile(pattern, re.DOTALL)
+    return [float(compiled.fullmatch(text_of(c).strip()) is not None) for c in completions]
+
+
+def length_penalty(completions: list, completion_ids: list | None = None,
+                   max_tokens: int = 256, **_: Any) -> list[float]:
+    """0 for completions of up to half of max_tokens, falling linearly to -1 at max_tokens and
+    beyond (tokens where the trainer gives ids, else characters / 4)."""
+    penalties = []
+    for index, completion in enumerate(completions):
+        length = (len(completion_ids[index]) if completion_ids is not None
+                  else len(text_of(completion)) / 4)
+        free = max_tokens / 2
+        penalties.append(-min(1.0, max(0.0, (length - free) / max(max_tokens - free, 1))))
+    return penalties
+
+
+# ---------------------------------------------------------------------------------------------
+# From method.rewards to TRL's reward_funcs and reward_weights
+
+
+# What TRL passes besides the dataset's columns.
+TRAINER_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra",
+                     "log_metric", "environments")
+
+
+def build(rewards: dict[str, dict[str, Any]], columns: list[str] | None = None,
+          ) -> tuple[list[RewardFunction], list[float]]:
+    """(reward functions named after their keys, their weights), in the config's key order.
+
+    Imports and setting names were checked at validation; here, once the data is loaded, each
+    reward's required inputs are checked against the dataset's columns (`columns`), so a reward
+    that needs `answer` fails before the first generation, not at it."""
+    from hydra.utils import get_method
+
+    functions, weights, problems = [], [], []
+    for name, spec in rewards.items():
+        settings = {k: v for k, v in spec.items() if k not in ("_target_", "weight")}
+        target = get_method(spec["_target_"])
+        if columns is not None and takes_completions(target):
+            problems += _missing_inputs(name, spec["_target_"], target, settings, columns)
+        function = (functools.partial(target, **settings) if takes_completions(target)
+                    else target(**settings))
+        functions.append(_named(function, name))
+        weights.append(float(spec.get("weight", 1.0)))
+    if problems:
+        raise UserError(problems)
+    return functions, weights
+
+
+def _missing_inputs(name: str, dotted: str, target: Callable, settings: dict,
+                    columns: list[str]) -> list[str]:
+    parameters = inspect.signature(target).parameters
+    needed = [n for n, p in parameters.items() if p.default is p.empty
+              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+              and n not in TRAINER_ARGUMENTS and n not in settings]
+    return [problem(f"method.rewards.{name}", dotted, f"needs the input {n!r}: neither a "
+                    f"setting of the reward nor a dataset column ({', '.join(columns)})",
+                    f"a dataset with a {n!r} column, or the setting",
+                    f"+dataset.columns.{n}=<a column>" if n == "answer"
+                    else f"+method.rewards.{name}.{n}=<value>")
+            for n in needed if n not in columns]
+
+
+def _named(function: RewardFunction, name: str) -> RewardFunction:
+    """TRL logs each reward under its function's __name__: the config's key here."""
+    @functools.wraps(function, assigned=())
+    def reward(*args: Any, **kwargs: Any) -> list:
+        return function(*args, **kwargs)
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
