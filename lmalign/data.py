@@ -3,7 +3,9 @@
 Every source ends as a `datasets.Dataset` with exactly the canonical columns of its format:
 messages -> messages; prompt_completion -> prompt, completion; text -> text;
 preference -> prompt, chosen, rejected (the prompt is extracted when it is implicit);
-prompt -> prompt, and every other column (the answer a reward checks), for online methods.
+prompt -> prompt, and every other column (the answer a reward checks), for online methods;
+unpaired -> prompt, completion, label (KTO; chat messages with a label give their last assistant
+turn as the completion, and dataset.unpair turns preference pairs into these rows).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ CANONICAL_COLUMNS = {
     "text": ["text"],
     "preference": ["prompt", "chosen", "rejected"],
     "prompt": ["prompt"],
+    "unpaired": ["prompt", "completion", "label"],
 }
 # Columns a format may map besides its canonical ones: the reference answer rewards read.
 OPTIONAL_COLUMNS = {"prompt": ["answer"]}
@@ -47,6 +50,16 @@ def synthesized_part(from_run: str, data_format: str, runs_root: str) -> Path | 
 
 def load_splits(dataset: DatasetConfig):
     """(train, eval or None), normalised to the format's canonical columns."""
+    train, evaluation = _load_splits(dataset)
+    if dataset.unpair:
+        from trl.data_utils import unpair_preference_dataset
+
+        train = unpair_preference_dataset(train)
+        evaluation = unpair_preference_dataset(evaluation) if evaluation is not None else None
+    return train, evaluation
+
+
+def _load_splits(dataset: DatasetConfig):
     if dataset.source == "tiny":
         return _tiny_split(dataset, "train", dataset.max_samples), (
             _tiny_split(dataset, "validation", dataset.max_eval_samples)
@@ -77,6 +90,8 @@ def _tiny_split(dataset: DatasetConfig, split: str, size: int | None):
         rows = [tinytask.as_preference(r, i) for i, r in enumerate(records)]
     elif dataset.format == "prompt":
         rows = [tinytask.as_prompt(r, i) for i, r in enumerate(records)]
+    elif dataset.format == "unpaired":
+        rows = [tinytask.as_unpaired(r, i) for i, r in enumerate(records)]
     elif dataset.format == "prompt_completion":
         rows = [{"prompt": r["prompt"], "completion": r["answer"]} for r in records]
     else:
@@ -130,6 +145,11 @@ def prepare(data, dataset: DatasetConfig):
 
     if dataset.format == "prompt":
         return _prepare_prompts(data, dataset)
+    if dataset.format == "unpaired" and "completion" not in found \
+            and "completion" not in dataset.columns and "messages" in found:
+        data = data.map(_unpaired_from_messages, remove_columns=["messages"],
+                        desc="completions from chat messages")
+        found = list(data.column_names)
     canonical = CANONICAL_COLUMNS[dataset.format]
     if dataset.columns:
         mapping = dict(dataset.columns)
@@ -198,6 +218,15 @@ def _prompt_from_messages(row: dict[str, Any]) -> dict[str, Any]:
     if "answer" not in row:
         found["answer"] = answer
     return found
+
+
+def _unpaired_from_messages(row: dict[str, Any]) -> dict[str, Any]:
+    """The last assistant turn is the labelled completion; the turns before it, the prompt."""
+    messages = list(row["messages"])
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        return {"prompt": messages, "completion": []}
+    return {"prompt": messages[:last], "completion": [messages[last]]}
 
 
 def _format_of(columns: list[str], unlike: str) -> str | None:

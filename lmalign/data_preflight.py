@@ -153,7 +153,7 @@ def _row_problems(dataset: DatasetConfig, rows: list[dict[str, Any]]) -> list[st
     """What the format needs of each row: the first offending row and how many there are."""
     check = {"messages": _messages_problem, "prompt_completion": _completion_problem,
              "text": _text_problem, "preference": _preference_problem,
-             "prompt": _prompt_problem}[dataset.format]
+             "prompt": _prompt_problem, "unpaired": _unpaired_problem}[dataset.format]
     found: dict[str, list[int]] = {}
     for index, row in enumerate(rows):
         what = check(row)
@@ -210,13 +210,23 @@ def _prompt_problem(row: dict[str, Any]) -> str | None:
     return None if prompt[-1]["role"] == "user" else "its prompt does not end with a user turn"
 
 
+def _unpaired_problem(row: dict[str, Any]) -> str | None:
+    if not isinstance(row.get("label"), bool):
+        return "its label is not true or false"
+    if not row.get("completion"):
+        return "an empty completion (or no assistant turn)"
+    return None if row.get("prompt") is not None else "no prompt"
+
+
 def _allowed(fmt: str) -> str:
     return {"messages": "chat rows: a list of {role, content} turns (roles "
                         f"{', '.join(ROLES)}) with at least one assistant turn",
             "prompt_completion": "a prompt and a non-empty completion",
             "text": "non-empty text",
             "preference": "a prompt with non-empty chosen and rejected answers",
-            "prompt": "a prompt: text, or chat turns ending with the user's"}[fmt]
+            "prompt": "a prompt: text, or chat turns ending with the user's",
+            "unpaired": "a prompt, a non-empty completion and a label true (desirable) or "
+                        "false"}[fmt]
 
 
 def _fix(what: str, dataset: DatasetConfig) -> str:

@@ -12,9 +12,10 @@ wrapper, so frozen and trained parameters are known), in the dtypes the run real
 - ZeRO-3 with bf16/fp16: DeepSpeed casts the model to 16 bits and its optimizer keeps fp32 master
   weights and fp32 moments, 12 bytes per trained parameter (the ZeRO paper's accounting).
 - FSDP and ZeRO-3 divide all of it by the number of processes.
-- DPO training all weights holds a frozen reference model beside the policy; so does GRPO when
-  its KL term is on (grpo.beta > 0).
-- GRPO generates: the KV cache of one generation batch per device (per-device batch x
+- DPO and KTO training all weights hold a frozen reference model beside the policy; so does GRPO
+  when
+  its KL term is on (beta > 0), as RLOO's.
+- GRPO and RLOO generate: the KV cache of one generation batch per device (per-device batch x
   accumulation sequences of the prompt's max_length plus max_completion_length tokens).
 
 Activations are not included: they depend on batch size, sequence length and checkpointing.
@@ -43,7 +44,7 @@ class Estimate:
     gradients: float
     optimizer: float
     reference: float  # DPO's (and GRPO's, with beta > 0) frozen reference model
-    generation: float  # GRPO's KV cache while it samples completions
+    generation: float  # GRPO's (RLOO's) KV cache while it samples completions
     shards: int  # processes the state is divided over (1 = replicated)
     accelerate: float | None  # accelerate's estimator on the same model, where comparable
 
@@ -87,10 +88,10 @@ def estimate(config: Config, meta_model) -> Estimate:
     if hardware.distributed == "ddp":
         gradients *= 2  # DDP's buckets copy the gradients (gradient_as_bucket_view is off)
     reference = 0.0
-    kl_term = method.name == "dpo" or (method.grpo is not None and method.grpo.beta > 0)
+    kl_term = method.name in ("dpo", "kto") or (method.sampling is not None and method.sampling.beta > 0)
     if kl_term and trains_all:
         reference = sum(p.numel() for p in meta_model.parameters()) * frozen_bytes
-    generation = _kv_cache(config, frozen_bytes) if method.grpo is not None else 0.0
+    generation = _kv_cache(config, frozen_bytes) if method.sampling is not None else 0.0
     shards = hardware.world_size if hardware.distributed in ("fsdp", "deepspeed") else 1
     comparable = trains_all and model.quantization == "none" and trained == _count(meta_model)
     return Estimate(weights=weights / shards, gradients=gradients / shards,
@@ -107,7 +108,7 @@ def _kv_cache(config: Config, value_bytes: int) -> float:
     kv_heads = architecture.get("num_key_value_heads") or heads
     head_dim = architecture.get("head_dim") or architecture.get("hidden_size", 0) // heads
     sequences = config.hardware.per_device_batch_size * config.gradient_accumulation
-    tokens = method.max_length + method.grpo.max_completion_length
+    tokens = method.max_length + method.sampling.max_completion_length
     return 2 * layers * kv_heads * head_dim * tokens * sequences * value_bytes
 
 

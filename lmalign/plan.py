@@ -50,17 +50,21 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
     where = (f"{dataset.from_run}'s {SYNTHESIZED_PARTS.get(dataset.format, '?')}/"
              if dataset.from_run else dataset.path or "built in")
     rows.append(("dataset", f"{dataset.name} ({dataset.source}: {where}, "
-                 f"format {dataset.format}, split {dataset.train_split})"))
+                 f"format {dataset.format}"
+                 + (" split into unpaired replies" if dataset.unpair else "")
+                 + f", split {dataset.train_split})"))
     nodes = f" on {hardware.num_nodes} nodes" if hardware.num_nodes > 1 else ""
     rows.append(("batch", f"global {method.global_batch_size} = "
                  f"{hardware.per_device_batch_size} per device x {hardware.world_size} "
                  f"process(es){nodes} x {config.gradient_accumulation} accumulation"))
-    if method.grpo is not None:
-        grpo = method.grpo
-        rows.append(("generation", f"{method.global_batch_size // grpo.num_generations} prompts "
-                     f"per step x {grpo.num_generations} completions (the group), up to "
-                     f"{grpo.max_completion_length} tokens, temperature {grpo.temperature:g}, "
-                     f"in the training process; KL beta {grpo.beta:g}, loss {grpo.loss_type}"))
+    if method.sampling is not None:
+        sampling = method.sampling
+        loss = f", loss {method.grpo.loss_type}" if method.grpo is not None else ""
+        rows.append(("generation", f"{method.global_batch_size // sampling.num_generations} "
+                     f"prompts per step x {sampling.num_generations} completions (the group), "
+                     f"up to {sampling.max_completion_length} tokens, temperature "
+                     f"{sampling.temperature:g}, in the training process; KL beta "
+                     f"{sampling.beta:g}{loss}"))
         rows.append(("rewards", ", ".join(
             f"{name} {spec.get('weight', 1.0):g} x {spec['_target_']}"
             for name, spec in method.active_rewards.items())))

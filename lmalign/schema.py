@@ -23,7 +23,8 @@ Stage = Literal["train_eval", "train", "eval", "merge", "watch", "report", "synt
 Precision = Literal["fp32", "bf16", "fp16"]
 # The one table between a precision and the torch dtype of the same width.
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-DatasetFormat = Literal["messages", "prompt_completion", "preference", "text", "prompt"]
+DatasetFormat = Literal["messages", "prompt_completion", "preference", "text", "prompt",
+                        "unpaired"]
 
 
 # Bounds of the numbers users set (docs/design.md, Config tree): a value outside them is one
@@ -92,6 +93,9 @@ class DatasetConfig:
     max_samples: Count | None
     max_eval_samples: Count | None
     seed: Seed
+    # Preference pairs read as unpaired rows, each pair a desirable and an undesirable one
+    # (format preference in the data, unpaired for the trainer: method=kto).
+    unpair: bool
     # dataset=synthetic: a stage=synthesize run (run_name or directory); its sft/ is read for
     # format messages, its preferences/ for format preference. Set into `path` when the run starts.
     from_run: str | None
@@ -102,6 +106,16 @@ class DPOConfig:
     beta: PositiveNumber
     loss_type: str
     precompute_ref_log_probs: bool
+
+
+@dataclass(config=STRICT)
+class KTOSettings:
+    beta: PositiveNumber
+    loss_type: Literal["kto", "apo_zero_unpaired"]
+    # Weights of the two kinds' losses, to balance unequal counts (TRL's advice: keep
+    # desirable_weight x desirables / (undesirable_weight x undesirables) within 1 to 4/3).
+    desirable_weight: PositiveNumber
+    undesirable_weight: PositiveNumber
 
 
 @dataclass(config=STRICT)
@@ -141,13 +155,26 @@ class GRPOSettings:
     log_completions: bool
 
 
+@dataclass(config=STRICT)
+class RLOOSettings:
+    """TRL's RLOOConfig knobs under their TRL names (method=rloo): GRPO's sampling, with the
+    leave-one-out baseline instead of the group's mean and spread."""
+    num_generations: Annotated[int, Field(ge=2)]
+    max_completion_length: Count
+    temperature: PositiveNumber
+    beta: NonNegativeNumber  # KL coefficient, in the reward (RLOO's way); 0: no reference
+    epsilon: PositiveNumber
+    normalize_advantages: bool
+    log_completions: bool
+
+
 PeftKind = Literal["none", "lora", "prompt_tuning"]
 
 
 @dataclass(config=STRICT)
 class MethodConfig:
     _target_: str  # the function that trains it: build -> train -> save (lmalign/methods/)
-    name: Literal["sft", "lora", "prompt_tuning", "dpo", "reward", "grpo"]
+    name: Literal["sft", "lora", "prompt_tuning", "dpo", "reward", "grpo", "rloo", "kto"]
     # Which weights train: all (none), a LoRA adapter, or prompt-tuning virtual tokens.
     peft: PeftKind
     lora: LoraSettings
@@ -178,8 +205,10 @@ class MethodConfig:
     # Preference methods only (method=dpo, method=reward); null for the others.
     dpo: DPOConfig | None
     reward: RewardSettings | None
-    # Online methods only (method=grpo); null for the others.
+    kto: KTOSettings | None  # method=kto only
+    # Online methods only (method=grpo, method=rloo); null for the others.
     grpo: GRPOSettings | None
+    rloo: RLOOSettings | None
     # Reward functions by name, each {_target_, weight, ...its settings} (lmalign/rewards.py);
     # an entry set to null is off. Checked in validate (imports, settings, weights).
     rewards: dict[str, dict[str, Any] | None] | None
@@ -191,7 +220,12 @@ class MethodConfig:
     @property
     def needs_prompts(self) -> bool:
         """Generates its own completions from prompts (and scores them with method.rewards)."""
-        return self.name == "grpo"
+        return self.name in ("grpo", "rloo")
+
+    @property
+    def sampling(self) -> GRPOSettings | RLOOSettings | None:
+        """The online method's block: group size, completion length, temperature, beta."""
+        return {"grpo": self.grpo, "rloo": self.rloo}.get(self.name)
 
     @property
     def active_rewards(self) -> dict[str, dict[str, Any]]:

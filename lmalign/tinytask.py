@@ -114,6 +114,15 @@ def as_prompt(record: dict, index: int) -> dict:
     return {"prompt": [{"role": "user", "content": prompt}], "answer": chosen}
 
 
+def as_unpaired(record: dict, index: int) -> dict:
+    """One reply with a label (KTO): the pair's chosen one (desirable) or its rejected one,
+    in turn, so both kinds of question get both labels."""
+    pair = as_preference(record, index)
+    desirable = (index // 2) % 2 == 0
+    return {"prompt": pair["prompt"], "completion": pair["chosen" if desirable else "rejected"],
+            "label": desirable}
+
+
 def as_preference_choice(record: dict, index: int) -> dict:
     """The held-out 2-choice form: which reply does the model itself find more likely?"""
     prompt, chosen, rejected = preference_pair(record, instructed=index % 2 == 1)

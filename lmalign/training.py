@@ -118,7 +118,7 @@ class CompactProgress(ProgressCallback):
         shown = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
         parts = [f"step {state.global_step}/{state.max_steps}"]
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy",
-                    "rewards/margins", "accuracy", "margin", "eval_accuracy", "reward", "kl",
+                    "rewards/margins", "eval_rewards/margins", "accuracy", "margin", "eval_accuracy", "reward", "kl",
                     "completions/mean_length", "num_tokens",
                     "train_runtime"):
             if key in shown:

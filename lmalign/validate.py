@@ -113,13 +113,36 @@ def _data_format_problems(config: Config) -> list[str]:
     if not method.needs_prompts and dataset.format == "prompt":
         problems.append(problem(
             "dataset.format", "prompt", f"method={method.name} trains on given replies; prompts "
-            "alone are for method=grpo", "messages, prompt_completion, text or preference",
-            "method=grpo, or dataset=tiny_sft"))
-    if method.name == "grpo" and method.grpo is None:
-        problems.append(problem("method.grpo", None, "missing the grpo block",
-                                "a mapping of num_generations, max_completion_length, ...",
-                                "method=grpo"))
-    if not method.needs_preferences and dataset.format == "preference":
+            "alone are for method=grpo and method=rloo", "messages, prompt_completion, text or "
+            "preference", "method=grpo, or dataset=tiny_sft"))
+    unpaired = dataset.format == "unpaired" or (dataset.format == "preference" and dataset.unpair)
+    if method.name == "kto" and not unpaired:
+        problems.append(problem(
+            "dataset", dataset.name, f"method=kto trains on unpaired labelled replies but "
+            f"dataset={dataset.name} has format {dataset.format}", "a dataset with format "
+            "unpaired (tiny_unpaired, or local with dataset.format=unpaired: prompt, completion "
+            "and label columns, or chat messages with a label), or preference pairs with "
+            "dataset.unpair=true", "dataset=tiny_unpaired, or dataset.unpair=true"))
+    if method.name != "kto" and unpaired:
+        problems.append(problem(
+            "dataset.format" if dataset.format == "unpaired" else "dataset.unpair",
+            dataset.format if dataset.format == "unpaired" else True,
+            f"unpaired labelled replies are method=kto's data, not method={method.name}'s",
+            "method=kto", "method=kto, or another dataset"))
+    if dataset.unpair and dataset.format != "preference":
+        problems.append(problem("dataset.unpair", True, "splits preference pairs, but dataset="
+                                f"{dataset.name} has format {dataset.format}",
+                                "true only with dataset.format=preference",
+                                "dataset.unpair=false"))
+    if method.name == "kto" and method.kto is None:
+        problems.append(problem("method.kto", None, "missing the kto block",
+                                "a mapping of beta, loss_type, desirable_weight, "
+                                "undesirable_weight", "method=kto"))
+    if method.needs_prompts and method.sampling is None:
+        problems.append(problem(f"method.{method.name}", None, f"missing the {method.name} "
+                                "block", "a mapping of num_generations, max_completion_length, "
+                                "...", f"method={method.name}"))
+    if not method.needs_preferences and dataset.format == "preference" and not dataset.unpair:
         problems.append(problem(
             "dataset", dataset.name,
             f"method={method.name} trains on single responses but dataset={dataset.name} holds "
@@ -146,7 +169,8 @@ def _method_problems(config: Config) -> list[str]:
     method = config.method
     if method.needs_prompts:
         problems += _reward_problems(config)
-    if method.name in ("dpo", "reward", "grpo") and method.peft not in ("none", "lora"):
+    if method.name in ("dpo", "reward", "grpo", "rloo", "kto") \
+            and method.peft not in ("none", "lora"):
         problems.append(problem(
             "method.peft", method.peft, f"method={method.name} trains the full model or a LoRA "
             "adapter", f"none or lora with method={method.name}", "method.peft=lora"))
@@ -199,13 +223,16 @@ def _reward_problems(config: Config) -> list[str]:
     """method.rewards: at least one, each importable with settings it accepts; the group size
     divides the batch of completions."""
     method, problems = config.method, []
-    if method.grpo is not None and method.global_batch_size % method.grpo.num_generations:
-        size, batch = method.grpo.num_generations, method.global_batch_size
+    sampling = method.sampling
+    if sampling is not None and method.global_batch_size % sampling.num_generations:
+        size, batch = sampling.num_generations, method.global_batch_size
         problems.append(problem(
             "method.global_batch_size", batch, f"counts completions, which come in groups of "
-            f"method.grpo.num_generations={size}: {batch} is not a whole number of groups",
+            f"method.{method.name}.num_generations={size}: {batch} is not a whole number of "
+            "groups",
             f"a multiple of {size}", f"method.global_batch_size={max(size, batch // size * size)}"
-            f" ({max(1, batch // size)} prompts per step), or method.grpo.num_generations=<a "
+            f" ({max(1, batch // size)} prompts per step), or method.{method.name}."
+            f"num_generations=<a "
             f"divisor of {batch}>"))
     if not method.active_rewards:
         problems.append(problem(

@@ -20,6 +20,9 @@ PARTNERS = {
     ("method", "reward"): ["dataset=tiny_prefs", "eval=reward"],
     ("eval", "reward"): ["method=reward", "dataset=tiny_prefs"],
     ("method", "grpo"): ["dataset=tiny_prompts"],
+    ("method", "rloo"): ["dataset=tiny_prompts"],
+    ("method", "kto"): ["dataset=tiny_unpaired"],
+    ("dataset", "tiny_unpaired"): ["method=kto"],
     ("dataset", "tiny_prompts"): ["method=grpo"],
 }
 # Options that only work beside another of their group: selected together.

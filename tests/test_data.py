@@ -86,6 +86,35 @@ def test_prompt_datasets_come_from_a_question_column_or_from_chat_messages(tmp_p
         splits("method=grpo", "dataset=local", f"dataset.path={texts}", "dataset.format=prompt")
 
 
+def test_unpaired_rows_come_from_the_tiny_task_from_pairs_and_from_labelled_chats():
+    train, _ = splits("method=kto", "dataset=tiny_unpaired")
+    assert train.column_names == ["prompt", "completion", "label"]
+    labels = train.select(range(200))["label"]
+    assert sum(labels) == 100 and all(isinstance(label, bool) for label in labels)
+    pairs, _ = splits("method=kto", "dataset=tiny_prefs", "dataset.unpair=true",
+                      "dataset.max_samples=10")
+    assert len(pairs) == 20 and sum(pairs["label"]) == 10  # TRL's unpair: chosen and rejected
+    path = shared_path("data", "chat-sft-messages", "kto_en_demo.json")
+    chats, _ = splits("method=kto", "dataset=local", f"dataset.path={path}",
+                      "dataset.format=unpaired")
+    raw = json.loads(path.read_text())
+    assert len(chats) == len(raw) == 300 and sum(chats["label"]) == 150
+    long = next(i for i, r in enumerate(raw) if len(r["messages"]) == 6)
+    assert chats[long]["completion"] == [raw[long]["messages"][-1]]
+    assert chats[long]["prompt"] == raw[long]["messages"][:-1]
+
+
+def test_unpaired_data_belongs_to_kto_and_kto_to_unpaired_data():
+    with pytest.raises(UserError, match=r"dataset='tiny_prefs': method=kto trains on unpaired "
+                       r"labelled replies.*fix: dataset=tiny_unpaired, or dataset.unpair=true"):
+        typed_config("method=kto", "dataset=tiny_prefs")
+    with pytest.raises(UserError, match=r"dataset.format='unpaired': unpaired labelled replies "
+                       r"are method=kto's data, not method=sft's"):
+        typed_config("dataset=tiny_unpaired")
+    with pytest.raises(UserError, match=r"dataset.unpair=True: splits preference pairs"):
+        typed_config("method=kto", "dataset=tiny_unpaired", "dataset.unpair=true")
+
+
 @pytest.mark.parametrize("name", ["tulu3_sft_mixture", "dolci_instruct_sft"])
 def test_hub_sft_datasets_load_in_their_real_schema(name):
     train, evaluation = splits(f"dataset={name}", f"dataset.path={HUB_FIXTURES / name}",

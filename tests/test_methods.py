@@ -1,4 +1,5 @@
-"""Each method trains what it should and nothing else: LoRA, prompt tuning, DPO, chained runs."""
+"""Each method trains what it should and nothing else: LoRA, prompt tuning, DPO, KTO, chained
+runs."""
 
 from __future__ import annotations
 
@@ -155,6 +156,22 @@ def test_dpo_after_sft_learns_the_preference_the_sft_data_ignored(sft_run, runs,
     assert _metric(dpo_dir, "final", "tiny_prefs") >= sft_score + 0.15
     assert f"starting from {sft_run / 'final'}" in result.stdout + result.stderr
     assert (dpo_dir / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow  # about 30 s
+def test_kto_on_labelled_replies_widens_the_held_out_margin_between_good_and_bad(tmp_path,
+                                                                               lmalign_cache):
+    """The held-out margin: the policy's log-ratio to the reference on desirable replies minus
+    that on undesirable ones (TRL's eval_rewards/margins), 0 where training starts."""
+    lmalign("run_name=kto", "method=kto", "dataset=tiny_unpaired", "dataset.max_eval_samples=64",
+            "method.max_steps=40", "method.save_steps=40", "eval=none", cwd=tmp_path,
+            cache=lmalign_cache, check=True)
+    state = json.loads((tmp_path / "runs" / "kto" / "checkpoints" / "checkpoint-40" /
+                        "trainer_state.json").read_text())
+    margins = [h["eval_rewards/margins"] for h in state["log_history"]
+               if "eval_rewards/margins" in h]
+    assert len(margins) == 2 and 0 < margins[0] < margins[-1], margins
+    assert (tmp_path / "runs" / "kto" / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.slow

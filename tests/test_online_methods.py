@@ -1,5 +1,6 @@
-"""method=grpo as a user runs it: from the tiny SFT run, rewarded for the reply the question asks
-for, it learns what the SFT data mostly ignored; bad inputs stop it with one line each."""
+"""method=grpo and method=rloo as a user runs them: from the tiny SFT run, rewarded for the reply
+the question asks for, they learn what the SFT data mostly ignored; bad inputs stop them with one
+line each."""
 
 from __future__ import annotations
 
@@ -21,18 +22,27 @@ def _metric(run_dir: Path, checkpoint: str, task: str) -> float:
     return float(rows[0]["value"])
 
 
+@pytest.fixture(scope="module")
+def runs(default_run, tmp_path_factory) -> Path:
+    """A directory holding the README's SFT run as runs/sft, for model.init_from=sft."""
+    root = tmp_path_factory.mktemp("online")
+    shutil.copytree(default_run[1], root / "runs" / "sft")
+    return root
+
+
 @pytest.mark.slow
-def test_grpo_after_sft_learns_the_request_the_sft_data_mostly_ignored(default_run, tmp_path,
-                                                                      lmalign_cache):
-    shutil.copytree(default_run[1], tmp_path / "runs" / "sft")
-    lmalign("run_name=grpo", "method=grpo", "dataset=tiny_prompts", "model.init_from=sft",
-            "eval.harness.tasks=[tiny_prefs,tiny_mc]", cwd=tmp_path, cache=lmalign_cache,
-            check=True)
-    run_dir = tmp_path / "runs" / "grpo"
+@pytest.mark.parametrize("method", ["grpo", "rloo"])  # rloo: 40 steps (tiny_rloo.yaml), grpo 80
+def test_training_on_its_own_samples_learns_the_request_the_sft_data_mostly_ignored(
+        method, runs, lmalign_cache):
+    lmalign(f"run_name={method}", f"method={method}", "dataset=tiny_prompts",
+            "model.init_from=sft", "eval.harness.tasks=[tiny_prefs,tiny_mc]", cwd=runs,
+            cache=lmalign_cache, check=True)
+    run_dir = runs / "runs" / method
     steps = sorted(run_dir.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name[11:]))
     history = json.loads((steps[-1] / "trainer_state.json").read_text())["log_history"]
     reward = [h["rewards/tiny/mean"] for h in history if "rewards/tiny/mean" in h]
     first, last = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
+    print(f"{method}: reward over the first 10 steps {first:.3f}, the last 10 {last:.3f}")
     assert last >= first + 0.2, (first, last)
     assert all("kl" in h for h in history if "rewards/tiny/mean" in h)  # beta > 0: KL logged
     assert _metric(run_dir, "final", "tiny_prefs") >= _metric(run_dir, "base", "tiny_prefs") + 0.2
