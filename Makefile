@@ -1,7 +1,8 @@
 # make demo: the main job (train the embedded tiny model, then evaluate it, on CPU)
 # make test: the test suite (includes the end-to-end runs and a local SLURM cluster), in
-# TEST_WORKERS processes (pytest-xdist, a test file per worker, one torch thread each: our runs
-# are small, so two workers use two cores better than one); make test-fast: the quick loop
+# TEST_WORKERS processes (pytest-xdist, a test file per worker, longest files first (the order
+# is tests/conftest.py's FILE_ORDER), one torch thread each: our runs are small, so two workers
+# use two cores better than one); make test-fast: the quick loop
 # Both create/refresh the virtualenv first. TORCH_SPEC picks the torch build; the default
 # matches the CPU wheel cached on our machines (elsewhere pip fetches it from PyPI).
 PYTHON ?= python3
@@ -35,10 +36,10 @@ demo: $(STAMP)
 	$(BIN)/python -m lmalign
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15 -m "not wheelhouse" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -ra --durations=15 -m "not wheelhouse" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow and not wheelhouse" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -ra -m "not slow and not wheelhouse" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 wheelhouse: $(STAMP)
 	$(BIN)/python scripts/wheelhouse.py --python-version "$(PYTHON_VERSION)" \

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmalign import adapters, config_tree
 from lmalign.config_tree import CONF_DIR, CONFIG_NAME
 from lmalign.errors import UserError
+from lmalign.type_errors import close_names
 
 
 def message(exc: BaseException) -> str:
@@ -225,8 +226,9 @@ def _key_hint(key: str, value: str, cfg: DictConfig) -> str:
     nested = {f"{k}.{inner}": f"{k}_{inner}" for k in known
               if isinstance(node.get(k), DictConfig) for inner in node[k].keys()}
     flat = {**{k: k for k in known}, **{spelt: dotted for dotted, spelt in nested.items()}}
-    match = difflib.get_close_matches(leaf, list(flat), n=1)
-    hint = f"did you mean {parent + '.' if parent else ''}{flat[match[0]]}?" if match \
+    match = close_names(leaf, list(flat))
+    hint = ("did you mean " + " or ".join(f"{parent + '.' if parent else ''}{flat[m]}"
+                                          for m in match) + "?") if match \
         else f"use one of {', '.join(known)}"
     return f"allowed: the keys of {parent or 'the config'}; fix: {hint}"
 

@@ -75,6 +75,22 @@ def _hardware_here(config: Config, explicit_keys: Collection[str]) -> tuple[Conf
         problems.append(problem("hardware.liger_kernel", True, "liger-kernel is not installed",
                                 "true with liger-kernel installed", "pip install liger-kernel, "
                                 "or hardware.liger_kernel=false"))
+    sampling = config.method.sampling if config.trains else None
+    if sampling is not None and sampling.vllm_mode != "none":
+        key = f"method.{config.method.name}.vllm_mode"
+        if hardware.accelerator != "cuda":
+            problems.append(problem(key, sampling.vllm_mode, f"vLLM generates on GPUs and "
+                                    f"hardware={hardware.name} trains on the CPU", "none here",
+                                    f"{key}=none, or a GPU profile (hardware=a100)"))
+        elif importlib.util.find_spec("vllm") is None:
+            problems.append(problem(key, sampling.vllm_mode, "vLLM is not installed",
+                                    f"{sampling.vllm_mode} with vLLM installed, or none",
+                                    f"pip install vllm, or {key}=none"))
+        if sampling.vllm_mode == "server" and not sampling.vllm_server_base_url:
+            problems.append(problem(f"method.{config.method.name}.vllm_server_base_url", None,
+                                    "vllm_mode=server sends generation to a running `trl "
+                                    "vllm-serve`", "its URL", f"method.{config.method.name}."
+                                    "vllm_server_base_url=http://127.0.0.1:8000"))
     if hardware.distributed == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append(problem("hardware.distributed", "deepspeed", "DeepSpeed is not installed",
                                 "deepspeed with DeepSpeed installed, or fsdp",

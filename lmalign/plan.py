@@ -63,7 +63,9 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
         rows.append(("generation", f"{method.global_batch_size // sampling.num_generations} "
                      f"prompts per step x {sampling.num_generations} completions (the group), "
                      f"up to {sampling.max_completion_length} tokens, temperature "
-                     f"{sampling.temperature:g}, in the training process; KL beta "
+                     f"{sampling.temperature:g}, "
+                     + ("in the training process" if sampling.vllm_mode == "none" else
+                        f"through vLLM ({sampling.vllm_mode})") + "; KL beta "
                      f"{sampling.beta:g}{loss}"))
         rows.append(("rewards", ", ".join(
             f"{name} {spec.get('weight', 1.0):g} x {spec['_target_']}"

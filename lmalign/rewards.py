@@ -8,7 +8,8 @@ names each reward by a key, `{_target_, weight, ...settings}` (Hydra's way of na
 
 A target that takes `completions` is the reward and its settings are bound to it; any other
 callable is a factory (TRL's `get_soft_overlong_punishment`) called with the settings to make the
-reward. Every reward here returns a number for any completion (empty, huge, not ASCII), never
+reward; a factory with a `config` parameter also gets the run's typed config (reward_model loads
+its model the way the run loads models). Every reward here returns a number for any completion (empty, huge, not ASCII), never
 raises: a reward that raised would stop a training run hours in.
 """
 
@@ -87,6 +88,41 @@ def length_penalty(completions: list, completion_ids: list | None = None,
     return penalties
 
 
+def reward_model(model: str, config: Any, batch_size: int = 16, max_length: int = 1024,
+                 input_style: str = "auto") -> RewardFunction:
+    """A sequence-classification reward model's score of each (prompt, completion): a
+    method=reward run (its run_name or directory), a model directory or a hub id.
+
+    input_style: chat (the conversation through the reward model's chat template, as TRL's
+    RewardTrainer trained it), pair ((question, answer), encoders without a template), or auto
+    (chat when the model has a template). Loaded once, beside the policy, on its device.
+    """
+    from lmalign import models, scoring
+
+    start = models.trained_start(model, config.runs_root) or models.Start(model, None,
+                                                                          tokenizer=model)
+    path = str(start.adapter or start.path)
+    tokenizer = models.load_tokenizer(path, config.model, start.revision)
+    loaded = models.load_trained(path, config.model, config.hardware, start.revision,
+                                 head="reward")
+    if config.hardware.accelerator == "cuda":
+        loaded.to("cuda")
+    style = scoring.input_style(tokenizer) if input_style == "auto" else input_style
+
+    def score(prompts: list, completions: list, **_: Any) -> list[float]:
+        items: list[scoring.Scored] = []
+        for prompt, completion in zip(prompts, completions):
+            turns = prompt if isinstance(prompt, list) else [{"role": "user",
+                                                              "content": str(prompt)}]
+            answer = text_of(completion)
+            question = text_of([t for t in turns if t.get("role") == "user"][-1:])
+            items.append(turns + [{"role": "assistant", "content": answer}]
+                         if style == "chat" else (question, answer))
+        return scoring.score(loaded, tokenizer, items, batch_size, max_length, "reward model")
+
+    return score
+
+
 # ---------------------------------------------------------------------------------------------
 # From method.rewards to TRL's reward_funcs and reward_weights
 
@@ -97,7 +133,7 @@ TRAINER_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state"
 
 
 def build(rewards: dict[str, dict[str, Any]], columns: list[str] | None = None,
-          ) -> tuple[list[RewardFunction], list[float]]:
+          config: Any = None) -> tuple[list[RewardFunction], list[float]]:
     """(reward functions named after their keys, their weights), in the config's key order.
 
     Imports and setting names were checked at validation; here, once the data is loaded, each
@@ -111,6 +147,8 @@ def build(rewards: dict[str, dict[str, Any]], columns: list[str] | None = None,
         target = get_method(spec["_target_"])
         if columns is not None and takes_completions(target):
             problems += _missing_inputs(name, spec["_target_"], target, settings, columns)
+        if not takes_completions(target) and "config" in inspect.signature(target).parameters:
+            settings["config"] = config
         function = (functools.partial(target, **settings) if takes_completions(target)
                     else target(**settings))
         functions.append(_named(function, name))

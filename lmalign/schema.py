@@ -140,32 +140,35 @@ class PromptTuningSettings:
 
 
 @dataclass(config=STRICT)
-class GRPOSettings:
-    """TRL's GRPOConfig knobs under their TRL names (method=grpo)."""
+class SamplingSettings:
+    """What GRPO and RLOO share, under TRL's names: how completions are sampled and logged."""
     num_generations: Annotated[int, Field(ge=2)]  # the group: completions sampled per prompt
     max_completion_length: Count  # tokens generated per completion
     temperature: PositiveNumber
     beta: NonNegativeNumber  # KL coefficient; 0 loads no reference model and logs no KL
-    # TRL's names (luspo and vespo need settings lmalign does not expose)
-    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]
     epsilon: PositiveNumber  # the ratio's clipping range
-    scale_rewards: Literal["group", "batch", "none"]
+    # none: model.generate in the training process; colocate: vLLM in it (GPU); server: a
+    # `trl vllm-serve` server at vllm_server_base_url (GPU).
+    vllm_mode: Literal["none", "colocate", "server"]
+    vllm_server_base_url: str | None
     # The prompt, completions, each reward and the advantage, every logging step, as parquet
     # files in the run's checkpoints/completions/.
     log_completions: bool
 
 
 @dataclass(config=STRICT)
-class RLOOSettings:
-    """TRL's RLOOConfig knobs under their TRL names (method=rloo): GRPO's sampling, with the
-    leave-one-out baseline instead of the group's mean and spread."""
-    num_generations: Annotated[int, Field(ge=2)]
-    max_completion_length: Count
-    temperature: PositiveNumber
-    beta: NonNegativeNumber  # KL coefficient, in the reward (RLOO's way); 0: no reference
-    epsilon: PositiveNumber
+class GRPOSettings(SamplingSettings):
+    """method=grpo: advantages against the group's mean (and spread)."""
+    # TRL's names (luspo and vespo need settings lmalign does not expose)
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]
+    scale_rewards: Literal["group", "batch", "none"]
+
+
+@dataclass(config=STRICT)
+class RLOOSettings(SamplingSettings):
+    """method=rloo: each completion's baseline is the mean of the others for its prompt; the
+    KL term (beta) enters the reward."""
     normalize_advantages: bool
-    log_completions: bool
 
 
 PeftKind = Literal["none", "lora", "prompt_tuning"]
@@ -223,7 +226,7 @@ class MethodConfig:
         return self.name in ("grpo", "rloo")
 
     @property
-    def sampling(self) -> GRPOSettings | RLOOSettings | None:
+    def sampling(self) -> SamplingSettings | None:
         """The online method's block: group size, completion length, temperature, beta."""
         return {"grpo": self.grpo, "rloo": self.rloo}.get(self.name)
 

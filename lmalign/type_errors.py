@@ -174,9 +174,10 @@ def describe_type_errors(exc: ValidationError, container: dict[str, Any],
             else "<missing>"
         if err["type"] == "unexpected_keyword_argument":
             known = [f.name for f in dataclasses.fields(owner)] if owner else []
-            close = difflib.get_close_matches(parts[-1], known, n=1)
+            close = close_names(parts[-1], known)
             prefix = ".".join(parts[:-1])
-            fix = f"did you mean {prefix}.{close[0]}?" if close else f"remove {key}"
+            fix = ("did you mean " + " or ".join(f"{prefix}.{c}" for c in close) + "?") if close \
+                else f"remove {key}"
             problems[key] = problem(
                 key, value, "unknown key", f"the keys of {prefix or 'the config'}: "
                 + ", ".join(known), fix)
@@ -202,3 +203,13 @@ def _lookup(container: dict, parts: list[str], fallback: Any) -> Any:
         else:
             return fallback
     return node
+
+
+def close_names(word: str, names: list[str]) -> list[str]:
+    """The closest name, and a second one when it is about as close (method.rewarsd: reward or
+    rewards), for a "did you mean" fix."""
+    found = difflib.get_close_matches(word, names, n=2)
+    if len(found) < 2:
+        return found
+    ratio = [difflib.SequenceMatcher(None, word, name).ratio() for name in found]
+    return found if ratio[1] >= ratio[0] - 0.1 else found[:1]

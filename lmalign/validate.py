@@ -319,14 +319,14 @@ def _unaccepted(target, settings: dict) -> list[str]:
 
 def _missing(target, settings: dict) -> list[str]:
     parameters = _signature(target) or {}
-    return [name for name, p in parameters.items() if p.default is p.empty
+    return [name for name, p in parameters.items() if p.default is p.empty and name != "config"
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in settings]
 
 
 def _parameters(target) -> str:
     parameters = _signature(target) or {}
     named = [n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-             and n not in ("completions", "completion_ids", "prompts")]
+             and n not in ("completions", "completion_ids", "prompts", "config")]
     return "its settings: " + (", ".join(named) if named else "none")
 
 

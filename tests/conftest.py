@@ -52,6 +52,23 @@ def _recorded(result: subprocess.CompletedProcess) -> dict:
             "stderr": result.stderr}
 
 
+# The order make test hands files to its two workers (pytest-xdist --dist loadfile
+# --no-loadscope-reorder): the longest first (seconds per file on 2 cores, 2026-12-04: nemo 608,
+# methods 497, experiments 479, judge 368, slurm 315, training 244, synthesis 243, ...), so no
+# worker is left alone with a long file at the end. test_training goes second: it needs no
+# session fixture, so while the first worker builds the README's SFT run the second one works
+# instead of waiting for it. Files not named keep their collection order, after these.
+FILE_ORDER = ("test_nemo", "test_training", "test_methods", "test_experiments", "test_judge",
+              "test_slurm", "test_synthesis", "test_online_methods", "test_launch",
+              "test_generate", "test_report", "test_run", "test_cache", "test_watch",
+              "test_loggers", "test_gpu_check", "test_cli_corpus", "test_cli")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: index for index, name in enumerate(FILE_ORDER)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def lmalign_cache(tmp_path_factory) -> Path:
     """LMALIGN_CACHE (the embedded model's build, the judgment cache), one for all workers."""

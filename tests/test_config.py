@@ -24,6 +24,7 @@ PARTNERS = {
     ("method", "kto"): ["dataset=tiny_unpaired"],
     ("dataset", "tiny_unpaired"): ["method=kto"],
     ("dataset", "tiny_prompts"): ["method=grpo"],
+    ("dataset", "gsm8k"): ["method=grpo"],
 }
 # Options that only work beside another of their group: selected together.
 TOGETHER = {("eval", "judge"): "eval=[generate,judge]"}

@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import lmalign
+from conftest import lmalign, shared_path
 from lmalign.evaluation import prompts
 
 QUESTION = re.compile(r"^Which is the (largest|smallest): \d \d \d \d\?( Answer with the digit "
                       r"only\.)?$")
 ARMS = ["method_comparison-sft", "method_comparison-lora", "method_comparison-prompt_tuning",
-        "method_comparison-dpo_after_sft"]
+        "method_comparison-dpo_after_sft", "method_comparison-kto_after_sft",
+        "method_comparison-grpo_after_sft", "method_comparison-rloo_after_sft"]
 
 
 @pytest.mark.slow
-def test_method_comparison_prints_one_table_of_all_four_methods(tmp_path, lmalign_cache):
-    # Short arms: what each method learns is tested in test_methods.py.
-    result = lmalign("+experiment=method_comparison", "method.max_steps=20", "eval.harness.limit=40",
+def test_method_comparison_prints_one_table_of_all_seven_methods(tmp_path, lmalign_cache):
+    # Short arms: what each method learns is tested in test_methods.py and test_online_methods.py.
+    result = lmalign("+experiment=method_comparison", "method.max_steps=12", "eval.harness.limit=40",
                      "dataset.max_samples=1024", cwd=tmp_path, cache=lmalign_cache, check=True)
     out = result.stdout
     header = next(line for line in out.splitlines() if line.startswith("| run "))
@@ -30,15 +31,16 @@ def test_method_comparison_prints_one_table_of_all_four_methods(tmp_path, lmalig
         assert f" {column} " in header
     rows = [line for line in out.splitlines() if line.startswith("| method_comparison-")]
     assert [row.split("|")[1].strip() for row in rows] == ARMS
-    assert "dpo <- method_comparison-sft" in rows[3]
+    for row, method in zip(rows[3:], ("dpo", "kto", "grpo", "rloo")):
+        assert f"{method} <- method_comparison-sft" in row
     trainable = [int(row.split("|")[3].strip().replace(",", "")) for row in rows]
-    assert trainable[0] == trainable[3] > trainable[1] > trainable[2] > 0
+    assert trainable[0] == trainable[3] == trainable[6] > trainable[1] > trainable[2] > 0
     (saved,) = tmp_path.glob("multirun/*/*/comparison.md")
     assert all(arm in saved.read_text() for arm in ARMS)
     for arm in ARMS:
         assert (tmp_path / "runs" / arm / "final").is_dir()
     summary = saved.with_name("summary.md").read_text()  # the sweep's summary: every arm
-    assert "4 job(s): 4 done" in summary
+    assert "7 job(s): 7 done" in summary
     assert all(f"+arm={arm.replace('-', '/', 1)}" in summary for arm in ARMS)
 
 
@@ -72,6 +74,35 @@ def _metric(run_dir: Path, checkpoint: str, task: str) -> float:
         (row,) = [r for r in csv.DictReader(handle)
                   if r["checkpoint"] == checkpoint and r["task"] == task]
     return float(row["value"])
+
+
+@pytest.mark.slow  # about 25 s
+def test_grpo_gsm8k_recipe_trains_with_the_answer_reward_and_scores_every_checkpoint(
+        tmp_path, lmalign_cache):
+    """The recipe for real at tiny scale: 16 GSM8K problems, 2 steps, the real reward, and
+    lm-eval's gsm8k format on lmalign's shipped copy of the test set (limit 8)."""
+    gsm8k = shared_path("data", "gsm8k", "test.jsonl")
+    recipe = (Path(__file__).parent.parent / "conf" / "experiment" / "grpo_gsm8k.yaml")
+    assert "python -m lmalign +experiment=grpo_gsm8k\n" in recipe.read_text()  # the real command
+    lmalign("+experiment=grpo_gsm8k", "model=tiny", "hardware=cpu", "dataset=local",
+            f"dataset.path={gsm8k}", "dataset.format=prompt", "+dataset.columns.prompt=question",
+            "dataset.max_samples=16", "method.max_steps=2", "method.save_steps=1",
+            "method.logging_steps=1",
+            "method.global_batch_size=16", "method.max_length=256",
+            "method.grpo.max_completion_length=32", "eval.harness.tasks=[gsm8k_local]",
+            "eval.harness.limit=8", "eval.harness.num_fewshot=0",
+            "+eval.harness.gen_kwargs.max_gen_toks=32", cwd=tmp_path, cache=lmalign_cache,
+            check=True)
+    run_dir = tmp_path / "runs" / "grpo_gsm8k"
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json")
+                       .read_text())
+    assert [h["step"] for h in state["log_history"] if "rewards/correct/mean" in h] == [1, 2]
+    assert not any("rewards/tiny/mean" in h for h in state["log_history"])  # switched off
+    with open(run_dir / "metrics.csv") as handle:
+        scored = {(r["checkpoint"], r["eval_mode"]) for r in csv.DictReader(handle)
+                  if r["task"] == "gsm8k_local" and r["metric"] == "exact_match"}
+    assert scored == {(c, mode) for c in ("checkpoint-1", "checkpoint-2")
+                      for mode in ("strict-match", "flexible-extract")}
 
 
 @pytest.mark.slow

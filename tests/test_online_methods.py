@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import lmalign
+from conftest import lmalign, typed_config
+from lmalign.errors import UserError
 
 
 def _metric(run_dir: Path, checkpoint: str, task: str) -> float:
@@ -47,9 +48,24 @@ def test_training_on_its_own_samples_learns_the_request_the_sft_data_mostly_igno
     assert all("kl" in h for h in history if "rewards/tiny/mean" in h)  # beta > 0: KL logged
     assert _metric(run_dir, "final", "tiny_prefs") >= _metric(run_dir, "base", "tiny_prefs") + 0.2
     assert _metric(run_dir, "final", "tiny_mc") >= _metric(run_dir, "base", "tiny_mc") - 0.05
-    logged = list((run_dir / "checkpoints" / "completions").glob("completions_*.parquet"))
-    assert logged  # TRL's completion log: prompt, completion, each reward, advantage
+    if method == "grpo":  # TRL's completion log (RLOO's goes to the console and W&B only)
+        logged = sorted((run_dir / "checkpoints" / "completions").glob("completions_*.parquet"))
+        assert logged  # every step: prompt, completion, each reward, advantage
     assert (run_dir / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow  # about 20 s, with the session's reward model
+def test_a_reward_model_scores_completions_beside_the_rule_and_the_weights_sum(
+        reward_run, tmp_path, lmalign_cache):
+    lmalign("run_name=rm_reward", "method=grpo", "dataset=tiny_prompts", "method.max_steps=1",
+            "method.save_steps=1", "eval=none", "+method.rewards.rm={_target_: "
+            f"lmalign.rewards.reward_model, weight: 0.5, model: '{reward_run[0]}'}}",
+            cwd=tmp_path, cache=lmalign_cache, check=True)
+    state = tmp_path / "runs" / "rm_reward" / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    (logged,) = [h for h in json.loads(state.read_text())["log_history"] if "reward" in h]
+    assert logged["rewards/rm/std"] > 0  # the reward model tells completions apart
+    assert logged["reward"] == pytest.approx(logged["rewards/tiny/mean"]
+                                             + 0.5 * logged["rewards/rm/mean"], abs=1e-5)
 
 
 def test_grpo_bad_inputs_stop_with_one_line_each_before_anything_loads(tmp_path, lmalign_cache):
@@ -63,3 +79,13 @@ def test_grpo_bad_inputs_stop_with_one_line_each_before_anything_loads(tmp_path,
     assert any("method.global_batch_size=64: counts completions, which come in groups of "
                "method.grpo.num_generations=3" in e for e in errors)
     assert not (tmp_path / "runs").exists()
+
+
+def test_vllm_generation_is_refused_on_a_cpu_profile_and_a_server_needs_its_address():
+    with pytest.raises(UserError) as caught:
+        typed_config("method=rloo", "dataset=tiny_prompts", "method.rloo.vllm_mode=server",
+                     check_environment=True)
+    assert [p.split(":")[0] for p in caught.value.problems] == [
+        "method.rloo.vllm_mode='server'", "method.rloo.vllm_server_base_url=None"]
+    assert "vLLM generates on GPUs and hardware=cpu trains on the CPU" in \
+        caught.value.problems[0]

@@ -64,7 +64,7 @@ def unreachable_problems(tasks: list[str]) -> list[str]:
         return []
     return [problem("eval.harness.tasks", hub, "their datasets come from the hub, which cannot "
                     "be reached from this machine", "tasks whose data is here: lmalign's own "
-                    "(tiny_mc, tiny_gen, tiny_prefs), your Hugging Face cache, or an offline cache",
+                    "(tiny_mc, tiny_gen, tiny_prefs, gsm8k_local), your Hugging Face cache, or an offline cache",
                     "HF_DATASETS_OFFLINE=1 if they are in your Hugging Face cache, or "
                     "stage=cache_prepare on a connected machine and offline=true "
                     "cache.dir=<the cache> here")]
@@ -91,7 +91,7 @@ def check_tasks(tasks: list[str]) -> None:
     if unknown:
         raise UserError([problem(
             "eval.harness.tasks", name, "not an lm-eval task or group", "lm-eval task/group names "
-            "(`lm-eval ls tasks`) and lmalign's tiny_mc, tiny_gen",
+            "(`lm-eval ls tasks`) and lmalign's tiny_mc, tiny_gen, tiny_prefs, gsm8k_local",
             "eval.harness.tasks=["
             + ",".join(difflib.get_close_matches(name, known, n=1) or ["tiny_mc"]) + "]")
             for name in unknown])

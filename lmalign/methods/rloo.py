@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmalign import data, loggers, models, rewards, training
+from lmalign.methods import grpo
 from lmalign.models import Start
 from lmalign.schema import Config
 
@@ -28,7 +29,7 @@ def build(config: Config, run_dir: Path, start: Start):
     model, peft_config = training.starting_model(config, start)
     train_data, eval_data = data.load_splits(config.dataset)
     reward_functions, weights = rewards.build(config.method.active_rewards,
-                                              columns=train_data.column_names)
+                                              columns=train_data.column_names, config=config)
     args = RLOOConfig(
         **training.trainer_arguments(config, run_dir, loggers.configure(config.logger, run_dir),
                                      has_eval=eval_data is not None),
@@ -39,6 +40,7 @@ def build(config: Config, run_dir: Path, start: Start):
         epsilon=rloo.epsilon,
         normalize_advantages=rloo.normalize_advantages,
         reward_weights=weights,
+        **grpo.vllm_arguments(rloo),
         log_completions=rloo.log_completions,
         num_completions_to_print=0,  # the parquet files hold them; the console keeps one line
     )

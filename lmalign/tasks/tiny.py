@@ -1,4 +1,8 @@
-"""lm-eval dataset loader for the tiny synthetic task: the same held-out splits training never sees."""
+"""lm-eval dataset loaders: the tiny synthetic task (the same held-out splits training never sees)
+and the GSM8K test set lmalign ships (gsm8k_local)."""
+
+import json
+from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
@@ -18,3 +22,9 @@ def load_prefs(**_: object) -> DatasetDict:
                                   enumerate(tinytask.generate(split, tinytask.HELD_OUT_SIZE))])
         for split in ("validation", "test")
     })
+
+
+def load_gsm8k(**_: object) -> DatasetDict:
+    path = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "test.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return DatasetDict({"test": Dataset.from_list(rows)})
