@@ -15,6 +15,7 @@ raises: a reward that raised would stop a training run hours in.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
@@ -49,24 +50,47 @@ def gsm8k_answer(completions: list, answer: list[str], answer_marker: str | None
     completion is read by math-verify's own extraction (boxed, "final answer is", else its last
     expression), so a model may answer in any of these forms.
     """
+    import threading
+
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+    # math-verify bounds its sympy work with signal.alarm, which only the main thread may set
+    # (TRL's accuracy_reward does the same); elsewhere it runs unbounded and would warn per call.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
     scores = []
-    for completion, reference in zip(completions, answer):
-        reference = str(reference)
-        if answer_marker and answer_marker in reference:
-            reference = reference.rpartition(answer_marker)[2]
-        try:
-            gold = parse(reference, extraction_config=[ExprExtractionConfig()],
-                         extraction_mode="first_match", parsing_timeout=None)
-            found = parse(text_of(completion), extraction_config=[
-                LatexExtractionConfig(), ExprExtractionConfig()], extraction_mode="first_match",
-                parsing_timeout=None)
-            scores.append(float(bool(gold) and bool(found) and verify(gold, found,
-                                                                       timeout_seconds=None)))
-        except Exception:  # math-verify on adversarial text: no credit, never a crash
-            scores.append(0.0)
+    with _quiet_math_verify(timeout is None):
+        for completion, reference in zip(completions, answer):
+            reference = str(reference)
+            if answer_marker and answer_marker in reference:
+                reference = reference.rpartition(answer_marker)[2]
+            try:
+                gold = parse(reference, extraction_config=[ExprExtractionConfig()],
+                             extraction_mode="first_match", parsing_timeout=timeout)
+                found = parse(text_of(completion), extraction_config=[
+                    LatexExtractionConfig(), ExprExtractionConfig()],
+                    extraction_mode="first_match", parsing_timeout=timeout)
+                scores.append(float(bool(gold) and bool(found) and verify(
+                    gold, found, timeout_seconds=timeout)))
+            except Exception:  # math-verify on adversarial text: no credit, never a crash
+                scores.append(0.0)
     return scores
+
+
+@contextlib.contextmanager
+def _quiet_math_verify(quiet: bool):
+    """Without timeouts math-verify warns on every call: silenced while it runs, then restored."""
+    import logging
+
+    loggers = [logging.getLogger(f"math_verify.{name}") for name in ("parser", "grader")]
+    levels = [logger.level for logger in loggers]
+    if quiet:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def format_match(completions: list, pattern: str, **_: Any) -> list[float]:
