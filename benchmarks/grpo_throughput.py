@@ -32,7 +32,7 @@ def setup(steps: int, start: str | None):
         overrides.append(f"model.init_from={start}")
     config = typed_config(*overrides)
     cache = Path(tempfile.mkdtemp(prefix="lmalign-bench-"))
-    base = str(models.starting_point(config).weights) if start else \
+    base = str(models.starting_point(config).path) if start else \
         str(models.resolve(config.model, str(cache)))
     return config, base
 
