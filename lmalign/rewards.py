@@ -22,7 +22,7 @@ import re
 from typing import Any, Callable
 
 from lmalign.errors import UserError, problem
-from lmalign.validate import takes_completions
+from lmalign.validate import required_parameters, takes_completions
 
 RewardFunction = Callable[..., list]
 
@@ -184,10 +184,8 @@ def build(rewards: dict[str, dict[str, Any]], columns: list[str] | None = None,
 
 def _missing_inputs(name: str, dotted: str, target: Callable, settings: dict,
                     columns: list[str]) -> list[str]:
-    parameters = inspect.signature(target).parameters
-    needed = [n for n, p in parameters.items() if p.default is p.empty
-              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-              and n not in TRAINER_ARGUMENTS and n not in settings]
+    needed = [n for n in required_parameters(target)
+              if n not in TRAINER_ARGUMENTS and n not in settings]
     return [problem(f"method.rewards.{name}", dotted, f"needs the input {n!r}: neither a "
                     f"setting of the reward nor a dataset column ({', '.join(columns)})",
                     f"a dataset with a {n!r} column, or the setting",

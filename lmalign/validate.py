@@ -317,10 +317,15 @@ def _unaccepted(target, settings: dict) -> list[str]:
     return [name for name in settings if name not in named]
 
 
-def _missing(target, settings: dict) -> list[str]:
+def required_parameters(target) -> list[str]:
+    """The parameters a call must name (no default); `config` is the run's, given by lmalign."""
     parameters = _signature(target) or {}
     return [name for name, p in parameters.items() if p.default is p.empty and name != "config"
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in settings]
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _missing(target, settings: dict) -> list[str]:
+    return [name for name in required_parameters(target) if name not in settings]
 
 
 def _parameters(target) -> str:

@@ -35,17 +35,9 @@ def build(config: Config, run_dir: Path, start: Start):
     args = GRPOConfig(
         **training.trainer_arguments(config, run_dir, loggers.configure(config.logger, run_dir),
                                      has_eval=eval_data is not None),
-        num_generations=grpo.num_generations,
-        max_completion_length=grpo.max_completion_length,
-        temperature=grpo.temperature,
-        beta=grpo.beta,
+        **sampling_arguments(grpo, weights),
         loss_type=grpo.loss_type,
-        epsilon=grpo.epsilon,
         scale_rewards=grpo.scale_rewards,
-        reward_weights=weights,
-        **vllm_arguments(grpo),
-        log_completions=grpo.log_completions,
-        num_completions_to_print=0,  # the parquet files hold them; the console keeps one line
     )
     trainer = GRPOTrainer(model=model, reward_funcs=reward_functions, args=args,
                           train_dataset=train_data, eval_dataset=eval_data,
@@ -54,11 +46,21 @@ def build(config: Config, run_dir: Path, start: Start):
     return trainer
 
 
-def vllm_arguments(sampling: SamplingSettings) -> dict[str, Any]:
-    """TRL's switches for generating with vLLM (checked installed and on a GPU at validation)."""
-    if sampling.vllm_mode == "none":
-        return {"use_vllm": False}
-    found: dict[str, Any] = {"use_vllm": True, "vllm_mode": sampling.vllm_mode}
-    if sampling.vllm_server_base_url:
-        found["vllm_server_base_url"] = sampling.vllm_server_base_url
+def sampling_arguments(sampling: SamplingSettings, weights: list[float]) -> dict[str, Any]:
+    """GRPOConfig's and RLOOConfig's shared knobs: sampling, KL, clipping, rewards, vLLM, logs."""
+    found: dict[str, Any] = dict(
+        num_generations=sampling.num_generations,
+        max_completion_length=sampling.max_completion_length,
+        temperature=sampling.temperature,
+        beta=sampling.beta,
+        epsilon=sampling.epsilon,
+        reward_weights=weights,
+        log_completions=sampling.log_completions,
+        num_completions_to_print=0,  # the parquet files hold them; the console keeps one line
+        use_vllm=sampling.vllm_mode != "none",  # installed and on a GPU: checked at validation
+    )
+    if sampling.vllm_mode != "none":
+        found["vllm_mode"] = sampling.vllm_mode
+        if sampling.vllm_server_base_url:
+            found["vllm_server_base_url"] = sampling.vllm_server_base_url
     return found

@@ -33,16 +33,8 @@ def build(config: Config, run_dir: Path, start: Start):
     args = RLOOConfig(
         **training.trainer_arguments(config, run_dir, loggers.configure(config.logger, run_dir),
                                      has_eval=eval_data is not None),
-        num_generations=rloo.num_generations,
-        max_completion_length=rloo.max_completion_length,
-        temperature=rloo.temperature,
-        beta=rloo.beta,
-        epsilon=rloo.epsilon,
+        **grpo.sampling_arguments(rloo, weights),
         normalize_advantages=rloo.normalize_advantages,
-        reward_weights=weights,
-        **grpo.vllm_arguments(rloo),
-        log_completions=rloo.log_completions,
-        num_completions_to_print=0,  # the parquet files hold them; the console keeps one line
     )
     trainer = RLOOTrainer(model=model, reward_funcs=reward_functions, args=args,
                           train_dataset=train_data, eval_dataset=eval_data,
