@@ -14,6 +14,9 @@ lookup, not counted), plus attention's 12 * layers * hidden * context per token 
 backward of QK^T and AV, the context being the mean chat length: padding-free rows attend
 within each chat). MFU is printed against the datasheet's dense bf16 peak and against the
 matmul case's measured peak on the same device.
+
+One file over 400 lines on purpose: a user copies it to a GPU machine and runs it alone; each case
+is a short function beside its entry in CASES.
 """
 
 from __future__ import annotations
@@ -235,6 +238,32 @@ def generate(check: Check) -> dict[str, Any]:
     return {"generations": lines}
 
 
+GRPO_BATCH = 32  # completions per step: 4 prompts x 8
+
+
+def grpo(check: Check, vllm: bool) -> dict[str, Any]:
+    """GRPO on tiny_prompts from the embedded model (bf16 on a GPU): every step logs its reward
+    and KL and saves its completions; figures are steps/s and completion tokens/s."""
+    name = "grpo_vllm" if vllm else "grpo"
+    hardware = "hardware=a100" if check.cuda else "hardware=cpu"
+    found = check.lmalign(name, "stage=train", "eval=none", "method=grpo", "dataset=tiny_prompts",
+                          f"method.max_steps={check.steps}", f"method.save_steps={check.steps}",
+                          "method.logging_steps=1", f"method.global_batch_size={GRPO_BATCH}",
+                          hardware, *(["method.grpo.vllm_mode=colocate"] if vllm else []),
+                          cap_s=CASES[name].cap_s)["train"]
+    run_dir = check.work / "runs" / name
+    state = run_dir / "checkpoints" / f"checkpoint-{check.steps}" / "trainer_state.json"
+    steps = [h for h in json.loads(state.read_text())["log_history"] if "reward" in h]
+    saved = list((run_dir / "checkpoints" / "completions").glob("completions_*.parquet"))
+    if len(steps) != check.steps or not all("kl" in h for h in steps) or not saved:
+        raise CaseFailed(f"{len(steps)} of {check.steps} steps logged a reward, "
+                         f"{len(saved)} completion files")
+    generated = sum(h["completions/mean_length"] for h in steps) * GRPO_BATCH
+    return {"steps/s": round(found["global_step"] / found["train_runtime_s"], 3),
+            "completion tokens/s": round(generated / found["train_runtime_s"]),
+            "reward": f"{steps[0]['reward']:.3f}->{steps[-1]['reward']:.3f}"}
+
+
 CASES: dict[str, Case] = {
     "matmul": Case(matmul_peak, "measured matrix-product peak", 60),
     "sft_full": Case(sft_full, "SFT, all weights", 240),
@@ -258,6 +287,9 @@ CASES: dict[str, Case] = {
     "harness_cuda": Case(harness_on_cuda, "lm-eval on CUDA vs CPU, tiny_mc", 300,
                          needs_cuda=True),
     "generate": Case(generate, "eval=generate, in-process engine", 240),
+    "grpo": Case(lambda c: grpo(c, vllm=False), "GRPO, generation in the training process", 240),
+    "grpo_vllm": Case(lambda c: grpo(c, vllm=True), "GRPO, vLLM colocated", 300,
+                      needs_cuda=True, needs=("vllm",)),
 }
 
 

@@ -56,6 +56,10 @@ def load_splits(dataset: DatasetConfig):
 
         train = unpair_preference_dataset(train)
         evaluation = unpair_preference_dataset(evaluation) if evaluation is not None else None
+    if dataset.prompt_template is not None:
+        train = _templated(train, dataset.prompt_template)
+        evaluation = (_templated(evaluation, dataset.prompt_template)
+                      if evaluation is not None else None)
     return train, evaluation
 
 
@@ -198,15 +202,41 @@ def _prepare_prompts(data, dataset: DatasetConfig):
     renames = {src: dst for dst, src in dataset.columns.items() if src != dst}
     taken = [dst for dst in renames.values() if dst in found and dst not in renames]
     data = data.remove_columns(taken).rename_columns(renames) if renames else data
-    if "prompt" in data.column_names:
-        return data
-    if "messages" in data.column_names:
-        return data.map(_prompt_from_messages, remove_columns=["messages"],
+    if "messages" in data.column_names and "prompt" not in data.column_names:
+        data = data.map(_prompt_from_messages, remove_columns=["messages"],
                         desc="prompts from chat messages")
-    raise UserError(problem(
-        "dataset.format", "prompt", f"no prompts in {dataset.path or dataset.name}: neither a "
-        "prompt column nor chat messages", "columns found: " + ", ".join(found),
-        "+dataset.columns.prompt=<the question column>, or another dataset.format"))
+    if "prompt" not in data.column_names:
+        raise UserError(problem(
+            "dataset.format", "prompt", f"no prompts in {dataset.path or dataset.name}: neither a "
+            "prompt column nor chat messages", "columns found: " + ", ".join(found),
+            "+dataset.columns.prompt=<the question column>, or another dataset.format"))
+    return data
+
+
+def _templated(data, template: str):
+    """Each prompt written into the template (a chat prompt: its last user turn); the template's
+    other fields read the row's columns (validate.py checked it holds {prompt})."""
+    import string
+
+    fields = {field for _, field, _, _ in string.Formatter().parse(template) if field}
+    unknown = sorted(fields - set(data.column_names))
+    if unknown:
+        raise UserError(problem(
+            "dataset.prompt_template", template, f"names {{{unknown[0]}}}, not a column of the "
+            "data", "fields among the columns: " + ", ".join(data.column_names),
+            f"remove {{{unknown[0]}}} from dataset.prompt_template ({{{{ }}}} for a brace)"))
+
+    def fill(row: dict[str, Any]) -> dict[str, Any]:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            return {"prompt": template.format_map({**row, "prompt": prompt})}
+        turns = [dict(turn) for turn in prompt]
+        last = max((i for i, t in enumerate(turns) if t.get("role") == "user"), default=None)
+        if last is not None:
+            turns[last]["content"] = template.format_map({**row, "prompt": turns[last]["content"]})
+        return {"prompt": turns}
+
+    return data.map(fill, desc="prompts into dataset.prompt_template")
 
 
 def _prompt_from_messages(row: dict[str, Any]) -> dict[str, Any]:

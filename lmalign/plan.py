@@ -52,7 +52,9 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
     rows.append(("dataset", f"{dataset.name} ({dataset.source}: {where}, "
                  f"format {dataset.format}"
                  + (" split into unpaired replies" if dataset.unpair else "")
-                 + f", split {dataset.train_split})"))
+                 + f", split {dataset.train_split})"
+                 + (f"; prompts as {dataset.prompt_template!r}" if dataset.prompt_template
+                    else "")))
     nodes = f" on {hardware.num_nodes} nodes" if hardware.num_nodes > 1 else ""
     rows.append(("batch", f"global {method.global_batch_size} = "
                  f"{hardware.per_device_batch_size} per device x {hardware.world_size} "

@@ -19,12 +19,27 @@ import contextlib
 import functools
 import inspect
 import re
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
+
+import pydantic
 
 from lmalign.errors import UserError, problem
 from lmalign.validate import required_parameters, takes_completions
 
 RewardFunction = Callable[..., list]
+
+
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"a regular expression (Python's re): {exc}") from None
+    return pattern
+
+
+# Settings' types: validation checks each setting's value against them before anything loads.
+Regex = Annotated[str, pydantic.AfterValidator(_compiles)]
+PositiveInt = Annotated[int, pydantic.Field(gt=0)]
 
 
 def text_of(completion: Any) -> str:
@@ -93,14 +108,14 @@ def _quiet_math_verify(quiet: bool):
             logger.setLevel(level)
 
 
-def format_match(completions: list, pattern: str, **_: Any) -> list[float]:
+def format_match(completions: list, pattern: Regex, **_: Any) -> list[float]:
     """1.0 where the whole completion (stripped) matches the regular expression `pattern`."""
     compiled = re.compile(pattern, re.DOTALL)
     return [float(compiled.fullmatch(text_of(c).strip()) is not None) for c in completions]
 
 
 def length_penalty(completions: list, completion_ids: list | None = None,
-                   max_tokens: int = 256, **_: Any) -> list[float]:
+                   max_tokens: PositiveInt = 256, **_: Any) -> list[float]:
     """0 for completions of up to half of max_tokens, falling linearly to -1 at max_tokens and
     beyond (tokens where the trainer gives ids, else characters / 4)."""
     penalties = []
@@ -112,8 +127,9 @@ def length_penalty(completions: list, completion_ids: list | None = None,
     return penalties
 
 
-def reward_model(model: str, config: Any, batch_size: int = 16, max_length: int = 1024,
-                 input_style: str = "auto") -> RewardFunction:
+def reward_model(model: str, config: Any, batch_size: PositiveInt = 16,
+                 max_length: PositiveInt = 1024,
+                 input_style: Literal["chat", "pair", "auto"] = "auto") -> RewardFunction:
     """A sequence-classification reward model's score of each (prompt, completion): a
     method=reward run (its run_name or directory), a model directory or a hub id.
 
@@ -142,7 +158,8 @@ def reward_model(model: str, config: Any, batch_size: int = 16, max_length: int 
             question = text_of([t for t in turns if t.get("role") == "user"][-1:])
             items.append(turns + [{"role": "assistant", "content": answer}]
                          if style == "chat" else (question, answer))
-        return scoring.score(loaded, tokenizer, items, batch_size, max_length, "reward model")
+        return scoring.score(loaded, tokenizer, items, batch_size, max_length, "reward model",
+                             progress=False)
 
     return score
 

@@ -96,6 +96,10 @@ class DatasetConfig:
     # Preference pairs read as unpaired rows, each pair a desirable and an undesirable one
     # (format preference in the data, unpaired for the trainer: method=kto).
     unpair: bool
+    # Format prompt: each text prompt (or a chat prompt's last user turn) written into this text at
+    # {prompt}, e.g. "Question: {prompt}\nAnswer:" as lm-eval's gsm8k asks base models; other
+    # {column} fields read the row's columns. null: prompts as they are.
+    prompt_template: str | None
     # dataset=synthetic: a stage=synthesize run (run_name or directory); its sft/ is read for
     # format messages, its preferences/ for format preference. Set into `path` when the run starts.
     from_run: str | None

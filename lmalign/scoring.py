@@ -48,8 +48,9 @@ def prepare(loaded, tokenizer) -> None:
 
 
 def score(loaded, tokenizer, items: list[Scored], batch_size: int, max_length: int,
-          description: str = "scoring") -> list[float]:
-    """One score per item, in order. Items are batched by length, so each batch pads little."""
+          description: str = "scoring", progress: bool = True) -> list[float]:
+    """One score per item, in order. Items are batched by length, so each batch pads little.
+    progress=False for scoring inside a training step, whose own bar already moves."""
     import torch
     from tqdm.auto import tqdm
 
@@ -58,7 +59,8 @@ def score(loaded, tokenizer, items: list[Scored], batch_size: int, max_length: i
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     found: list[float] = [0.0] * len(encoded)
     device = next(loaded.parameters()).device
-    with tqdm(total=len(encoded), desc=description, unit="seq") as bar, torch.inference_mode():
+    with tqdm(total=len(encoded), desc=description, unit="seq", disable=not progress) as bar, \
+            torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
             batch = _padded([encoded[i] for i in chosen], tokenizer.pad_token_id, device)

@@ -129,6 +129,7 @@ def _data_format_problems(config: Config) -> list[str]:
             dataset.format if dataset.format == "unpaired" else True,
             f"unpaired labelled replies are method=kto's data, not method={method.name}'s",
             "method=kto", "method=kto, or another dataset"))
+    problems += _prompt_template_problems(dataset)
     if dataset.unpair and dataset.format != "preference":
         problems.append(problem("dataset.unpair", True, "splits preference pairs, but dataset="
                                 f"{dataset.name} has format {dataset.format}",
@@ -219,6 +220,31 @@ def _method_problems(config: Config) -> list[str]:
     return problems
 
 
+def _prompt_template_problems(dataset) -> list[str]:
+    """dataset.prompt_template: for prompts only, a str.format text holding {prompt}."""
+    import string
+
+    template = dataset.prompt_template
+    if template is None:
+        return []
+    fix = ("\"dataset.prompt_template='Question: {prompt} Answer:'\" (a template with a newline "
+           "goes in a YAML file, as conf/experiment/grpo_gsm8k.yaml's)")
+    if dataset.format != "prompt":
+        return [problem("dataset.prompt_template", template, "wraps the prompts of online "
+                        f"methods, but dataset={dataset.name} has format {dataset.format}",
+                        "a template only with dataset.format=prompt",
+                        "dataset.prompt_template=null")]
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field]
+    except ValueError as exc:
+        return [problem("dataset.prompt_template", template, f"not a format text: {exc}",
+                        "text with {prompt} where the prompt goes ({{ and }} for braces)", fix)]
+    if "prompt" not in fields:
+        return [problem("dataset.prompt_template", template, "has no {prompt}, so every prompt "
+                        "would be the same text", "text with {prompt} where the prompt goes", fix)]
+    return []
+
+
 def _reward_problems(config: Config) -> list[str]:
     """method.rewards: at least one, each importable with settings it accepts; the group size
     divides the batch of completions."""
@@ -263,12 +289,42 @@ def _reward_problems(config: Config) -> list[str]:
             problems.append(problem(f"{key}.{unaccepted[0]}", settings[unaccepted[0]],
                                     f"{spec['_target_']} takes no setting {unaccepted[0]!r}",
                                     _parameters(target), f"remove {key}.{unaccepted[0]}"))
-        elif not takes_completions(target):
+            continue
+        if not takes_completions(target):
             missing = _missing(target, settings)
             if missing:
                 problems.append(problem(f"{key}.{missing[0]}", None, f"{spec['_target_']} "
                                         "makes a reward from settings and needs this one",
                                         _parameters(target), f"+{key}.{missing[0]}=<value>"))
+        problems += _setting_value_problems(key, target, settings)
+    return problems
+
+
+def _setting_value_problems(key: str, target, settings: dict) -> list[str]:
+    """Each setting's value against its parameter's annotation (pydantic, as for the config), so
+    a bad regex or an unknown input_style stops the run here, not at the first generation."""
+    import typing
+
+    import pydantic
+
+    try:
+        hints = typing.get_type_hints(target, include_extras=True)
+    except Exception:  # annotations this interpreter cannot resolve: the call itself decides
+        return []
+    problems = []
+    for name, value in settings.items():
+        if name not in hints:
+            continue
+        try:
+            pydantic.TypeAdapter(hints[name]).validate_python(value)
+        except pydantic.ValidationError as exc:
+            allowed = exc.errors()[0]["msg"].removeprefix("Value error, ").removeprefix(
+                "Input should be ")
+            problems.append(problem(f"{key}.{name}", value, f"not a value "
+                                    f"{getattr(target, '__qualname__', target)} takes for {name}",
+                                    allowed, f"set {key}.{name} to a value as allowed"))
+        except pydantic.PydanticSchemaGenerationError:
+            continue
     return problems
 
 

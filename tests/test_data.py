@@ -86,6 +86,26 @@ def test_prompt_datasets_come_from_a_question_column_or_from_chat_messages(tmp_p
         splits("method=grpo", "dataset=local", f"dataset.path={texts}", "dataset.format=prompt")
 
 
+def test_a_prompt_template_wraps_text_prompts_and_a_chats_last_user_turn(tmp_path):
+    """GSM8K's questions as lm-eval's gsm8k shows them to a base model (+experiment=grpo_gsm8k)."""
+    gsm8k = shared_path("data", "gsm8k", "test.jsonl")
+    question = json.loads(gsm8k.read_text().splitlines()[0])["question"]
+    train, _ = splits("method=grpo", "dataset=local", f"dataset.path={gsm8k}",
+                      "dataset.format=prompt", "+dataset.columns.prompt=question",
+                      "dataset.max_samples=1", "dataset.prompt_template='Question: {prompt} A:'")
+    assert train[0]["prompt"] == f"Question: {question} A:"
+    train, _ = splits("method=grpo", "dataset=tiny_prompts", "dataset.max_samples=2",
+                      "dataset.prompt_template='{prompt} (digit: {answer})'")
+    plain, _ = splits("method=grpo", "dataset=tiny_prompts", "dataset.max_samples=2")
+    assert train[0]["prompt"] == [{"role": "user", "content": plain[0]["prompt"][0]["content"]
+                                   + f" (digit: {plain[0]['answer']})"}]
+    with pytest.raises(UserError, match=r"dataset.prompt_template='{prompt} {topic}': names "
+                       r"{topic}, not a column of the data; allowed: fields among the columns: "
+                       r"prompt, answer"):
+        splits("method=grpo", "dataset=tiny_prompts", "dataset.max_samples=2",
+               "dataset.prompt_template='{prompt} {topic}'")
+
+
 def test_unpaired_rows_come_from_the_tiny_task_from_pairs_and_from_labelled_chats():
     train, _ = splits("method=kto", "dataset=tiny_unpaired")
     assert train.column_names == ["prompt", "completion", "label"]

@@ -25,19 +25,21 @@ def check(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_the_gpu_check_runs_its_cpu_cases_and_names_what_needs_a_gpu(tmp_path, lmalign_cache):
     out = tmp_path / "check.json"
-    cases = "matmul,sft_full,fsdp2,qlora"
+    cases = "matmul,sft_full,fsdp2,qlora,grpo"
     done = check("--cases", cases, "--steps", "6", "--out", str(out), "--work",
                  str(tmp_path / "work"), cwd=tmp_path, cache=lmalign_cache)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())["cases"]
     assert list(rows) == cases.split(",")
     assert {name: rows[name]["status"] for name in rows} == {
-        "matmul": "pass", "sft_full": "pass", "fsdp2": "not run", "qlora": "not run"}
+        "matmul": "pass", "sft_full": "pass", "fsdp2": "not run", "qlora": "not run",
+        "grpo": "pass"}
     assert rows["fsdp2"]["why"] == "needs a CUDA GPU"
     sft = rows["sft_full"]["figures"]
     assert sft["tokens/s"] > 0 and sft["TFLOP/s"] > 0 and sft["MFU measured"].endswith("%")
     assert sft["plan MiB (no activations)"] > 0
     assert rows["matmul"]["figures"]["TFLOP/s"] > 0
+    assert rows["grpo"]["figures"]["completion tokens/s"] > 0
     table = done.stdout.split("runs in")[1]
     for name in rows:
         assert f"\n{name} " in table

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from conftest import typed_config
+from conftest import lmalign, typed_config
 from lmalign import models
 from lmalign.evaluation import harness
 
@@ -62,3 +63,23 @@ def test_lm_eval_loglikelihood_of_a_prompt_tuned_model_matches_its_forward_pass(
         misread = _by_hand(model, tokenizer, context, continuation, offset=0)
         assert abs(reported - right) < 1e-4, (context, continuation, reported, right)
         assert abs(reported - misread) > 1e-2  # the virtual positions matter to the score
+
+
+@pytest.mark.slow  # a whole lmalign command with lm-eval's task scan
+def test_a_generating_task_longer_than_the_models_context_is_one_line_with_the_fit(
+        tmp_path, lmalign_cache):
+    """lm-eval's gsm8k generates up to 256 tokens; the tiny model reads 256 positions."""
+    command = ("stage=eval", "run_name=gsm", "eval.checkpoints=[base]",
+               "eval.harness.tasks=[gsm8k_local]", "eval.harness.limit=1",
+               "eval.harness.num_fewshot=0")
+    result = lmalign(*command, cwd=tmp_path, cache=lmalign_cache)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert line == ("error: eval.harness.gen_kwargs.max_gen_toks=256: the tasks (gsm8k_local) "
+                    "generate up to 256 tokens, but the model reads at most 256 positions, its "
+                    "prompt included; allowed: fewer than 256 tokens to generate; fix: "
+                    "+eval.harness.gen_kwargs.max_gen_toks=128")
+    assert "Traceback" not in result.stderr
+    fixed = lmalign(*command, "+eval.harness.gen_kwargs.max_gen_toks=128", cwd=tmp_path,
+                    cache=lmalign_cache)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas
 import pytest
 
 from conftest import lmalign, typed_config
@@ -48,9 +49,11 @@ def test_training_on_its_own_samples_learns_the_request_the_sft_data_mostly_igno
     assert all("kl" in h for h in history if "rewards/tiny/mean" in h)  # beta > 0: KL logged
     assert _metric(run_dir, "final", "tiny_prefs") >= _metric(run_dir, "base", "tiny_prefs") + 0.2
     assert _metric(run_dir, "final", "tiny_mc") >= _metric(run_dir, "base", "tiny_mc") - 0.05
-    if method == "grpo":  # TRL's completion log (RLOO's goes to the console and W&B only)
-        logged = sorted((run_dir / "checkpoints" / "completions").glob("completions_*.parquet"))
-        assert logged  # every step: prompt, completion, each reward, advantage
+    logged = sorted((run_dir / "checkpoints" / "completions").glob("completions_*.parquet"))
+    assert len(logged) >= len(reward)  # every step: prompt, completion, each reward, advantage
+    table = pandas.read_parquet(logged[-1])
+    assert {"prompt", "completion", "tiny", "advantage"} <= set(table.columns)
+    assert table["tiny"].mean() == pytest.approx(reward[-1])  # the last step's batch, as logged
     assert (run_dir / "final" / "model.safetensors").exists()
 
 

@@ -98,6 +98,24 @@ def test_bad_reward_settings_are_refused_one_line_each():
     assert len(lines) == 3, text  # format_match's missing pattern: checked against the data
 
 
+def test_reward_setting_values_are_checked_against_their_types_before_anything_loads():
+    text = "\n".join(lines := _refusal(
+        "+method.rewards.fmt={_target_: lmalign.rewards.format_match, pattern: '(ab'}",
+        "+method.rewards.long={_target_: lmalign.rewards.length_penalty, max_tokens: 0}",
+        "+method.rewards.rm={_target_: lmalign.rewards.reward_model, model: rm, "
+        "input_style: chatt}",
+        "+method.rewards.over={_target_: trl.rewards.get_soft_overlong_punishment, "
+        "max_completion_len: eight, soft_punish_cache: 2}"))
+    assert "method.rewards.fmt.pattern='(ab': not a value format_match takes for pattern; " \
+        "allowed: a regular expression (Python's re): missing )" in text
+    assert "method.rewards.long.max_tokens=0: not a value length_penalty takes for max_tokens; " \
+        "allowed: greater than 0" in text
+    assert "method.rewards.rm.input_style='chatt': not a value reward_model takes for " \
+        "input_style; allowed: 'chat', 'pair' or 'auto'" in text
+    assert "method.rewards.over.max_completion_len='eight'" in text  # TRL's annotations too
+    assert len(lines) == 4, text
+
+
 def test_a_reward_input_neither_set_nor_in_the_data_is_refused_before_training():
     spec = {"_target_": "lmalign.rewards.format_match"}
     with pytest.raises(UserError, match=r"method.rewards.fmt='lmalign.rewards.format_match': "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import gc
 import logging
 import math
+import re
 import shutil
 from collections.abc import Iterable
 from functools import lru_cache
@@ -190,7 +192,7 @@ def _evaluate_cell(target: Target, lm, evaluation: EvalConfig, num_fewshot: int,
 def _simple_evaluate(lm, evaluation: EvalConfig, num_fewshot: int, tracker):
     from lm_eval import simple_evaluate
 
-    with adapters.quiet_git_lookup():
+    with adapters.quiet_git_lookup(), _generation_fits(lm, evaluation):
         return simple_evaluate(
             model=lm, tasks=list(evaluation.harness.tasks), num_fewshot=num_fewshot,
             limit=evaluation.harness.limit, task_manager=task_manager(evaluation.harness.tasks),
@@ -201,6 +203,29 @@ def _simple_evaluate(lm, evaluation: EvalConfig, num_fewshot: int, tracker):
             evaluation_tracker=tracker, random_seed=evaluation.seed,
             numpy_random_seed=evaluation.seed, torch_random_seed=evaluation.seed,
             fewshot_random_seed=evaluation.seed)
+
+
+@contextlib.contextmanager
+def _generation_fits(lm, evaluation: EvalConfig):
+    """lm-eval asserts that a generating task's max_gen_toks (256 for gsm8k) is below the model's
+    context; a small-context model (model=tiny: 256 positions) meets that assertion as a
+    traceback. Here it is one line with the override that fits."""
+    try:
+        yield
+    except AssertionError as exc:
+        found = re.search(r"max tokens to generate \((\d+)\).*sequence length \((\d+)\)",
+                          str(exc))
+        if not found:
+            raise
+        wanted, context = int(found[1]), int(found[2])
+        key = "eval.harness.gen_kwargs.max_gen_toks"
+        already = "max_gen_toks" in evaluation.harness.gen_kwargs  # then no "+" to add it
+        raise UserError(problem(
+            key, evaluation.harness.gen_kwargs.get("max_gen_toks", wanted),
+            f"the tasks ({', '.join(evaluation.harness.tasks)}) generate up to {wanted} "
+            f"tokens, but the model reads at most {context} positions, its prompt included",
+            f"fewer than {context} tokens to generate",
+            f"{'' if already else '+'}{key}={context // 2}")) from None
 
 
 def _flatten(staging: Path) -> None:

@@ -34,7 +34,7 @@ def pairs_source(config: Config, run_dir: Path) -> DatasetConfig:
             name=Path(pairs).name.split(".")[0], source="local", format="preference",
             path=pairs, subset=None, revision=None, train_split="train", eval_split=None,
             eval_size=0, columns={}, where={}, max_samples=None, max_eval_samples=None,
-            seed=config.seed, unpair=False, from_run=None)
+            seed=config.seed, unpair=False, prompt_template=None, from_run=None)
     saved = rundir.saved_config(run_dir) if config.reads_a_run else None
     return saved.dataset if saved is not None and saved.trains else config.dataset
 

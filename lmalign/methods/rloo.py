@@ -3,6 +3,8 @@
 Sampling and rewards as in methods/grpo.py (method.rewards, global_batch_size counting
 completions); each completion's advantage is its reward minus the mean of the other completions
 for its prompt, and the KL to the starting model (rloo.beta) enters the reward.
+TRL's RLOOTrainer sends its completion table only to W&B or trackio; the subclass below also
+writes it where GRPOTrainer writes its own, checkpoints/completions/, so both methods leave the same record.
 """
 
 from __future__ import annotations
@@ -36,8 +38,32 @@ def build(config: Config, run_dir: Path, start: Start):
         **grpo.sampling_arguments(rloo, weights),
         normalize_advantages=rloo.normalize_advantages,
     )
-    trainer = RLOOTrainer(model=model, reward_funcs=reward_functions, args=args,
+    trainer = _with_completion_files(RLOOTrainer)(model=model, reward_funcs=reward_functions, args=args,
                           train_dataset=train_data, eval_dataset=eval_data,
                           processing_class=tokenizer, peft_config=peft_config)
     training.use_compact_progress(trainer)
     return trainer
+
+
+def _with_completion_files(trainer_class):
+    """RLOOTrainer whose log() also saves the step's completions as GRPOTrainer does."""
+    import pandas as pd
+
+    class RLOOTrainerWithCompletionFiles(trainer_class):
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            # TRL's own table (_logs: the latest generation batch), the columns GRPOTrainer writes
+            if self.accelerator.is_main_process and self.log_completions and self._logs["prompt"]:
+                table = pd.DataFrame({
+                    "step": [self.state.global_step] * len(self._logs["prompt"]),
+                    "prompt": list(self._logs["prompt"]),
+                    "completion": list(self._logs["completion"]),
+                    **{name: list(values) for name, values in self._logs["rewards"].items()},
+                    **{name: list(values) for name, values in self._logs["extra"].items()},
+                    "advantage": list(self._logs["advantages"]),
+                })
+                folder = Path(self.args.output_dir) / "completions"
+                folder.mkdir(parents=True, exist_ok=True)
+                table.to_parquet(folder / f"completions_{self.state.global_step:05d}.parquet")
+            super().log(logs, start_time)
+
+    return RLOOTrainerWithCompletionFiles
