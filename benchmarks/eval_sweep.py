@@ -9,7 +9,12 @@ checkpoints. Then, on the same checkpoints, task (tiny_mc) and limit, in this on
     process that loads each checkpoint once and builds one lm-eval task registry;
   - separate calls: `python -m lm_eval --model hf ...` once per checkpoint x few-shot value, as a
     bash loop would, each loading the model and scanning lm-eval's task configs again.
-Printed: wall times, their ratio, and whether every cell's accuracy agrees. Nothing is asserted.
+  - the forward-compute floor: the same cells' loglikelihood requests (read from lmalign's
+    per-sample files), each checkpoint loaded once outside the clock, through the bare model's
+    forward pass in batches of 32 sorted by length: what no evaluation of these cells can beat.
+Both sides log per-sample files (lmalign `eval.harness.log_samples=true`, lm_eval
+`--log_samples`), so they do the same work. Printed: wall times, their ratio, lmalign's distance
+to the floor, and whether every cell's accuracy agrees (the floor's too). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ def lm_eval_call(checkpoint: Path, shots: int, limit: int, output: Path) -> tupl
                     f"pretrained={checkpoint},dtype=float32", "--tasks", TASK,
                     "--include_path", str(REPO / "lmalign" / "tasks"), "--num_fewshot",
                     str(shots), "--limit", str(limit), "--seed", "0", "--batch_size", "32",
-                    "--device", "cpu", "--apply_chat_template", "--output_path", str(output)],
+                    "--device", "cpu", "--apply_chat_template", "--log_samples",
+                    "--output_path", str(output)],
                    check=True, capture_output=True)
     seconds = time.perf_counter() - began
     written = json.loads(next(output.rglob("results_*.json")).read_text())
@@ -66,7 +72,8 @@ def measure(size: str, checkpoints: int, fewshot: list[int], limit: int, home: P
     ours_s = lmalign("stage=eval", f"run_name={size}", "eval.checkpoints=all",
                      f"eval.harness.num_fewshot=[{','.join(map(str, fewshot))}]",
                      f"eval.harness.limit={limit}",
-                     f"eval.harness.tasks=[{TASK}]", *model, cwd=home, cache=cache)
+                     f"eval.harness.tasks=[{TASK}]", "eval.harness.log_samples=true", *model,
+                     cwd=home, cache=cache)
     ours = {}
     for record in (run_dir / "eval").glob("checkpoint-*/*/cell.json"):
         cell = json.loads(record.read_text())
@@ -80,10 +87,66 @@ def measure(size: str, checkpoints: int, fewshot: list[int], limit: int, home: P
                                         home / "cli" / size / f"{label}-{shots}")
             separate_s += seconds
             agree &= abs(acc - ours[(label, shots)]) < 1e-9
+    floor_s, floor_acc = forward_floor(run_dir)
+    floor_agrees = all(abs(floor_acc[key] - ours[key]) < 1e-9 for key in ours)
     cells = checkpoints * len(fewshot)
     print(f"{size:>5}: {cells} cells | lmalign {ours_s:6.1f} s | {cells} lm_eval calls "
           f"{separate_s:6.1f} s | ratio lmalign/separate {ours_s / separate_s:.2f} | "
-          f"accuracies {'identical' if agree else 'DIFFER'}", flush=True)
+          f"accuracies {'identical' if agree else 'DIFFER'}\n"
+          f"       forward floor {floor_s:6.1f} s (accuracies "
+          f"{'identical' if floor_agrees else 'DIFFER'}) | lmalign {ours_s / floor_s:.1f}x the "
+          f"floor, {ours_s - floor_s:.1f} s above it", flush=True)
+
+
+def forward_floor(run_dir: Path) -> tuple[float, dict[tuple[str, int], float]]:
+    """(seconds of forward passes alone, accuracy per (checkpoint, shots)) for the requests in
+    lmalign's per-sample files: log P(choice | context) summed over the choice's tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seconds, accuracy = 0.0, {}
+    for checkpoint in sorted((run_dir / "eval").glob("checkpoint-*")):
+        path = run_dir / "checkpoints" / checkpoint.name
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        for samples in checkpoint.glob("*/samples_*.jsonl"):
+            shots = json.loads((samples.parent / "cell.json").read_text())["settings"][
+                "num_fewshot"]
+            docs = [json.loads(line) for line in samples.read_text().splitlines()]
+            requests = [(d["doc_id"], i, a["arg_0"], a["arg_1"]) for d in docs
+                        for i, a in enumerate(d["arguments"].values())]
+            scores, spent = _loglikelihoods(model, tokenizer, requests)
+            seconds += spent
+            right = [max(range(len(d["arguments"])), key=lambda i: scores[d["doc_id"], i])
+                     == int(d["target"]) for d in docs]
+            accuracy[(checkpoint.name, shots)] = sum(right) / len(right)
+    return seconds, accuracy
+
+
+def _loglikelihoods(model, tokenizer, requests, batch_size: int = 32):
+    import torch
+
+    encoded = []
+    for doc, choice, context, continuation in requests:
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        encoded.append(((doc, choice), whole, len(context_ids)))
+    encoded.sort(key=lambda item: -len(item[1]))
+    scores, seconds = {}, 0.0
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        width = len(batch[0][1])
+        ids = torch.tensor([w + [0] * (width - len(w)) for _, w, _ in batch])
+        mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for _, w, _ in batch])
+        began = time.perf_counter()
+        with torch.inference_mode():
+            log_probs = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+        seconds += time.perf_counter() - began
+        for row, (key, whole, context_length) in enumerate(batch):
+            targets = torch.tensor(whole[context_length:])
+            positions = torch.arange(context_length - 1, len(whole) - 1)
+            scores[key] = log_probs[row, positions, targets].sum().item()
+    return scores, seconds
 
 
 def main() -> None:

@@ -272,6 +272,8 @@ CASES: dict[str, Case] = {
                             "SFT, fused AdamW", 240),
     "sft_liger": Case(lambda c: sft_option(c, "sft_liger", "hardware.liger_kernel=true"),
                       "SFT, Liger kernels", 240, needs_cuda=True, needs=("liger_kernel",)),
+    "sft_compile": Case(lambda c: sft_option(c, "sft_compile", "hardware.torch_compile=true"),
+                        "SFT, torch.compile", 300),
     "sft_padded": Case(lambda c: sft_option(c, "sft_padded", packing=False),
                        "SFT, padded batches instead of bfd packing", 240),
     "sft_batch8": Case(bigger_batches, "SFT, per-device batch 8, no accumulation", 240),

@@ -81,7 +81,8 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
                  f"gradient checkpointing {_checkpointing(hardware)}, "
                  f"attention {models.attention(model, hardware, announce=False)}, "
                  f"distributed {hardware.distributed}"
-                 + (", Liger kernels" if hardware.liger_kernel else "")))
+                 + (", Liger kernels" if hardware.liger_kernel else "")
+                 + (", torch.compile" if hardware.torch_compile else "")))
     rows += memory.describe(config, memory.estimate(config, meta))
     if launch.needs_workers(hardware):
         rows.append(("launch", launch.shell_command(

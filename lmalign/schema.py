@@ -253,6 +253,7 @@ class HardwareConfig:
     supports_bf16: bool  # false for GPUs without bf16 (T4, V100)
     gradient_checkpointing: bool
     liger_kernel: bool  # TRL's use_liger_kernel: fused RMSNorm, RoPE, SwiGLU and loss kernels
+    torch_compile: bool  # transformers' torch_compile: the model through torch.compile (inductor)
     # The profile's attention, used where model.attn_implementation is null.
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"]
     distributed: Literal["none", "ddp", "fsdp", "deepspeed"]
