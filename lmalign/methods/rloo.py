@@ -4,7 +4,8 @@ Sampling and rewards as in methods/grpo.py (method.rewards, global_batch_size co
 completions); each completion's advantage is its reward minus the mean of the other completions
 for its prompt, and the KL to the starting model (rloo.beta) enters the reward.
 TRL's RLOOTrainer sends its completion table only to W&B or trackio; the subclass below also
-writes it where GRPOTrainer writes its own, checkpoints/completions/, so both methods leave the same record.
+writes it where GRPOTrainer writes its own, checkpoints/completions/, so both methods leave the
+same record.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def build(config: Config, run_dir: Path, start: Start):
         **grpo.sampling_arguments(rloo, weights),
         normalize_advantages=rloo.normalize_advantages,
     )
-    trainer = _with_completion_files(RLOOTrainer)(model=model, reward_funcs=reward_functions, args=args,
-                          train_dataset=train_data, eval_dataset=eval_data,
-                          processing_class=tokenizer, peft_config=peft_config)
+    trainer = _with_completion_files(RLOOTrainer)(
+        model=model, reward_funcs=reward_functions, args=args, train_dataset=train_data,
+        eval_dataset=eval_data, processing_class=tokenizer, peft_config=peft_config)
     training.use_compact_progress(trainer)
     return trainer
 
@@ -63,7 +64,9 @@ def _with_completion_files(trainer_class):
                 })
                 folder = Path(self.args.output_dir) / "completions"
                 folder.mkdir(parents=True, exist_ok=True)
-                table.to_parquet(folder / f"completions_{self.state.global_step:05d}.parquet")
+                final = folder / f"completions_{self.state.global_step:05d}.parquet"
+                table.to_parquet(final.with_suffix(".partial"))
+                final.with_suffix(".partial").replace(final)  # a reader never sees half a file
             super().log(logs, start_time)
 
     return RLOOTrainerWithCompletionFiles
