@@ -235,10 +235,15 @@ def _prompt_template_problems(dataset) -> list[str]:
                         "a template only with dataset.format=prompt",
                         "dataset.prompt_template=null")]
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field]
+        fields = [field for _, field, _, _ in string.Formatter().parse(template)
+                  if field is not None]
     except ValueError as exc:
         return [problem("dataset.prompt_template", template, f"not a format text: {exc}",
                         "text with {prompt} where the prompt goes ({{ and }} for braces)", fix)]
+    if any(field == "" or field.isdigit() for field in fields):
+        return [problem("dataset.prompt_template", template, "has a positional field ({} or "
+                        "{0}); fields are named after columns", "text with {prompt} where the "
+                        "prompt goes and {column} for other columns ({{ and }} for braces)", fix)]
     if "prompt" not in fields:
         return [problem("dataset.prompt_template", template, "has no {prompt}, so every prompt "
                         "would be the same text", "text with {prompt} where the prompt goes", fix)]

@@ -106,6 +106,21 @@ def test_a_prompt_template_wraps_text_prompts_and_a_chats_last_user_turn(tmp_pat
                "dataset.prompt_template='{prompt} {topic}'")
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (("dataset.prompt_template='Q: {question}'",), "has no {prompt}, so every prompt would be "
+     "the same text"),
+    (("dataset.prompt_template='Q: {prompt'",), "not a format text: expected '}' before end"),
+    (("dataset.prompt_template='Q: {prompt} {}'",), "has a positional field"),
+    (("dataset=tiny_sft", "method=sft", "dataset.prompt_template='Q: {prompt}'"),
+     "wraps the prompts of online methods, but dataset=tiny_sft has format messages"),
+])
+def test_a_bad_prompt_template_is_one_line_before_anything_loads(overrides, expected):
+    with pytest.raises(UserError) as refused:
+        typed_config("method=grpo", "dataset=tiny_prompts", *overrides)
+    (line,) = refused.value.problems
+    assert line.startswith("dataset.prompt_template=") and expected in line, line
+
+
 def test_unpaired_rows_come_from_the_tiny_task_from_pairs_and_from_labelled_chats():
     train, _ = splits("method=kto", "dataset=tiny_unpaired")
     assert train.column_names == ["prompt", "completion", "label"]
