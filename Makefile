@@ -20,6 +20,7 @@ PLATFORM ?=
 EXTRAS ?=
 EXCLUDE ?=
 WHEELHOUSE ?= wheelhouse
+BNB_CUDA ?=
 
 .PHONY: setup demo test test-fast test-wheelhouse wheelhouse bench clean
 
@@ -43,7 +44,8 @@ test-fast: $(STAMP)
 
 wheelhouse: $(STAMP)
 	$(BIN)/python scripts/wheelhouse.py --python-version "$(PYTHON_VERSION)" \
-		--platform "$(PLATFORM)" --extras "$(EXTRAS)" --exclude "$(EXCLUDE)" --out "$(WHEELHOUSE)"
+		--platform "$(PLATFORM)" --extras "$(EXTRAS)" --exclude "$(EXCLUDE)" --out "$(WHEELHOUSE)" \
+		--bitsandbytes-cuda "$(BNB_CUDA)"
 
 # Builds a wheelhouse and installs it into a fresh virtualenv with --no-index (a few minutes;
 # CI runs it after make test)

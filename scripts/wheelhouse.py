@@ -14,6 +14,10 @@ as sdists); for another target it must come out pure Python (`none-any`).
 left out. At the end, `pip install --no-index --dry-run` for the target checks that the
 wheelhouse installs with nothing else at hand, the excluded packages stood in for by empty
 wheels of the same name and version (they are what the target already has).
+
+`--bitsandbytes-cuda 130` (with `--extras qlora`) trims bitsandbytes' wheel to the native library
+the target loads: it ships one per CUDA, ROCm and XPU version (43 MB for 0.50.2), and a target
+whose torch is built for CUDA 13.0 loads only libbitsandbytes_cuda130.so (4 MB) and the CPU one.
 """
 
 from __future__ import annotations
@@ -244,6 +248,43 @@ def drop_unneeded(out: Path, needed: set[tuple[str, str]]) -> list[Path]:
     return dropped
 
 
+def trim_bitsandbytes(out: Path, cuda: str) -> tuple[float, float]:
+    """Rewrite bitsandbytes' wheel keeping only its CPU library and the one for CUDA `cuda`
+    (e.g. 130), RECORD to match; (MiB before, MiB after). Written aside, then moved over."""
+    wheels = [w for w in out.glob("*.whl") if in_wheel(w)[0] == "bitsandbytes"]
+    if not wheels:
+        raise Refused("--bitsandbytes-cuda: no bitsandbytes wheel in the wheelhouse; allowed: "
+                      "with the extra that brings it; fix: --extras qlora (make: EXTRAS=qlora)")
+    wheel = wheels[0]
+    native = re.compile(r"bitsandbytes/libbitsandbytes_(\w+)\.(so|dll|dylib)$")
+    with zipfile.ZipFile(wheel) as source:
+        names = source.namelist()
+        kinds = sorted({m[1] for n in names if (m := native.search(n))})
+        keep = {"cpu", f"cuda{cuda}"}
+        if f"cuda{cuda}" not in kinds and any(k.startswith("cuda") for k in kinds):
+            raise Refused(f"--bitsandbytes-cuda={cuda}: {wheel.name} has no library for it; "
+                          "allowed: " + ", ".join(k[4:] for k in kinds if k.startswith("cuda"))
+                          + "; fix: the target torch's CUDA without the dot "
+                          "(python -c 'import torch; print(torch.version.cuda)')")
+        dropped = {n for n in names if (m := native.search(n)) and m[1] not in keep}
+        if not dropped:
+            size = wheel.stat().st_size / 2**20
+            return size, size
+        before = wheel.stat().st_size / 2**20
+        partial = wheel.with_suffix(".partial")
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as trimmed:
+            for info in source.infolist():
+                if info.filename in dropped:
+                    continue
+                data = source.read(info)
+                if info.filename.endswith(".dist-info/RECORD"):
+                    data = "".join(line for line in data.decode().splitlines(keepends=True)
+                                   if line.split(",")[0] not in dropped).encode()
+                trimmed.writestr(info, data)
+    partial.replace(wheel)
+    return before, wheel.stat().st_size / 2**20
+
+
 def record_target(out: Path, target: dict) -> None:
     """One wheelhouse, one target: wheels for another would resolve wrongly there."""
     recorded = out / TARGET_FILE
@@ -267,10 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exclude", default="",
                         help="the target's `pip list --format=freeze`: constraints, left out")
     parser.add_argument("--out", default=str(ROOT / "wheelhouse"))
+    parser.add_argument("--bitsandbytes-cuda", default="",
+                        help="keep only bitsandbytes' library for this CUDA, e.g. 130 (13.0)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     extras = ",".join(e.strip() for e in args.extras.split(",") if e.strip())
     try:
+        if args.bitsandbytes_cuda and not {"qlora", "dev"} & set(extras.split(",")):
+            raise Refused(f"--bitsandbytes-cuda={args.bitsandbytes_cuda}: trims bitsandbytes, "
+                          "which only the qlora extra brings; allowed: with --extras qlora; "
+                          "fix: --extras qlora (make: EXTRAS=qlora)")
         exclude = read_exclude(Path(args.exclude)) if args.exclude else {}
         record_target(out, {"python_version": args.python_version or "this machine's",
                             "platform": args.platform or "this machine's", "extras": extras,
@@ -291,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.bitsandbytes_cuda:
+        try:
+            before, after = trim_bitsandbytes(out, args.bitsandbytes_cuda.replace(".", ""))
+        except Refused as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"bitsandbytes trimmed to CUDA {args.bitsandbytes_cuda}'s library: "
+              f"{before:.1f} -> {after:.1f} MiB")
     left = leave_out(out, exclude)
     dropped = drop_unneeded(out, check(requirement, out, flags, exclude, left))
     if dropped:

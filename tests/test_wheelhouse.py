@@ -82,3 +82,50 @@ def test_a_missing_target_list_and_a_wheelhouse_of_another_target_are_refused(tm
     refused = wheelhouse("--python-version", "3.11", "--out", str(out), cwd=tmp_path)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "holds wheels for another target" in refused.stderr and "WHEELHOUSE=" in refused.stderr
+
+
+def _native_wheel(folder: Path) -> Path:
+    """A wheel laid out as bitsandbytes 0.50's: one native library per CUDA/ROCm version."""
+    import zipfile
+
+    wheel = folder / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    files = {"bitsandbytes/__init__.py": b"", **{
+        f"bitsandbytes/libbitsandbytes_{kind}.so": b"\0" * 1000
+        for kind in ("cpu", "cuda126", "cuda128", "cuda130", "rocm70")}}
+    record = "".join(f"{name},sha256=x,{len(data)}\n" for name, data in files.items())
+    with zipfile.ZipFile(wheel, "w") as built:
+        for name, data in files.items():
+            built.writestr(name, data)
+        built.writestr("bitsandbytes-0.50.2.dist-info/RECORD",
+                       record + "bitsandbytes-0.50.2.dist-info/RECORD,,\n")
+    return wheel
+
+
+def test_bitsandbytes_is_trimmed_to_the_targets_cuda_library_and_its_record_matches(tmp_path):
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.spec_from_file_location("wheelhouse_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    wheel = _native_wheel(tmp_path)
+    with pytest.raises(script.Refused, match=r"--bitsandbytes-cuda=125: .* has no library for "
+                       r"it; allowed: 126, 128, 130"):
+        script.trim_bitsandbytes(tmp_path, "125")
+    script.trim_bitsandbytes(tmp_path, "130")
+    with zipfile.ZipFile(wheel) as trimmed:
+        names = set(trimmed.namelist())
+        record = {line.split(",")[0] for line in trimmed.read(
+            "bitsandbytes-0.50.2.dist-info/RECORD").decode().splitlines()}
+    assert {n for n in names if n.endswith(".so")} == {
+        "bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so"}
+    assert record == names  # pip's install reads RECORD: nothing listed that is not there
+    assert script.trim_bitsandbytes(tmp_path, "130")[0] == wheel.stat().st_size / 2**20
+    wheel.unlink()
+    with pytest.raises(script.Refused, match=r"no bitsandbytes wheel .* --extras qlora"):
+        script.trim_bitsandbytes(tmp_path, "130")
+    refused = wheelhouse("--bitsandbytes-cuda", "130", "--out", str(tmp_path / "wh"),
+                         cwd=tmp_path)  # asked without the extra: refused before any download
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "only the qlora extra brings" in refused.stderr and not (tmp_path / "wh").exists()
