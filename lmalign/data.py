@@ -216,10 +216,9 @@ def _prepare_prompts(data, dataset: DatasetConfig):
 def _templated(data, template: str):
     """Each prompt written into the template (a chat prompt: its last user turn); the template's
     other fields read the row's columns (validate.py checked it holds {prompt})."""
-    import string
+    from lmalign.validate import template_fields
 
-    fields = {field for _, field, _, _ in string.Formatter().parse(template) if field}
-    unknown = sorted(fields - set(data.column_names))
+    unknown = sorted(set(template_fields(template)) - set(data.column_names))
     if unknown:
         raise UserError(problem(
             "dataset.prompt_template", template, f"names {{{unknown[0]}}}, not a column of the "

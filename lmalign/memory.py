@@ -26,7 +26,8 @@ wrapper, so frozen and trained parameters are known), in the dtypes the run real
   the rows; GRPO and RLOO score prompt + completion. With gradient checkpointing the trace
   keeps each layer's input, plus one layer's activations recomputed in the backward.
   Checked against PyTorch's own memory timeline on the CPU (allocator-level peak minus weights,
-  tests/test_memory.py): within 1% for a 106M Llama at 4 x 256 and 2 x 1024 tokens. A model the
+  tests/test_memory.py): within 4% for a 106M Llama at 4 x 256 and 2 x 1024 tokens and an
+  8-layer 256-wide one. A model the
   meta device cannot run (data-dependent routing) gets no activation figure, and the plan says so.
 accelerate's own estimator (`accelerate estimate-memory`) is run on the same meta model as a
 cross-check; it models training all weights, so it is reported only for full fine-tuning.
@@ -145,28 +146,36 @@ def activations(config: Config, meta_model) -> float | None:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.hardware.precision,
                                                                   torch.float32)
-    model = copy.deepcopy(meta_model).to(dtype)  # meta tensors: no memory is copied
+    from transformers import AttentionInterface
+
+    # A copy of the meta model (no memory: meta tensors), changed freely: the compute dtype, a
+    # pad id for a reward head to find rows' ends by, the flash-like attention below.
+    model = copy.deepcopy(meta_model).to(dtype)
     model.train()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config.get_text_config().pad_token_id is None:  # a reward head finds rows' ends by it
+    if base.config.get_text_config().pad_token_id is None:
         base.config.get_text_config().pad_token_id = 0
+    AttentionInterface.register(_PLAN_ATTENTION, _flash_like_attention)
+    for module in model.modules():
+        if hasattr(getattr(module, "config", None), "_attn_implementation"):
+            module.config._attn_implementation = _PLAN_ATTENTION
+    # A language model's loss: its fp32 log-softmax over the vocabulary is saved too.
+    causal = "CausalLM" in type(base).__name__
     rows, length = micro_batch(config)
     try:
-        full = _saved_bytes(model, rows, length)
+        full = _saved_bytes(model, rows, length, causal)
         if not config.hardware.gradient_checkpointing:
             return full
         layers = config.model.architecture.get("num_hidden_layers") or 1
         base.activation_checkpointing_enable({"use_reentrant": True})
-        return _saved_bytes(model, rows, length) + full / layers
+        return _saved_bytes(model, rows, length, causal) + full / layers
     except Exception:  # noqa: BLE001 - an estimate, never a reason for a run to fail
         return None
 
 
-def _saved_bytes(model, rows: int, length: int) -> float:
+def _saved_bytes(model, rows: int, length: int, causal: bool) -> float:
     import torch
-    from transformers import AttentionInterface
 
-    AttentionInterface.register(_PLAN_ATTENTION, _flash_like_attention)
     parameters = {id(p) for p in model.parameters()}
     saved: dict[int, float] = {}
     alive = []  # keeps each counted tensor, so that no id is reused while counting
@@ -180,21 +189,9 @@ def _saved_bytes(model, rows: int, length: int) -> float:
             saved[id(root)] = root.numel() * root.element_size()
         return tensor
 
-    configs = [m.config for m in model.modules() if hasattr(m, "config")
-               and hasattr(m.config, "_attn_implementation")]
-    before = [c._attn_implementation for c in configs]
     ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # A language model's loss: its fp32 log-softmax over the vocabulary is saved too.
-    labels = {"labels": ids} if "CausalLM" in type(base).__name__ else {}
-    try:
-        for c in configs:
-            c._attn_implementation = _PLAN_ATTENTION
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(input_ids=ids, use_cache=False, **labels)
-    finally:
-        for c, name in zip(configs, before):
-            c._attn_implementation = name
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, use_cache=False, **({"labels": ids} if causal else {}))
     return float(sum(saved.values()))
 
 

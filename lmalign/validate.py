@@ -12,7 +12,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from lmalign.config_tree import CONF_DIR
 from lmalign.errors import UserError, problem
@@ -220,10 +220,15 @@ def _method_problems(config: Config) -> list[str]:
     return problems
 
 
-def _prompt_template_problems(dataset) -> list[str]:
-    """dataset.prompt_template: for prompts only, a str.format text holding {prompt}."""
+def template_fields(template: str) -> list[str]:
+    """The {fields} of a str.format text ('' for a positional {}); ValueError if it is broken."""
     import string
 
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+
+
+def _prompt_template_problems(dataset) -> list[str]:
+    """dataset.prompt_template: for prompts only, a str.format text holding {prompt}."""
     template = dataset.prompt_template
     if template is None:
         return []
@@ -235,8 +240,7 @@ def _prompt_template_problems(dataset) -> list[str]:
                         "a template only with dataset.format=prompt",
                         "dataset.prompt_template=null")]
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template)
-                  if field is not None]
+        fields = template_fields(template)
     except ValueError as exc:
         return [problem("dataset.prompt_template", template, f"not a format text: {exc}",
                         "text with {prompt} where the prompt goes ({{ and }} for braces)", fix)]
@@ -310,8 +314,6 @@ def _setting_value_problems(key: str, target, settings: dict) -> list[str]:
     a bad regex or an unknown input_style stops the run here, not at the first generation."""
     import typing
 
-    import pydantic
-
     try:
         hints = typing.get_type_hints(target, include_extras=True)
     except Exception:  # annotations this interpreter cannot resolve: the call itself decides
@@ -321,14 +323,14 @@ def _setting_value_problems(key: str, target, settings: dict) -> list[str]:
         if name not in hints:
             continue
         try:
-            pydantic.TypeAdapter(hints[name]).validate_python(value)
-        except pydantic.ValidationError as exc:
+            TypeAdapter(hints[name]).validate_python(value)
+        except ValidationError as exc:
             allowed = exc.errors()[0]["msg"].removeprefix("Value error, ").removeprefix(
                 "Input should be ")
             problems.append(problem(f"{key}.{name}", value, f"not a value "
                                     f"{getattr(target, '__qualname__', target)} takes for {name}",
                                     allowed, f"set {key}.{name} to a value as allowed"))
-        except pydantic.PydanticSchemaGenerationError:
+        except PydanticSchemaGenerationError:
             continue
     return problems
 
