@@ -14,7 +14,8 @@ STAMP := $(VENV)/.lmalign-installed
 
 # make wheelhouse: lmalign and its dependencies as wheels in wheelhouse/, for a machine without
 # network (README, "Offline install"); PYTHON_VERSION, PLATFORM, EXTRAS and EXCLUDE (the target's
-# `pip list --format=freeze`) describe the target; empty means this machine, no extras.
+# `pip list --format=freeze`, or bare names: present at any version) describe the target; empty
+# means this machine, no extras.
 PYTHON_VERSION ?=
 PLATFORM ?=
 EXTRAS ?=

@@ -7,7 +7,18 @@ of SmolLM2-1.7B's shape (its layers and vocabulary size on the tiny task's token
 a seed: no network), bf16, bfd packing into rows of 2048 tokens; on a CPU they use the embedded
 tiny model and skip what needs CUDA, saying so. Every case goes through `python -m lmalign`, the
 path a user runs, with its own time cap. The JSON (`--out`) is written after every case, and
-`--cases` reruns chosen ones, keeping the others' results. Prints one table.
+`--cases` reruns chosen ones, keeping the others' results. Prints one table. `--time-limit S`
+ends every case within S seconds (a lent machine, an allocation): cases that would start later
+are "not run", and an earlier row of one stays; the `--cases` order is the priority.
+
+On a GPU machine without network (the workplace's H200 image, benchmarks/gpu_image.txt), make
+the wheels here and carry them with the checkout (27 MiB for that image):
+    make wheelhouse PYTHON_VERSION=3.12 PLATFORM=manylinux_2_28_x86_64 \
+        EXTRAS=deepspeed,liger,qlora BNB_CUDA=130 EXCLUDE=benchmarks/gpu_image.txt WHEELHOUSE=.wh-gpu
+and there, in the checkout:
+    python3 -m pip list --format=freeze > image-freeze.txt   # the image's versions, for next time
+    python3 -m pip install -q --no-index --find-links .wh-gpu 'lmalign[deepspeed,liger,qlora]'
+    python3 benchmarks/gpu_check.py --time-limit 540 --out gpu_check.json
 
 FLOPs for MFU: 6 per parameter per trained token (forward 2, backward 4; the input embedding is a
 lookup, not counted), plus attention's 12 * layers * hidden * context per token (forward and
@@ -56,6 +67,9 @@ class Case:
     needs: tuple[str, ...] = ()  # importable packages; absent: "not installed"
 
 
+MIN_CASE_S = 30  # a case started with less time than this left could not finish
+
+
 class CaseFailed(Exception):
     """The case ran and its result is wrong (or it did not finish): the row says why."""
 
@@ -63,8 +77,9 @@ class CaseFailed(Exception):
 class Check:
     """Where the cases run and what they share (the measured matmul peak)."""
 
-    def __init__(self, work: Path, steps: int, cuda: bool) -> None:
+    def __init__(self, work: Path, steps: int, cuda: bool, ends: float = float("inf")) -> None:
         self.work, self.steps, self.cuda = work, steps, cuda
+        self.ends = ends  # time.monotonic() by which every case has ended (--time-limit)
         self.cache = work / "cache"
         self.measured_tflops: float | None = None
         self.results: dict[str, Any] = {}  # the rows so far, by case
@@ -84,6 +99,9 @@ class Check:
         """`python -m lmalign` for one run; its run.json."""
         log = self.work / f"{run_name}.log"
         command = [sys.executable, "-m", "lmalign", f"run_name={run_name}", *overrides]
+        left_s = self.ends - time.monotonic()
+        if left_s < cap_s:
+            cap_s = max(int(left_s), 1)  # the whole check's --time-limit comes first
         try:
             with open(log, "w") as handle:
                 done = subprocess.run(command, cwd=self.work, stdout=handle, stderr=handle,
@@ -381,6 +399,8 @@ def run_case(name: str, check: Check) -> dict[str, Any]:
         return {**row, "status": "not run", "why": "needs a CUDA GPU"}
     if missing:
         return {**row, "status": "not run", "why": f"not installed: {', '.join(missing)}"}
+    if check.ends - time.monotonic() < MIN_CASE_S:
+        return {**row, "status": "not run", "why": "--time-limit reached; rerun it with --cases"}
     began = time.perf_counter()
     try:
         figures = case.run(check)
@@ -421,9 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per training case")
     parser.add_argument("--work", default=None, help="folder for the runs (default: a new one)")
+    parser.add_argument("--time-limit", type=int, default=None, metavar="S",
+                        help="end every case within S seconds; those that would start later are "
+                             "'not run' (the --cases order is the priority)")
     options = parser.parse_args(argv)
     if options.steps < 1:
         print(f"error: --steps {options.steps}: at least 1 optimizer step", file=sys.stderr)
+        return 2
+    if options.time_limit is not None and options.time_limit < MIN_CASE_S:
+        print(f"error: --time-limit {options.time_limit}: at least {MIN_CASE_S} seconds, the "
+              "least a case is started with", file=sys.stderr)
         return 2
     chosen = [name.strip() for name in options.cases.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in CASES]
@@ -435,14 +462,20 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(out.read_text()) if out.exists() else {"cases": {}}
     work = Path(options.work or tempfile.mkdtemp(prefix="lmalign-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    check = Check(work, options.steps, torch.cuda.is_available())
+    ends = time.monotonic() + options.time_limit if options.time_limit else float("inf")
+    check = Check(work, options.steps, torch.cuda.is_available(), ends)
     check.results = results["cases"]
     results.update(device=check.device, torch=torch.__version__, work=str(work))
     if "matmul" not in chosen and results["cases"].get("matmul", {}).get("status") == "pass":
         check.measured_tflops = results["cases"]["matmul"]["figures"]["TFLOP/s"]
     for name in chosen:
         print(f"{name}: {CASES[name].what} ...", flush=True)
-        results["cases"][name] = run_case(name, check)
+        row = run_case(name, check)
+        if row["status"] == "not run" and name in results["cases"] and row["why"].startswith(
+                "--time-limit"):
+            print(f"{name}: {row['why']}; its earlier row stays", flush=True)
+            continue
+        results["cases"][name] = row
         write(out, results)
     print(f"\n{check.device}, torch {torch.__version__}, runs in {work}\n{table(results)}")
     return 1 if any(row["status"] == "fail" for row in results["cases"].values()) else 0

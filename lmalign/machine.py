@@ -73,7 +73,7 @@ def _hardware_here(config: Config, explicit_keys: Collection[str]) -> tuple[Conf
                                 "true on a CUDA profile", "hardware.liger_kernel=false"))
     elif hardware.liger_kernel and importlib.util.find_spec("liger_kernel") is None:
         problems.append(problem("hardware.liger_kernel", True, "liger-kernel is not installed",
-                                "true with liger-kernel installed", "pip install liger-kernel, "
+                                "true with liger-kernel installed", "pip install 'lmalign[liger]', "
                                 "or hardware.liger_kernel=false"))
     sampling = config.method.sampling if config.trains else None
     if sampling is not None and sampling.vllm_mode != "none":

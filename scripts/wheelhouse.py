@@ -11,9 +11,12 @@ as sdists); for another target it must come out pure Python (`none-any`).
 
 `--exclude` takes the target's `pip list --format=freeze`: its versions constrain the resolution
 (lmalign is installed beside them, not over them) and the wheels of those exact versions are
-left out. At the end, `pip install --no-index --dry-run` for the target checks that the
-wheelhouse installs with nothing else at hand, the excluded packages stood in for by empty
-wheels of the same name and version (they are what the target already has).
+left out. A bare name (no version) says the target has the package at a version not known here,
+as an image's list of names does: any version of it is left out, and nothing constrains it. At
+the end, `pip install --no-index --dry-run` for the target checks that the wheelhouse installs
+with nothing else at hand, the excluded packages stood in for by empty wheels of the same name
+and version (a bare name's at the version resolved here: the check then holds as far as the
+target's version suits, and the install there names one that does not).
 
 `--bitsandbytes-cuda 130` (with `--extras qlora`) trims bitsandbytes' wheel to the native library
 the target loads: it ships one per CUDA, ROCm and XPU version (43 MB for 0.50.2), and a target
@@ -48,33 +51,39 @@ def canonical(name: str, version: str) -> tuple[str, str]:
     return canonicalize_name(name), str(Version(version))
 
 
+def public(version: str | None) -> str | None:
+    """A version without its local label: a GPU machine's `torch==2.11.0+cu130` is PyPI's
+    torch 2.11.0 (built for CUDA 13.0), and PyPI has no release named with the label."""
+    return Version(version).public if version else None
+
+
 def in_wheel(wheel: Path) -> tuple[str, str]:
     """A wheel file's (canonical name, version)."""
     name, version, *_ = parse_wheel_filename(wheel.name)
     return name, str(version)
 
 
-def read_exclude(path: Path) -> dict[str, str]:
-    """The target's packages {canonical name: version} from `pip list --format=freeze`."""
+def read_exclude(path: Path) -> dict[str, str | None]:
+    """The target's packages {canonical name: version} from `pip list --format=freeze`; a bare
+    name (the target has it, version unknown here) maps to None."""
     if not path.is_file():
         raise Refused(f"EXCLUDE={path}: no such file; write it on the target with: python -m "
                       "pip list --format=freeze > target.txt")
-    pins: dict[str, str] = {}
+    pins: dict[str, str | None] = {}
     problems = []
     for number, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        name, sep, version = line.partition("==")
+        name, sep, version = (part.strip() for part in line.partition("=="))
         try:
-            if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name.strip()):
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or (sep and not version):
                 raise InvalidVersion
-            name, version = canonical(name.strip(), version.strip())
+            pins[canonicalize_name(name)] = canonical(name, version)[1] if sep else None
         except InvalidVersion:
-            problems.append(f"EXCLUDE={path} line {number}: {raw.strip()!r} is not name==version; "
-                            "write the list with: python -m pip list --format=freeze")
-            continue
-        pins[name] = version
+            problems.append(f"EXCLUDE={path} line {number}: {raw.strip()!r} is neither "
+                            "name==version nor a bare name; write the list with: python -m pip "
+                            "list --format=freeze")
     if problems:
         raise Refused("\n".join(problems))
     pins.pop("lmalign", None)  # the wheelhouse brings its own
@@ -188,39 +197,46 @@ def refuse_platform_wheels(out: Path, built: list[str], foreign: bool) -> None:
                           "wheelhouse")
 
 
-def leave_out(out: Path, exclude: dict[str, str]) -> dict[str, str]:
-    """Remove the wheels of the exact versions the target has: {"name version": its METADATA},
-    whose dependencies (extras included: datasets asks for fsspec[http]) the check needs."""
-    left = {}
-    for wheel in sorted(out.glob("*.whl")):
+def leave_out(out: Path, exclude: dict[str, str | None]) -> dict[str, tuple[str, str]]:
+    """Remove the wheels of what the target has (its version, or any for a bare name):
+    {name: (version, its METADATA)}, whose dependencies (extras included: datasets asks for
+    fsspec[http]) the check needs. A bare name keeps the newest version resolved here."""
+    left: dict[str, tuple[str, str]] = {}
+    for wheel in sorted(out.glob("*.whl"), key=lambda w: Version(in_wheel(w)[1])):
         name, version = in_wheel(wheel)
-        if exclude.get(name) == version:
-            with zipfile.ZipFile(wheel) as archive:
-                metadata = next(n for n in archive.namelist()
-                                if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
-                left[name] = archive.read(metadata).decode()
-            wheel.unlink()
+        if name not in exclude or exclude[name] and public(exclude[name]) != version:
+            continue
+        with zipfile.ZipFile(wheel) as archive:
+            metadata = next(n for n in archive.namelist()
+                            if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+            left[name] = (version, archive.read(metadata).decode())
+        wheel.unlink()
     return left
 
 
-def stub_wheels(exclude: dict[str, str], metadata: dict[str, str], folder: Path) -> None:
+def stub_wheels(exclude: dict[str, str | None], left: dict[str, tuple[str, str]],
+                folder: Path) -> None:
     """Wheels standing in for what the target has, for the dry-run check only: no files, but
-    the real wheel's METADATA where it was downloaded, so its dependencies count."""
-    for name, version in exclude.items():
+    the real wheel's METADATA where it was downloaded, so its dependencies count. A bare name
+    nothing here needed has no stand-in: nothing asks for it."""
+    for name, pinned in exclude.items():
+        version, metadata = left.get(name, (pinned, None))
+        if version is None:
+            continue
         dist = f"{name.replace('-', '_')}-{version}"
         with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as wheel:
-            wheel.writestr(f"{dist}.dist-info/METADATA", metadata.get(name) or
+            wheel.writestr(f"{dist}.dist-info/METADATA", metadata or
                            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
             wheel.writestr(f"{dist}.dist-info/WHEEL",
                            "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
             wheel.writestr(f"{dist}.dist-info/RECORD", "")
 
 
-def check(requirement: str, out: Path, flags: list[str], exclude: dict[str, str],
-          metadata: dict[str, str]) -> set[tuple[str, str]]:
+def check(requirement: str, out: Path, flags: list[str], exclude: dict[str, str | None],
+          left: dict[str, tuple[str, str]]) -> set[tuple[str, str]]:
     """What the target installs from the wheelhouse: (canonical name, version) each."""
     with tempfile.TemporaryDirectory() as stubs:
-        stub_wheels(exclude, metadata, Path(stubs))
+        stub_wheels(exclude, left, Path(stubs))
         report = Path(stubs) / "report.json"
         found = subprocess.run(
             [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
@@ -321,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         exclude = read_exclude(Path(args.exclude)) if args.exclude else {}
         record_target(out, {"python_version": args.python_version or "this machine's",
                             "platform": args.platform or "this machine's", "extras": extras,
-                            "exclude": sorted(f"{n}=={v}" for n, v in exclude.items())})
+                            "exclude": sorted(f"{n}=={v}" if v else n
+                                              for n, v in exclude.items())})
     except Refused as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
@@ -330,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     own = build_own_wheel(out)
     requirement = f"lmalign[{extras}]" if extras else "lmalign"
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
-        constraints.write("".join(f"{n}=={v}\n" for n, v in exclude.items()))
+        constraints.write("".join(f"{n}=={public(v)}\n" for n, v in exclude.items() if v))
         constraints.flush()
         built = download(f"{requirement} @ {own.as_uri()}", out, flags, Path(constraints.name))
     try:
@@ -359,7 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{out}: {len(wheels)} wheels, {size:.1f} MiB"
           + (f"; built here: {', '.join(built)}" if built else "")
           + (f"; left out ({len(left)}, the target has them): "
-             + ", ".join(f"{name} {exclude[name]}" for name in left) if left else ""))
+             + ", ".join(f"{name} {exclude[name]}" for name in sorted(left) if exclude[name])
+             if left else ""))
+    unversioned = sorted(name for name in left if exclude[name] is None)
+    if unversioned:
+        print(f"assumed on the target at versions that suit lmalign (EXCLUDE names them without "
+              f"a version; the install there names any that does not): {', '.join(unversioned)}")
     print(f"on the target: python -m pip install --no-index --find-links {out.name} "
           f"'{requirement}'")
     return 0

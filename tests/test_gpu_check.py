@@ -51,10 +51,26 @@ def test_the_gpu_check_runs_its_cpu_cases_and_names_what_needs_a_gpu(tmp_path, l
     rerun = json.loads(out.read_text())["cases"]
     assert rerun["sft_full"] == rows["sft_full"] and list(rerun) == list(rows)
 
+    # A time box (a SLURM allocation, a lent machine): what would start too late is not run,
+    # and an earlier row of it stays; a fresh one says why.
+    boxed = check("--cases", "matmul,sft_full,lora", "--time-limit", "30", "--out", str(out),
+                  "--work", str(tmp_path / "work"), cwd=tmp_path, cache=lmalign_cache)
+    assert boxed.returncode == 0, boxed.stderr[-3000:]
+    assert "sft_full: --time-limit reached; rerun it with --cases; its earlier row stays" \
+        in boxed.stdout
+    boxed_rows = json.loads(out.read_text())["cases"]
+    assert boxed_rows["sft_full"] == rows["sft_full"]
+    assert boxed_rows["lora"] == {"case": "lora", "what": "LoRA SFT", "status": "not run",
+                                  "why": "--time-limit reached; rerun it with --cases"}
 
-def test_an_unknown_case_is_one_error_line_naming_the_cases(tmp_path):
+
+def test_an_unknown_case_or_a_time_limit_too_short_for_any_case_is_one_error_line(tmp_path):
     refused = subprocess.run([sys.executable, str(CHECK), "--cases", "sft_ful"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
         refused.stderr.strip()] and "sft_ful unknown; one of matmul, sft_full" in refused.stderr
+    refused = subprocess.run([sys.executable, str(CHECK), "--time-limit", "10"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr == (
+        "error: --time-limit 10: at least 30 seconds, the least a case is started with\n")
