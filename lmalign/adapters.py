@@ -26,6 +26,13 @@ def command_line_overrides(argv: list[str]) -> list[str]:
     return list(args.overrides or [])
 
 
+def config_dir(argv: list[str]) -> str | None:
+    """The command line's --config-dir (-cd): a folder of the user's own config options."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_known_args(argv)[0].config_dir
+
+
 def is_multirun(argv: list[str]) -> bool:
     """Whether the command line asks for a multirun (-m, --multirun)."""
     from hydra._internal.utils import get_args_parser

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import hydra
+import yaml
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -106,12 +107,20 @@ def _launch(outcomes: Path) -> int:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         failed_jobs = 1
+    except yaml.YAMLError as exc:  # a config file that is not YAML, read while composing
+        if outcome.read_all(outcomes):
+            raise
+        from lmalign.diagnose import broken_yaml
+
+        report([broken_yaml(exc)])
+        return EXIT_USER_ERROR
     except (hydra.errors.HydraException, OmegaConfBaseException) as exc:
         if outcome.read_all(outcomes):  # a job started: not a composition error
             raise
         from lmalign.diagnose import diagnose, message
 
         report(diagnose(adapters.command_line_overrides(sys.argv[1:]),
+                        config_dir=adapters.config_dir(sys.argv[1:]),
                         multirun=adapters.is_multirun(sys.argv[1:])) or [message(exc)])
         return EXIT_USER_ERROR
     finally:

@@ -9,6 +9,7 @@ key gets the closest key of its section, an old flat eval key its new place unde
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,9 +26,35 @@ def message(exc: BaseException) -> str:
     return " ".join(p for p in parts if p) or type(exc).__name__
 
 
-def diagnose(overrides: list[str], multirun: bool = False) -> list[str]:
-    """Every problem of a command line that Hydra could not compose, one line each."""
-    from hydra import compose, initialize_config_dir
+def broken_yaml(exc: Exception) -> str:
+    """A config file that is not YAML (yours under --config-dir, or an edited conf/): one line
+    naming the option that chose it, the file, and where the parser stopped."""
+    from lmalign.errors import problem
+
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None:
+        return problem("config file", "?", f"not valid YAML ({message(exc)})", "YAML",
+                       "correct the file")
+    path = Path(mark.name)
+    opened = getattr(exc, "context_mark", None)  # where the unclosed [ or { began, if any
+    what = str(getattr(exc, "problem", None) or message(exc))
+    if getattr(exc, "context", None):
+        began = f" at line {opened.line + 1}, column {opened.column + 1}" if opened else ""
+        what = f"{exc.context}{began}: {what}"
+    primary = path.name == f"{CONFIG_NAME}.yaml"
+    return problem("config file" if primary else path.parent.name,
+                   path.name if primary else path.stem,
+                   f"{path} is not valid YAML at line {mark.line + 1}, column {mark.column + 1} "
+                   f"({what})", "a YAML mapping of config keys, as in lmalign's conf/",
+                   f"correct line {(opened or mark).line + 1} of {path}")
+
+
+def diagnose(overrides: list[str], multirun: bool = False,
+             config_dir: str | None = None) -> list[str]:
+    """Every problem of a command line that Hydra could not compose, one line each.
+    `config_dir`: the command's --config-dir (your own options and recipes beside ours)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from lmalign.validate import validate
@@ -40,6 +67,11 @@ def diagnose(overrides: list[str], multirun: bool = False) -> list[str]:
         first.setdefault(parsed.key_or_group, index)
     kept = [c for i, c in enumerate(candidates) if first[c[1].key_or_group] == i]
     extra = [c for i, c in enumerate(candidates) if first[c[1].key_or_group] != i]
+
+    search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+
+    def compose(name: str, overrides: list[str]) -> DictConfig:
+        return hydra_compose(name, overrides=search + overrides)
 
     GlobalHydra.instance().clear()
     found = _Found(problems)
@@ -176,17 +208,27 @@ class _Found:
         from hydra.errors import MissingConfigException
 
         if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
-            group = exc.missing_cfg_file.rsplit("/", 1)[0]
+            group, _, wanted = exc.missing_cfg_file.rpartition("/")
+            options = exc.options or self.loader.get_group_options(group)
+            visible = ", ".join(o for o in options if not o.startswith("_"))
             for i, (_, parsed) in enumerate(among):
                 if parsed.key_or_group.lstrip("/") == group:
-                    options = exc.options or self.loader.get_group_options(group)
-                    visible = ", ".join(o for o in options if not o.startswith("_"))
                     value = parsed.value()
                     self.problems.append(
                         f"{parsed.key_or_group}={value}: no such option in group '{group}'; "
                         f"allowed: {visible}; fix: {parsed.key_or_group}="
                         f"{_closest(str(value), options) or '<one of them>'}")
                     return i
+            # Not on the command line: a defaults list chose it, in a recipe the command adds.
+            chosen_by = [i for i, (_, parsed) in enumerate(among) if group and
+                         config_tree.is_group(parsed.key_or_group) and not parsed.is_delete()]
+            if chosen_by:
+                texts = " or ".join(among[i][0] for i in chosen_by)
+                self.problems.append(
+                    f"{group}={wanted}: no such option in group '{group}', chosen by the "
+                    f"defaults list of {texts}; allowed: {visible}; fix: override /{group}: "
+                    f"{_closest(wanted, options) or '<one of them>'} in that file's defaults")
+                return chosen_by[-1]
         full_key = getattr(exc.__cause__, "full_key", None) or getattr(exc, "full_key", None)
         for i, (text, parsed) in enumerate(among):
             key = parsed.key_or_group

@@ -49,6 +49,9 @@ def describe(config: Config, run_dir: Path, submission: dict | None = None) -> s
     rows.append(("parameters", f"{trainable:,} trainable of {total:,}{share}"))
     where = (f"{dataset.from_run}'s {SYNTHESIZED_PARTS.get(dataset.format, '?')}/"
              if dataset.from_run else dataset.path or "built in")
+    if dataset.source == "local" and not dataset.from_run and dataset.path and not Path(
+            str(dataset.path)).expanduser().exists():
+        where += " (not found here: it must exist where the run starts)"
     rows.append(("dataset", f"{dataset.name} ({dataset.source}: {where}, "
                  f"format {dataset.format}"
                  + (" split into unpaired replies" if dataset.unpair else "")

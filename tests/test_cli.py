@@ -177,6 +177,53 @@ def test_sweep_jobs_cannot_share_a_run_name(run, tmp_path):
     assert "Warning" not in varied.stderr  # the sweep's own checks resolved every job's name
 
 
+def test_a_broken_recipe_of_your_own_is_one_line_naming_the_file_and_where(run, tmp_path):
+    """--config-dir: your recipes beside ours. A file that is not YAML, and a defaults list that
+    chooses an option that does not exist, each give one line, not a traceback."""
+    mine = tmp_path / "myconf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "unclosed.yaml").write_text("# @package _global_\nmethod:\n  learning_rate: [1\n")
+    (mine / "typo.yaml").write_text("# @package _global_\ndefaults:\n"
+                                    "  - override /method: lorra\n")
+    (mine / "fine.yaml").write_text("# @package _global_\nmethod:\n  max_steps: 3\n")
+
+    broken = run("--config-dir", str(tmp_path / "myconf"), "+experiment=unclosed")
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    (line,) = _errors(broken)
+    assert line.startswith(f"error: experiment='unclosed': {mine / 'unclosed.yaml'} is not valid "
+                           "YAML at line 4, column 1 (while parsing a flow sequence at line 3, "
+                           "column 18: expected ',' or ']'")
+    assert line.endswith(f"fix: correct line 3 of {mine / 'unclosed.yaml'}")
+
+    typo = run("--config-dir", str(tmp_path / "myconf"), "+experiment=typo", "hardware=a10")
+    assert typo.returncode == 2
+    assert _errors(typo) == [
+        "error: hardware=a10: no such option in group 'hardware'; allowed: 8gpu_fsdp, "
+        "8gpu_zero3, a100, cpu, cpu_ddp, t4; fix: hardware=a100",
+        "error: method=lorra: no such option in group 'method', chosen by the defaults list of "
+        "+experiment=typo; allowed: dpo, grpo, kto, lora, prompt_tuning, reward, rloo, sft; fix: "
+        "override /method: lora in that file's defaults"]
+
+    # Beside a good recipe of yours, a mistake elsewhere is still named for what it is.
+    beside = run("--config-dir", str(tmp_path / "myconf"), "+experiment=fine", "model=tinyy")
+    assert beside.returncode == 2
+    (line,) = _errors(beside)
+    assert line.startswith("error: model=tinyy: no such option in group 'model'")
+
+
+def test_a_dry_run_plans_a_run_whose_inputs_are_not_here_yet_and_says_so(run):
+    """A plan written before the data is copied or the first run trained (a SLURM pipeline):
+    the plan names what must exist when the run starts; the run itself refuses without it."""
+    planned = run("dataset=local", "dataset.path=data/chats.jsonl", "model.init_from=sft_run",
+                  "dry_run=true", check=True)
+    assert "local: data/chats.jsonl (not found here: it must exist where the run starts)" \
+        in planned.stdout
+    assert "starts from    sft_run (not trained yet: its final/ must exist" in planned.stdout
+    refused = run("dataset=local", "dataset.path=data/chats.jsonl")
+    assert refused.returncode == 2
+    assert _errors(refused)[0].startswith("error: dataset.path='data/chats.jsonl': no such file")
+
+
 @pytest.mark.slow  # whole commands: about 7 s
 def test_a_dry_run_leaves_nothing_behind(run, tmp_path):
     result = run("dry_run=true", in_subprocess=True)
