@@ -7,7 +7,9 @@ of SmolLM2-1.7B's shape (its layers and vocabulary size on the tiny task's token
 a seed: no network), bf16, bfd packing into rows of 2048 tokens; on a CPU they use the embedded
 tiny model and skip what needs CUDA, saying so. Every case goes through `python -m lmalign`, the
 path a user runs, with its own time cap. The JSON (`--out`) is written after every case, and
-`--cases` reruns chosen ones, keeping the others' results. Prints one table. `--time-limit S`
+`--cases` reruns chosen ones, keeping the others' results. Prints one table. `--plan-only` needs
+no GPU: each case's first command runs as a dry run with the GPU shape and profile, so a config
+the check would have refused is found before GPU time is spent. `--time-limit S`
 ends every case within S seconds (a lent machine, an allocation): cases that would start later
 are "not run", and an earlier row of one stays; the `--cases` order is the priority.
 
@@ -19,6 +21,7 @@ and there, in the checkout:
     python3 -m pip list --format=freeze > image-freeze.txt   # the image's versions, for next time
     python3 -m pip install -q --no-index --find-links .wh-gpu 'lmalign[deepspeed,liger,qlora]'
     python3 benchmarks/gpu_check.py --time-limit 540 --out gpu_check.json
+(here first: python benchmarks/gpu_check.py --plan-only)
 
 FLOPs for MFU: 6 per parameter per trained token (forward 2, backward 4; the input embedding is a
 lookup, not counted), plus attention's 12 * layers * hidden * context per token (forward and
@@ -65,9 +68,14 @@ class Case:
     cap_s: int
     needs_cuda: bool = False
     needs: tuple[str, ...] = ()  # importable packages; absent: "not installed"
+    plans: bool = True  # runs through `python -m lmalign` (--plan-only can check its command)
 
 
 MIN_CASE_S = 30  # a case started with less time than this left could not finish
+
+
+class CasePlanned(Exception):
+    """--plan-only: the case's first command was accepted as a dry run; its memory estimate."""
 
 
 class CaseFailed(Exception):
@@ -77,28 +85,32 @@ class CaseFailed(Exception):
 class Check:
     """Where the cases run and what they share (the measured matmul peak)."""
 
-    def __init__(self, work: Path, steps: int, cuda: bool, ends: float = float("inf")) -> None:
-        self.work, self.steps, self.cuda = work, steps, cuda
+    def __init__(self, work: Path, steps: int, cuda: bool, ends: float = float("inf"),
+                 plan_only: bool = False) -> None:
+        self.work, self.steps, self.cuda, self.plan_only = work, steps, cuda or plan_only, plan_only
         self.ends = ends  # time.monotonic() by which every case has ended (--time-limit)
         self.cache = work / "cache"
         self.measured_tflops: float | None = None
         self.results: dict[str, Any] = {}  # the rows so far, by case
-        self.device = torch.cuda.get_device_name(0) if cuda else "cpu"
+        self.device = ("(plans only: no GPU used)" if plan_only
+                       else torch.cuda.get_device_name(0) if cuda else "cpu")
         self.per_device = 4  # x 2 accumulation: 8 rows of 2048 tokens per step on a GPU
 
     def shape(self, hardware: str = "a100", packing: bool = True) -> list[str]:
         """The training shape's overrides: the 1.7B shape packed on a GPU, the tiny model here."""
         if not self.cuda:
             return []
-        return [f"model.architecture.{key}={value}" for key, value in LARGE_SHAPE.items()] + [
+        return [f"++model.architecture.{key}={value}" for key, value in LARGE_SHAPE.items()] + [
             "method.max_length=2048", f"method.packing={str(packing).lower()}",
+            "method.learning_rate=0.0003",  # the tiny model's 2e-3 is too hot for 1.7B weights
             f"hardware={hardware}", f"hardware.per_device_batch_size={self.per_device}",
             "method.global_batch_size=8"]
 
     def lmalign(self, run_name: str, *overrides: str, cap_s: int) -> dict[str, Any]:
         """`python -m lmalign` for one run; its run.json."""
         log = self.work / f"{run_name}.log"
-        command = [sys.executable, "-m", "lmalign", f"run_name={run_name}", *overrides]
+        command = [sys.executable, "-m", "lmalign", f"run_name={run_name}", *overrides,
+                   *(["dry_run=true"] if self.plan_only else [])]
         left_s = self.ends - time.monotonic()
         if left_s < cap_s:
             cap_s = max(int(left_s), 1)  # the whole check's --time-limit comes first
@@ -112,6 +124,11 @@ class Check:
         if done.returncode:
             last = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
             raise CaseFailed(f"exit {done.returncode}: {last[0][:160]}; log {log}")
+        if self.plan_only:
+            memory = next((line.split("memory", 1)[1].split(":")[0].strip()
+                           for line in log.read_text().splitlines()
+                           if line.strip().startswith("memory ")), "no memory line")
+            raise CasePlanned(memory)
         return json.loads((self.work / "runs" / run_name / "run.json").read_text())
 
     def train(self, run_name: str, *overrides: str, cap_s: int, save_steps: int = 100000,
@@ -188,12 +205,11 @@ def dpo(check: Check, precompute: bool) -> dict[str, Any]:
             "peak MiB": round(found["peak_memory_mib"] or 0)}
 
 
-def sharded(check: Check, profile: str) -> dict[str, Any]:
+def sharded(check: Check, name: str, profile: str) -> dict[str, Any]:
     """A one-GPU FSDP2 or ZeRO-3 run through accelerate launch and its workers; final/ loads,
     and its weights moved away from the starting ones."""
     from transformers import AutoModelForCausalLM
 
-    name = profile.replace("8gpu_", "")
     found = check.train(name, "hardware.world_size=1", cap_s=CASES[name].cap_s,
                         save_steps=10, hardware=profile)
     final = check.work / "runs" / name / "final"
@@ -283,7 +299,7 @@ def grpo(check: Check, vllm: bool) -> dict[str, Any]:
 
 
 CASES: dict[str, Case] = {
-    "matmul": Case(matmul_peak, "measured matrix-product peak", 60),
+    "matmul": Case(matmul_peak, "measured matrix-product peak", 60, plans=False),
     "sft_full": Case(sft_full, "SFT, all weights", 240),
     "sft_fused_adamw": Case(lambda c: sft_option(c, "sft_fused_adamw",
                                                  "method.optim=adamw_torch_fused"),
@@ -299,9 +315,9 @@ CASES: dict[str, Case] = {
     "qlora": Case(qlora, "QLoRA SFT (4-bit base)", 240, needs_cuda=True, needs=("bitsandbytes",)),
     "dpo": Case(lambda c: dpo(c, False), "DPO, reference model in step", 240),
     "dpo_precomputed": Case(lambda c: dpo(c, True), "DPO, reference log-probs precomputed", 240),
-    "fsdp2": Case(lambda c: sharded(c, "8gpu_fsdp"), "FSDP2 on one GPU, accelerate launch",
+    "fsdp2": Case(lambda c: sharded(c, "fsdp2", "8gpu_fsdp"), "FSDP2 on one GPU, accelerate launch",
                   300, needs_cuda=True),
-    "zero3": Case(lambda c: sharded(c, "8gpu_zero3"), "ZeRO-3 on one GPU, accelerate launch",
+    "zero3": Case(lambda c: sharded(c, "zero3", "8gpu_zero3"), "ZeRO-3 on one GPU, accelerate launch",
                   300, needs_cuda=True, needs=("deepspeed",)),
     "fp16": Case(fp16, "fp16 with the loss scaler (T4 profile)", 240, needs_cuda=True),
     "harness_cuda": Case(harness_on_cuda, "lm-eval on CUDA vs CPU, tiny_mc", 300,
@@ -395,6 +411,10 @@ def run_case(name: str, check: Check) -> dict[str, Any]:
     case = CASES[name]
     row: dict[str, Any] = {"case": name, "what": case.what}
     missing = [package for package in case.needs if _absent(package)]
+    if check.plan_only:
+        if not case.plans:
+            return {**row, "status": "not run", "why": "--plan-only: nothing to plan"}
+        missing = []  # a plan needs none of the case's packages
     if case.needs_cuda and not check.cuda:
         return {**row, "status": "not run", "why": "needs a CUDA GPU"}
     if missing:
@@ -405,6 +425,8 @@ def run_case(name: str, check: Check) -> dict[str, Any]:
     try:
         figures = case.run(check)
         row.update(status="pass", figures=figures)
+    except CasePlanned as exc:
+        row.update(status="planned", figures={"plan": str(exc)})
     except CaseFailed as exc:
         row.update(status="fail", why=str(exc))
     except Exception as exc:  # a broken case is a failed row, not the end of the check
@@ -441,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per training case")
     parser.add_argument("--work", default=None, help="folder for the runs (default: a new one)")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="no GPU needed: each case's first command as a dry run (the GPU "
+                             "shape and profile), to see that it is accepted; writes no JSON")
     parser.add_argument("--time-limit", type=int, default=None, metavar="S",
                         help="end every case within S seconds; those that would start later are "
                              "'not run' (the --cases order is the priority)")
@@ -459,11 +484,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = Path(options.out)
-    results = json.loads(out.read_text()) if out.exists() else {"cases": {}}
+    results = json.loads(out.read_text()) if out.exists() and not options.plan_only \
+        else {"cases": {}}
     work = Path(options.work or tempfile.mkdtemp(prefix="lmalign-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     ends = time.monotonic() + options.time_limit if options.time_limit else float("inf")
-    check = Check(work, options.steps, torch.cuda.is_available(), ends)
+    check = Check(work, options.steps, torch.cuda.is_available(), ends, options.plan_only)
     check.results = results["cases"]
     results.update(device=check.device, torch=torch.__version__, work=str(work))
     if "matmul" not in chosen and results["cases"].get("matmul", {}).get("status") == "pass":
@@ -476,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {row['why']}; its earlier row stays", flush=True)
             continue
         results["cases"][name] = row
-        write(out, results)
+        if not options.plan_only:
+            write(out, results)
     print(f"\n{check.device}, torch {torch.__version__}, runs in {work}\n{table(results)}")
     return 1 if any(row["status"] == "fail" for row in results["cases"].values()) else 0
 

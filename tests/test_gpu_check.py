@@ -64,6 +64,26 @@ def test_the_gpu_check_runs_its_cpu_cases_and_names_what_needs_a_gpu(tmp_path, l
                                   "why": "--time-limit reached; rerun it with --cases"}
 
 
+@pytest.mark.slow
+def test_plan_only_checks_the_gpu_cases_commands_here_without_a_gpu(tmp_path, lmalign_cache):
+    """The GPU shape (SmolLM2-1.7B's layers) and profiles as dry runs: a command the check would
+    send to a GPU and have refused is found here. Nothing is written to the JSON."""
+    out = tmp_path / "check.json"
+    cases = "matmul,sft_full,fsdp2,zero3"
+    planned = check("--plan-only", "--cases", cases, "--out", str(out), "--work",
+                    str(tmp_path / "work"), cwd=tmp_path, cache=lmalign_cache)
+    assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
+    table = planned.stdout.split("\ncase ")[1].splitlines()[1:]
+    rows = {line[:16].strip(): (line[17:25].strip(), line[34:]) for line in table}
+    assert rows["matmul"] == ("not run", "--plan-only: nothing to plan")
+    for name in ("sft_full", "fsdp2", "zero3"):
+        assert rows[name][0] == "planned" and rows[name][1].startswith("plan "), rows[name]
+    # 1.7B parameters in bf16 with AdamW: weights, gradients and optimizer alone are 25 GiB
+    assert float(rows["sft_full"][1].split()[1]) > 25
+    assert not out.exists()
+    assert "accelerate.commands.launch" in (tmp_path / "work" / "zero3.log").read_text()
+
+
 def test_an_unknown_case_or_a_time_limit_too_short_for_any_case_is_one_error_line(tmp_path):
     refused = subprocess.run([sys.executable, str(CHECK), "--cases", "sft_ful"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
