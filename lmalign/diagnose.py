@@ -74,7 +74,7 @@ def diagnose(overrides: list[str], multirun: bool = False,
         return hydra_compose(name, overrides=search + overrides)
 
     GlobalHydra.instance().clear()
-    found = _Found(problems)
+    found = _Found(problems, [Path(config_dir).resolve()] * bool(config_dir) + [Path(CONF_DIR)])
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="lmalign"):
         found.loader = GlobalHydra.instance().config_loader()
         kept = found.drop_unknown_keys(kept, compose)
@@ -173,8 +173,18 @@ def _unparsable(text: str, exc: Exception) -> str:
 class _Found:
     """The problems found so far, and the unknown keys among them (for spelling hints)."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], config_dirs: list[Path]) -> None:
         self.problems, self.unknown_keys, self.loader = problems, [], None
+        self.config_dirs = config_dirs  # where options live: yours first, then lmalign's
+
+    def _names(self, parsed: Any, option: str) -> bool:
+        """Whether the option file a group override chooses mentions `option`."""
+        group, value = parsed.key_or_group.lstrip("/"), parsed.value()
+        for folder in self.config_dirs:
+            chosen = folder / group / f"{value}.yaml"
+            if isinstance(value, str) and chosen.is_file():
+                return option in chosen.read_text()
+        return False
 
     def drop_unknown_keys(self, among: list[tuple[str, Any]], compose) -> list[tuple[str, Any]]:
         """The overrides left once those setting a key the config does not have are recorded
@@ -220,15 +230,13 @@ class _Found:
                         f"{_closest(str(value), options) or '<one of them>'}")
                     return i
             # Not on the command line: a defaults list chose it, in a recipe the command adds.
-            chosen_by = [i for i, (_, parsed) in enumerate(among) if group and
-                         config_tree.is_group(parsed.key_or_group) and not parsed.is_delete()]
-            if chosen_by:
-                texts = " or ".join(among[i][0] for i in chosen_by)
-                self.problems.append(
-                    f"{group}={wanted}: no such option in group '{group}', chosen by the "
-                    f"defaults list of {texts}; allowed: {visible}; fix: override /{group}: "
-                    f"{_closest(wanted, options) or '<one of them>'} in that file's defaults")
-                return chosen_by[-1]
+            for i, (text, parsed) in enumerate(among):
+                if group and not parsed.is_delete() and self._names(parsed, wanted):
+                    self.problems.append(
+                        f"{group}={wanted}: no such option in group '{group}', chosen by the "
+                        f"defaults list of {text}; allowed: {visible}; fix: override /{group}: "
+                        f"{_closest(wanted, options) or '<one of them>'} in that file")
+                    return i
         full_key = getattr(exc.__cause__, "full_key", None) or getattr(exc, "full_key", None)
         for i, (text, parsed) in enumerate(among):
             key = parsed.key_or_group

@@ -195,14 +195,15 @@ def test_a_broken_recipe_of_your_own_is_one_line_naming_the_file_and_where(run, 
                            "column 18: expected ',' or ']'")
     assert line.endswith(f"fix: correct line 3 of {mine / 'unclosed.yaml'}")
 
-    typo = run("--config-dir", str(tmp_path / "myconf"), "+experiment=typo", "hardware=a10")
+    typo = run("--config-dir", str(tmp_path / "myconf"), "model=tiny", "+experiment=typo",
+               "hardware=a10")
     assert typo.returncode == 2
     assert _errors(typo) == [
         "error: hardware=a10: no such option in group 'hardware'; allowed: 8gpu_fsdp, "
         "8gpu_zero3, a100, cpu, cpu_ddp, t4; fix: hardware=a100",
         "error: method=lorra: no such option in group 'method', chosen by the defaults list of "
         "+experiment=typo; allowed: dpo, grpo, kto, lora, prompt_tuning, reward, rloo, sft; fix: "
-        "override /method: lora in that file's defaults"]
+        "override /method: lora in that file"]
 
     # Beside a good recipe of yours, a mistake elsewhere is still named for what it is.
     beside = run("--config-dir", str(tmp_path / "myconf"), "+experiment=fine", "model=tinyy")
