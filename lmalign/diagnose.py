@@ -68,13 +68,14 @@ def diagnose(overrides: list[str], multirun: bool = False,
     kept = [c for i, c in enumerate(candidates) if first[c[1].key_or_group] == i]
     extra = [c for i, c in enumerate(candidates) if first[c[1].key_or_group] != i]
 
-    search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+    yours = [Path(config_dir).resolve()] if config_dir else []
+    search = [f"hydra.searchpath=[file://{yours[0]}]"] if yours else []
 
     def compose(name: str, overrides: list[str]) -> DictConfig:
         return hydra_compose(name, overrides=search + overrides)
 
     GlobalHydra.instance().clear()
-    found = _Found(problems, [Path(config_dir).resolve()] * bool(config_dir) + [Path(CONF_DIR)])
+    found = _Found(problems, yours + [Path(CONF_DIR)])
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="lmalign"):
         found.loader = GlobalHydra.instance().config_loader()
         kept = found.drop_unknown_keys(kept, compose)
