@@ -37,15 +37,31 @@ def main(run_dir: Path, handoff: Path, evaluating: bool = False) -> None:
         torch.set_num_threads(config.hardware.torch_threads)
     if evaluating:
         _evaluate(config, run_dir, handoff)
+        _leave_together(state)
         return
     hold_stop_signals()
     train = get_method(config.method._target_)
     try:
         summary = train(config, run_dir, models.starting_point(config))
     except TrainingStopped:  # a checkpoint is saved; the driver says how to resume
+        _leave_together(state)
         return  # a clean exit: the launcher must not report it as a crash
     if state.is_main_process:
         rundir.atomic_write_json(handoff / launch.TRAIN_SUMMARY, summary)
+    _leave_together(state)
+
+
+def _leave_together(state) -> None:
+    """Every worker waits for the others, then closes the process group. A worker that finished
+    its share first (lm-eval hands the last cell's results to rank 0, which still writes them)
+    and exited with the group open could abort in the group's teardown ("terminate called
+    without an active exception", SIGABRT), and the launcher then killed the others: seen once
+    in CI on the 2-process evaluation."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        state.wait_for_everyone()
+        dist.destroy_process_group()
 
 
 def _evaluate(config, run_dir: Path, handoff: Path) -> None:
