@@ -72,6 +72,7 @@ class Case:
 
 
 MIN_CASE_S = 30  # a case started with less time than this left could not finish
+OUT_OF_TIME = "--time-limit reached; rerun it with --cases"
 
 
 class CasePlanned(Exception):
@@ -315,10 +316,11 @@ CASES: dict[str, Case] = {
     "qlora": Case(qlora, "QLoRA SFT (4-bit base)", 240, needs_cuda=True, needs=("bitsandbytes",)),
     "dpo": Case(lambda c: dpo(c, False), "DPO, reference model in step", 240),
     "dpo_precomputed": Case(lambda c: dpo(c, True), "DPO, reference log-probs precomputed", 240),
-    "fsdp2": Case(lambda c: sharded(c, "fsdp2", "8gpu_fsdp"), "FSDP2 on one GPU, accelerate launch",
-                  300, needs_cuda=True),
-    "zero3": Case(lambda c: sharded(c, "zero3", "8gpu_zero3"), "ZeRO-3 on one GPU, accelerate launch",
-                  300, needs_cuda=True, needs=("deepspeed",)),
+    "fsdp2": Case(lambda c: sharded(c, "fsdp2", "8gpu_fsdp"),
+                  "FSDP2 on one GPU, accelerate launch", 300, needs_cuda=True),
+    "zero3": Case(lambda c: sharded(c, "zero3", "8gpu_zero3"),
+                  "ZeRO-3 on one GPU, accelerate launch", 300, needs_cuda=True,
+                  needs=("deepspeed",)),
     "fp16": Case(fp16, "fp16 with the loss scaler (T4 profile)", 240, needs_cuda=True),
     "harness_cuda": Case(harness_on_cuda, "lm-eval on CUDA vs CPU, tiny_mc", 300,
                          needs_cuda=True),
@@ -420,7 +422,7 @@ def run_case(name: str, check: Check) -> dict[str, Any]:
     if missing:
         return {**row, "status": "not run", "why": f"not installed: {', '.join(missing)}"}
     if check.ends - time.monotonic() < MIN_CASE_S:
-        return {**row, "status": "not run", "why": "--time-limit reached; rerun it with --cases"}
+        return {**row, "status": "not run", "why": OUT_OF_TIME}
     began = time.perf_counter()
     try:
         figures = case.run(check)
@@ -494,11 +496,17 @@ def main(argv: list[str] | None = None) -> int:
     results.update(device=check.device, torch=torch.__version__, work=str(work))
     if "matmul" not in chosen and results["cases"].get("matmul", {}).get("status") == "pass":
         check.measured_tflops = results["cases"]["matmul"]["figures"]["TFLOP/s"]
-    for name in chosen:
+    for index, name in enumerate(chosen):
         print(f"{name}: {CASES[name].what} ...", flush=True)
-        row = run_case(name, check)
-        if row["status"] == "not run" and name in results["cases"] and row["why"].startswith(
-                "--time-limit"):
+        try:
+            row = run_case(name, check)
+        except KeyboardInterrupt:  # the case's own lmalign command stopped on it as well
+            kept = ("no case of this command ended" if not index else "the plans above"
+                    if options.plan_only else f"the cases before it are in {out}")
+            print(f"stopped: interrupted (Ctrl-C) in {name}; {kept}; finish with --cases "
+                  f"{','.join(chosen[index:])}", file=sys.stderr)
+            return 130
+        if row.get("why") == OUT_OF_TIME and name in results["cases"]:
             print(f"{name}: {row['why']}; its earlier row stays", flush=True)
             continue
         results["cases"][name] = row

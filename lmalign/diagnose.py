@@ -181,9 +181,11 @@ class _Found:
     def _names(self, parsed: Any, option: str) -> bool:
         """Whether the option file a group override chooses mentions `option`."""
         group, value = parsed.key_or_group.lstrip("/"), parsed.value()
+        if not isinstance(value, str):
+            return False
         for folder in self.config_dirs:
             chosen = folder / group / f"{value}.yaml"
-            if isinstance(value, str) and chosen.is_file():
+            if chosen.is_file():
                 return option in chosen.read_text()
         return False
 

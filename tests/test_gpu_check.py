@@ -84,6 +84,40 @@ def test_plan_only_checks_the_gpu_cases_commands_here_without_a_gpu(tmp_path, lm
     assert "accelerate.commands.launch" in (tmp_path / "work" / "zero3.log").read_text()
 
 
+def test_ctrl_c_is_one_line_naming_the_cases_left_and_leaves_no_process(tmp_path):
+    import signal
+    import time
+
+    checking = subprocess.Popen(
+        [sys.executable, str(CHECK), "--plan-only", "--cases", "sft_full,lora", "--work",
+         str(tmp_path / "work")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    log = tmp_path / "work" / "sft_full.log"
+    deadline = time.monotonic() + 120
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(checking.pid, signal.SIGINT)  # as a terminal sends it: the check and its lmalign
+    stdout, stderr = checking.communicate(timeout=120)
+    assert checking.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines() == [
+        "stopped: interrupted (Ctrl-C) in sft_full; no case of this command ended; finish with "
+        "--cases sft_full,lora"], stderr[-2000:]
+    assert not _running_in(tmp_path / "work")  # the case's lmalign runs there
+
+
+def _running_in(folder: Path) -> list[str]:
+    """Processes whose working directory is `folder`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == folder:
+                found.append((proc / "cmdline").read_text().replace("\0", " "))
+        except OSError:
+            continue
+    return found
+
+
 def test_an_unknown_case_or_a_time_limit_too_short_for_any_case_is_one_error_line(tmp_path):
     refused = subprocess.run([sys.executable, str(CHECK), "--cases", "sft_ful"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
